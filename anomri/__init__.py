@@ -1,0 +1,3 @@
+"""anomri: unsupervised lesion detection with VAE novelty scores."""
+
+__version__ = "0.1.0"

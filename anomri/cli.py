@@ -1,0 +1,427 @@
+"""The ``anomri`` command line: one subcommand per pipeline step.
+
+Each Snakemake rule calls exactly one of these. Bad input ends with one line
+``anomri: error: <file>: <problem>`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from anomri import __version__
+from anomri.errors import InputError
+
+logger = logging.getLogger("anomri")
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
+
+
+def command(name: str) -> Callable[[Callable[[argparse.Namespace], None]], Callable[[argparse.Namespace], None]]:
+    """Register the handler of subcommand ``name``."""
+
+    def decorator(func: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+        COMMANDS[name] = func
+        return func
+
+    return decorator
+
+
+# --------------------------------------------------------------------------- dMRI commands
+
+
+@command("demo-cohort")
+def run_demo_cohort(args: argparse.Namespace) -> None:
+    from anomri.demo.cohort import make_demo_cohort
+
+    make_demo_cohort(args.out, n_controls=args.n_controls, n_patients=args.n_patients,
+                     voxel_size=args.voxel_size, scheme=args.scheme, seed=args.seed)
+
+
+@command("preprocess")
+def run_preprocess(args: argparse.Namespace) -> None:
+    from anomri.dmri.scan import preprocess_scan
+    from anomri.io.derivatives import ScanDerivatives
+
+    preprocess_scan(args.dwi, args.bval, args.bvec, ScanDerivatives(args.output_dir, args.prefix),
+                    mask=args.mask, lesion_mask=args.lesion_mask, b0_threshold=args.b0_threshold,
+                    denoising=args.denoise, representation=args.features)
+
+
+@command("pool")
+def run_pool(args: argparse.Namespace) -> None:
+    from anomri.io.atomic import atomic_path
+    from anomri.io.derivatives import ScanDerivatives
+    from anomri.io.voxels import pool_samples
+
+    scans = [ScanDerivatives(args.derivatives_dir, p) for p in args.scans]
+    samples, index, description = pool_samples([s.features for s in scans], [s.mask for s in scans],
+                                               args.max_voxels_per_scan, args.seed)
+    with atomic_path(args.out) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, samples=samples, scan_index=index, scans=np.array(args.scans),
+                 description=json.dumps(description))
+    logger.info("pooled %d voxels of %d features from %d scans", *samples.shape, len(scans))
+
+
+@command("train")
+def run_train(args: argparse.Namespace) -> None:
+    from anomri.evaluate.table import write_table
+    from anomri.models.checkpoint import save_vae
+    from anomri.models.training import TrainingConfig, resolve_device, train_vae
+
+    with np.load(args.pool) as pool:
+        samples, description, scans = pool["samples"], json.loads(str(pool["description"])), pool["scans"].tolist()
+    config = TrainingConfig(**json.loads(args.settings))
+    device = resolve_device(args.device)
+    model, history = train_vae(samples, config, resume_path=Path(args.out).with_suffix(".resume.pt"), device=device)
+    save_vae(args.out, model.cpu(), {"features": description, "training": vars(config) | {"scans": scans},
+                                      "anomri_version": __version__})
+    write_table(args.history, history, list(history[0]))
+    Path(args.out).with_suffix(".resume.pt").unlink(missing_ok=True)
+
+
+@command("reference")
+def run_reference(args: argparse.Namespace) -> None:
+    from anomri.io.derivatives import ScanDerivatives
+    from anomri.io.voxels import pool_samples
+    from anomri.models.checkpoint import load_vae
+    from anomri.models.training import resolve_device
+    from anomri.scores.reference import ReferenceSet
+
+    device = resolve_device(args.device)
+    vae, _ = load_vae(args.model, device)
+    scans = [ScanDerivatives(args.derivatives_dir, p) for p in args.scans]
+    # Stratified: every healthy control contributes an equal share.
+    samples, _, _ = pool_samples([s.features for s in scans], [s.mask for s in scans],
+                                 max(1, args.size // len(scans)), args.seed)
+    ReferenceSet.build(vae, samples, device=device, progress=True).save(args.out)
+
+
+@command("score")
+def run_score(args: argparse.Namespace) -> None:
+    from anomri.dmri.features import check_compatible
+    from anomri.io.derivatives import ScanDerivatives
+    from anomri.io.voxels import read_feature_description
+    from anomri.maps.novelty import NoveltyModel
+    from anomri.maps.writing import write_novelty_maps
+    from anomri.models.checkpoint import load_vae
+    from anomri.models.training import resolve_device
+
+    from anomri.scores.reference import ReferenceSet
+
+    device = resolve_device(args.device)
+    vae, metadata = load_vae(args.model, device)
+    scan = ScanDerivatives(args.derivatives_dir, args.prefix)
+    check_compatible(metadata["features"], read_feature_description(scan.features), scan.features)
+    reference = ReferenceSet.load(args.reference, device) if args.reference else None
+    model = NoveltyModel(vae, args.scores, n_samples=args.n_samples, seed=args.seed, reference=reference,
+                         batch_size=args.batch_size, device=device)
+    write_novelty_maps(model, scan, args.model)
+
+
+@command("calibrate")
+def run_calibrate(args: argparse.Namespace) -> None:
+    from anomri.io.derivatives import ScanDerivatives
+    from anomri.maps.postprocess import PostProcessing
+    from anomri.maps.probability import EmpiricalNull
+    from anomri.maps.writing import postprocessed_scores
+
+    post = PostProcessing(args.erosion_voxels, args.smoothing_fwhm_mm)
+    scans = [ScanDerivatives(args.derivatives_dir, p) for p in args.scans]
+    null = {}
+    for score in args.scores:
+        processed = [postprocessed_scores(scan, score, post) for scan in scans]
+        null[score] = np.concatenate([volume[mask] for volume, mask, _ in processed])
+    EmpiricalNull(null, post).save(args.out)
+    logger.info("calibration null from %d voxels of %d held-out controls", len(next(iter(null.values()))),
+                len(scans))
+
+
+@command("probability")
+def run_probability(args: argparse.Namespace) -> None:
+    from anomri.io.derivatives import ScanDerivatives
+    from anomri.maps.probability import EmpiricalNull
+    from anomri.maps.writing import write_probability_map
+
+    write_probability_map(ScanDerivatives(args.derivatives_dir, args.prefix), EmpiricalNull.load(args.null),
+                          args.score, args.null)
+
+
+@command("evaluate")
+def run_evaluate(args: argparse.Namespace) -> None:
+    from anomri.evaluate.table import evaluate_maps, write_table
+    from anomri.io.derivatives import ScanDerivatives
+    from anomri.io.nifti import load_mask
+    from anomri.io.voxels import load_masked
+
+    rows = []
+    for prefix, lesion_path in args.scan:
+        scan = ScanDerivatives(args.derivatives_dir, prefix)
+        maps = {s: load_masked(scan.novelty(s), scan.mask)[0] for s in args.scores}
+        maps["lesion-probability"], mask, img = load_masked(scan.probseg, scan.mask)
+        lesion = load_mask(lesion_path, img, scan.probseg)[mask]
+        participant, _, session = prefix.partition("_")
+        rows += evaluate_maps(participant, session or None, maps, lesion)
+    write_table(args.out, rows)
+    logger.info("evaluated %d patients", len(args.scan))
+
+
+@command("dataset-description")
+def run_dataset_description(args: argparse.Namespace) -> None:
+    from anomri.io.derivatives import write_dataset_description
+
+    write_dataset_description(args.derivatives_dir, args.source)
+
+
+# --- image commands ---
+
+
+@command("demo-images")
+def run_demo_images(args: argparse.Namespace) -> None:
+    from anomri.demo.images import make_demo_images
+
+    make_demo_images(args.out, n_train=args.n_train, n_test_good=args.n_test_good,
+                     n_test_per_defect=args.n_test_per_defect, height=args.height, seed=args.seed)
+
+
+@command("images-train")
+def run_images_train(args: argparse.Namespace) -> None:
+    from anomri.evaluate.table import write_table
+    from anomri.images.training import save_image_model, train_image_model
+    from anomri.images.settings import ImageSettings
+    from anomri.io.images import infer_channels, load_model_inputs, scan_mvtec, split_validation
+    from anomri.models.training import resolve_device
+
+    settings = ImageSettings.from_json(args.settings)
+    folder = scan_mvtec(args.root)
+    train, validation = split_validation(folder.train, settings.validation_fraction, settings.seed)
+    channels = infer_channels(folder.train) if settings.channels == "auto" else int(settings.channels)
+    inputs = load_model_inputs(train, settings.image_geometry, channels).inputs
+    held_out = load_model_inputs(validation, settings.image_geometry, channels).inputs
+    resume = Path(args.out).with_suffix(".resume.pt")
+    model, history = train_image_model(args.model, inputs, settings, resume, resolve_device(args.device),
+                                       validation=held_out)
+    save_image_model(args.out, model.cpu(), {"root": str(args.root), "settings": json.loads(settings.to_json()),
+                                             "n_training_images": len(train), "n_training_inputs": len(inputs),
+                                             "validation_images": [str(r.path) for r in validation]})
+    write_table(args.history, history, list(history[0]) if history else ["epoch"])
+    resume.unlink(missing_ok=True)
+
+
+@command("images-score")
+def run_images_score(args: argparse.Namespace) -> None:
+    from anomri.images.outputs import ImageOutputs
+    from anomri.images.scoring import score_folder
+    from anomri.images.settings import ImageSettings
+    from anomri.images.training import load_image_model
+    from anomri.models.checkpoint import file_sha256
+    from anomri.models.training import resolve_device
+
+    out = ImageOutputs(args.images_dir)
+    model, metadata = load_image_model(args.model, resolve_device(args.device))
+    score_folder(args.method, model, {"path": str(args.model), "sha256": file_sha256(args.model)}, args.root,
+                 ImageSettings.from_json(args.settings), out.maps(args.method), out.scores(args.method), out.thresholds(args.method))
+
+
+@command("images-evaluate")
+def run_images_evaluate(args: argparse.Namespace) -> None:
+    from anomri.images.evaluation import evaluate_methods
+    from anomri.images.outputs import ImageOutputs
+    from anomri.images.settings import ImageSettings
+
+    out = ImageOutputs(args.images_dir)
+    settings = ImageSettings.from_json(args.settings)
+    evaluate_methods(args.root, {m: out.scores(m) for m in args.methods}, {m: out.thresholds(m) for m in args.methods},
+                     {m: out.maps(m) for m in args.methods}, out.image_scores, out.evaluation, out.curves,
+                     settings.threshold_percentile, settings.aupro_fpr_limit)
+
+
+@command("images-report")
+def run_images_report(args: argparse.Namespace) -> None:
+    from anomri.images.figures import plot_examples, plot_roc_curves, write_overlays
+    from anomri.images.outputs import ImageOutputs
+    from anomri.images.settings import PRIMARY_SCORE
+
+    out = ImageOutputs(args.images_dir)
+    plot_roc_curves(out.curves, out.roc_figure)
+    for method in args.methods:
+        plot_examples(args.root, method, out.scores(method), PRIMARY_SCORE[method], out.maps(method),
+                      out.examples_figure(method))
+        write_overlays(args.root, out.maps(method), out.overlays(method))
+
+
+def _add_image_parsers(sub: argparse._SubParsersAction) -> None:
+    from anomri.images.settings import METHODS, MODEL_OF_METHOD
+
+    p = sub.add_parser("demo-images", help="write the synthetic OCT-like demo images (MVTec layout)")
+    p.add_argument("out", help="new image folder")
+    p.add_argument("--n-train", type=int, default=60)
+    p.add_argument("--n-test-good", type=int, default=12)
+    p.add_argument("--n-test-per-defect", type=int, default=12)
+    p.add_argument("--height", type=int, default=128, help="B-scan height in pixels")
+    p.add_argument("--seed", type=int, default=0)
+
+    def common(p: argparse.ArgumentParser, device: bool = False) -> None:
+        p.add_argument("--root", required=True, help="MVTec-layout image folder")
+        p.add_argument("--settings", default="{}", help="JSON object of ImageSettings fields")
+        if device:
+            p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("images-train", help="train one image model on the normal training images")
+    common(p, device=True)
+    p.add_argument("--model", required=True, choices=sorted(set(MODEL_OF_METHOD.values())))
+    p.add_argument("--out", required=True, help="model checkpoint (.pt)")
+    p.add_argument("--history", required=True, help="training curve (.tsv)")
+
+    p = sub.add_parser("images-score", help="anomaly maps and scores of one method")
+    common(p, device=True)
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--model", required=True, help="checkpoint from images-train")
+    p.add_argument("--images-dir", required=True, help="<output_dir>/images")
+
+    for name, help_text in (("images-evaluate", "metrics of every method, by defect type"),
+                            ("images-report", "ROC curves, best/worst examples and per-image overlays")):
+        p = sub.add_parser(name, help=help_text)
+        common(p)
+        p.add_argument("--methods", nargs="+", required=True, choices=METHODS)
+        p.add_argument("--images-dir", required=True)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="anomri", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"anomri {__version__}")
+    parser.add_argument("--log", help="also append log messages to this file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo-cohort", help="write the synthetic BIDS demo cohort")
+    p.add_argument("out", help="new BIDS directory")
+    p.add_argument("--n-controls", type=int, default=6)
+    p.add_argument("--n-patients", type=int, default=4)
+    p.add_argument("--voxel-size", type=float, default=3.0, help="mm")
+    p.add_argument("--scheme", default="3shell", help="dipy acquisition table: 3shell or isbi2013-2shell")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("preprocess", help="validate and preprocess one scan")
+    p.add_argument("--dwi", required=True)
+    p.add_argument("--bval", required=True)
+    p.add_argument("--bvec", required=True)
+    p.add_argument("--output-dir", required=True, help="derivatives root")
+    p.add_argument("--prefix", required=True, help="sub-<label>[_ses-<label>]")
+    p.add_argument("--mask", help="provided brain mask (else median_otsu)")
+    p.add_argument("--lesion-mask", help="lesion mask, checked against the DWI grid")
+    p.add_argument("--b0-threshold", type=float, default=50.0)
+    p.add_argument("--denoise", default="none", choices=["none", "mppca", "patch2self"])
+    p.add_argument("--features", default="raw", choices=["raw", "sh-invariant"], help="feature representation")
+
+    p = sub.add_parser("pool", help="pool healthy training voxels")
+    _add_scans(p)
+    p.add_argument("--out", required=True, help=".npz file")
+    p.add_argument("--max-voxels-per-scan", type=int)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train the VAE on pooled healthy voxels")
+    p.add_argument("--pool", required=True)
+    p.add_argument("--out", required=True, help="model checkpoint (.pt)")
+    p.add_argument("--history", required=True, help="training curve (.tsv)")
+    p.add_argument("--settings", default="{}", help="JSON object of TrainingConfig fields")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("reference", help="build the healthy reference set of the reference-based scores")
+    _add_scans(p)
+    p.add_argument("--model", required=True)
+    p.add_argument("--size", type=int, default=200_000, help="reference samples, stratified across scans")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help=".pt file")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("score", help="write the novelty maps of one scan")
+    p.add_argument("--model", required=True)
+    p.add_argument("--reference", help="reference set (.pt), needed by reference-based scores")
+    p.add_argument("--derivatives-dir", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--scores", nargs="+", default=["all"])
+    p.add_argument("--n-samples", type=int, default=45, help="Monte Carlo samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("calibrate", help="healthy null distributions from held-out controls")
+    _add_scans(p)
+    p.add_argument("--scores", nargs="+", required=True)
+    p.add_argument("--out", required=True, help=".npz file")
+    p.add_argument("--erosion-voxels", type=int, default=0, help="brain-mask erosion before calibration")
+    p.add_argument("--smoothing-fwhm-mm", type=float, default=0.0, help="Gaussian smoothing within the mask")
+
+    p = sub.add_parser("probability", help="lesion probability map of one scan")
+    p.add_argument("--derivatives-dir", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--null", required=True)
+    p.add_argument("--score", required=True)
+
+    p = sub.add_parser("evaluate", help="score every map against lesion masks")
+    p.add_argument("--derivatives-dir", required=True)
+    p.add_argument("--scan", nargs=2, action="append", required=True, metavar=("PREFIX", "LESION_MASK"))
+    p.add_argument("--scores", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("dataset-description", help="write dataset_description.json")
+    p.add_argument("--derivatives-dir", required=True)
+    p.add_argument("--source", required=True)
+    _add_image_parsers(sub)
+    return parser
+
+
+def _add_scans(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--derivatives-dir", required=True)
+    p.add_argument("--scans", nargs="+", required=True, metavar="PREFIX")
+
+
+def _setup_logging(log_file: str | None, verbose: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+
+
+def _resolve_scores(selection: list[str]) -> list[str]:
+    from anomri.scores import get_scores
+
+    try:
+        return [s.id for s in get_scores("all" if selection == ["all"] else selection)]
+    except KeyError as exc:
+        raise InputError("--scores", exc.args[0]) from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``anomri`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log, args.verbose)
+    try:
+        if "scores" in args:
+            args.scores = _resolve_scores(args.scores)
+        COMMANDS[args.command](args)
+    except InputError as exc:
+        # One line, naming the file: the whole message a user needs.
+        sys.stderr.write(f"anomri: error: {exc}\n")
+        if args.log:
+            with open(args.log, "a") as fh:
+                fh.write(f"anomri: error: {exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Diffusion MRI input: gradients, preprocessing, shells and voxel features."""

@@ -1,0 +1,109 @@
+"""Per-voxel q-space feature representations of a b0-normalised scan.
+
+Each representation returns a ``FeatureSet``: the feature volume, feature names
+and a *scheme* description stored in the sidecar, which decides whether two
+scans' features may be compared (raw signals need identical acquisitions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from dipy.core.gradients import GradientTable
+
+from anomri.dmri.invariants import sh_invariants
+from anomri.dmri.preprocess import NormalizedDWI
+from anomri.errors import InputError
+
+REPRESENTATIONS = ("raw", "sh-invariant")
+
+#: Relative b-value and angular (|cos|) tolerances for "the same acquisition".
+BVAL_RTOL = 0.05
+BVEC_MIN_ABS_COS = 0.995
+
+
+@dataclass
+class FeatureSet:
+    """Features of one scan.
+
+    Attributes
+    ----------
+    data : ndarray, (X, Y, Z, F) float32
+    names : list of str
+    representation : str
+    scheme : dict
+        What the features depend on in the acquisition (see :func:`check_compatible`).
+    """
+
+    data: np.ndarray
+    names: list[str]
+    representation: str
+    scheme: dict = field(default_factory=dict)
+
+    def description(self) -> dict:
+        """The JSON-ready part of the sidecar."""
+        return {"Representation": self.representation, "FeatureNames": self.names, "Scheme": self.scheme}
+
+
+def raw_signal_features(norm: NormalizedDWI, gtab: GradientTable) -> FeatureSet:
+    """S/S0 of every diffusion-weighted volume, in acquisition order.
+
+    Comparable only between scans with the same b-values and directions.
+    """
+    dw = ~gtab.b0s_mask
+    bvals = np.round(gtab.bvals[dw]).astype(int)
+    names = [f"b{b}_vol{i}" for b, i in zip(bvals, np.flatnonzero(dw), strict=True)]
+    scheme = {"bvals": bvals.tolist(), "bvecs": np.round(gtab.bvecs[dw], 6).tolist()}
+    return FeatureSet(norm.signal[..., dw], names, "raw", scheme)
+
+
+def sh_invariant_features(norm: NormalizedDWI, gtab: GradientTable) -> FeatureSet:
+    """Rotation-invariant spherical-harmonic power per shell and even order.
+
+    Each shell is fit on its own directions, so scans with different
+    directions or direction counts but the same shells are comparable.
+    """
+    features, names = sh_invariants(norm.signal, gtab.bvals, gtab.bvecs, b0_threshold=gtab.b0_threshold)
+    features[~norm.mask] = 0.0
+    return FeatureSet(features.astype(np.float32), names, "sh-invariant", {"shells": sorted({n.split("_")[0] for n in names})})
+
+
+def compute_features(norm: NormalizedDWI, gtab: GradientTable, representation: str = "raw") -> FeatureSet:
+    """Dispatch to the named representation."""
+    if representation == "raw":
+        return raw_signal_features(norm, gtab)
+    if representation == "sh-invariant":
+        return sh_invariant_features(norm, gtab)
+    raise ValueError(f"unknown feature representation {representation!r}; choose one of {REPRESENTATIONS}")
+
+
+def check_compatible(expected: dict, actual: dict, path: str | Path) -> None:
+    """Raise :class:`InputError` naming ``path`` if two feature descriptions cannot be compared.
+
+    ``expected`` and ``actual`` are :meth:`FeatureSet.description` dictionaries.
+    Raw signals must come from the same b-values (within 5 %) and directions
+    (up to sign, which diffusion cannot tell apart).
+    """
+    if expected["Representation"] != actual["Representation"]:
+        raise InputError(path, f"features are '{actual['Representation']}', expected '{expected['Representation']}'")
+    if expected["Representation"] != "raw":
+        if expected["FeatureNames"] != actual["FeatureNames"]:
+            raise InputError(path, "feature names differ from the training features (different shells?)")
+        return
+    b_exp, b_act = np.asarray(expected["Scheme"]["bvals"]), np.asarray(actual["Scheme"]["bvals"])
+    if b_exp.shape != b_act.shape:
+        raise InputError(
+            path,
+            f"gradient scheme differs: {b_act.size} diffusion-weighted volumes, expected {b_exp.size}; "
+            "raw-signal features need identical schemes (use an invariant representation)",
+        )
+    g_exp, g_act = np.asarray(expected["Scheme"]["bvecs"]), np.asarray(actual["Scheme"]["bvecs"])
+    cos = np.abs((g_exp * g_act).sum(1))
+    if not np.allclose(b_act, b_exp, rtol=BVAL_RTOL) or (cos < BVEC_MIN_ABS_COS).any():
+        raise InputError(
+            path,
+            "gradient scheme differs from the training scans' (b-values or directions); "
+            "raw-signal features need identical schemes (use an invariant representation)",
+        )

@@ -1,0 +1,1 @@
+"""Evaluation against lesion masks: voxel- and lesion-level detection metrics."""

@@ -1,0 +1,253 @@
+"""Voxel- and lesion-level detection metrics against a lesion mask.
+
+Voxel metrics take 1-D arrays over brain-mask voxels: ``scores`` (float,
+higher = more lesion-like) and ``labels`` (bool, True = lesion voxel).
+:func:`lesion_wise` takes 3-D volumes, because lesions are connected
+components. :func:`bootstrap_ci` summarises one metric over patients.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["auroc", "auprc", "best_dice", "dice", "threshold_at_fpr", "lesion_wise", "bootstrap_ci"]
+
+# scipy's ``generate_binary_structure(3, c)`` connectivity for each neighbourhood size.
+_NEIGHBOURHOOD_TO_SCIPY = {6: 1, 18: 2, 26: 3}
+
+
+def _as_bool(x: np.ndarray, name: str) -> np.ndarray:
+    """Return ``x`` as bool, refusing values other than 0/1 (a probability map is not a mask)."""
+    x = np.asarray(x)
+    if x.dtype == bool:
+        return x
+    if not np.isin(x, (0, 1)).all():
+        raise ValueError(f"{name} must be boolean or 0/1; found other values")
+    return x.astype(bool)
+
+
+def _scores_and_labels(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a pair of 1-D voxel arrays of equal length; scores finite."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = _as_bool(labels, "labels")
+    if scores.ndim != 1 or labels.shape != scores.shape:
+        raise ValueError(f"scores and labels must be 1-D of equal length; got {scores.shape} and {labels.shape}")
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values")
+    return scores, labels
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (``sklearn.metrics.roc_auc_score``).
+
+    Equals the Mann–Whitney probability P(score of a lesion voxel > score of a
+    healthy voxel), ties counting one half.
+
+    Returns
+    -------
+    float
+        NaN (with a logged warning) when ``labels`` holds only one class.
+    """
+    scores, labels = _scores_and_labels(scores, labels)
+    if labels.all() or not labels.any():
+        logger.warning("AUROC undefined: labels hold only one class; returning NaN")
+        return float("nan")
+    return float(roc_auc_score(labels, scores))
+
+
+def auprc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the precision–recall curve as average precision.
+
+    ``AP = sum_n (R_n - R_{n-1}) P_n`` over the distinct score thresholds in
+    decreasing order (``sklearn.metrics.average_precision_score``); tied scores
+    enter as one threshold. A random score has expected AP equal to the lesion
+    prevalence, not 0.5.
+
+    Returns
+    -------
+    float
+        NaN (with a logged warning) when there is no lesion voxel.
+    """
+    scores, labels = _scores_and_labels(scores, labels)
+    if not labels.any():
+        logger.warning("AUPRC undefined: no lesion voxel; returning NaN")
+        return float("nan")
+    return float(average_precision_score(labels, scores))
+
+
+def dice(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Dice overlap ``2|P ∩ L| / (|P| + |L|)`` of two binary arrays of any (equal) shape.
+
+    Defined as 1.0 when both are empty: predicting nothing on a lesion-free
+    scan is a perfect answer.
+    """
+    pred = _as_bool(pred, "pred")
+    labels = _as_bool(labels, "labels")
+    if pred.shape != labels.shape:
+        raise ValueError(f"pred and labels shapes differ: {pred.shape} vs {labels.shape}")
+    denominator = int(pred.sum()) + int(labels.sum())
+    if denominator == 0:
+        return 1.0
+    return 2.0 * int(np.logical_and(pred, labels).sum()) / denominator
+
+
+def best_dice(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """Best Dice over all thresholds, predicting lesion where ``score >= t``.
+
+    An exact sweep in O(n log n): sort the scores once in decreasing order;
+    at each distinct score value ``t`` the prediction is the prefix up to the
+    last voxel scoring ``t``, its true positives a cumulative sum, and
+    ``Dice = 2 TP / (2 TP + FP + FN) = 2 TP / (n_predicted + n_lesion)``.
+
+    Returns
+    -------
+    dice : float
+        The best Dice.
+    threshold : float
+        The largest threshold achieving it. With no lesion voxel the best
+        answer is to predict nothing: ``(1.0, inf)``, as :func:`dice` defines.
+    """
+    scores, labels = _scores_and_labels(scores, labels)
+    n_lesion = int(labels.sum())
+    if n_lesion == 0:
+        return 1.0, float("inf")
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores = scores[order]
+    true_positives = np.cumsum(labels[order])
+    # Last position of each run of equal scores: ties are predicted together.
+    run_end = np.flatnonzero(np.append(sorted_scores[1:] != sorted_scores[:-1], True))
+    dices = 2.0 * true_positives[run_end] / (run_end + 1 + n_lesion)
+    best = int(np.argmax(dices))  # first maximum = largest threshold
+    return float(dices[best]), float(sorted_scores[run_end[best]])
+
+
+def threshold_at_fpr(null_scores: np.ndarray, fpr: float) -> float:
+    """Threshold flagging at most a fraction ``fpr`` of healthy (null) scores.
+
+    With ``flagged(t) = mean(null_scores >= t)``, returns the smallest null
+    score ``t`` with ``flagged(t) <= fpr``. Tied null scores are flagged
+    together, so ``flagged(t)`` can fall below ``fpr``; it is the largest
+    fraction ``<= fpr`` that any threshold achieves. When even the maximum is
+    shared by more than ``fpr`` of the null scores (always so for
+    ``fpr = 0``), returns the next float above the maximum, which flags none.
+
+    Parameters
+    ----------
+    null_scores : ndarray
+        Scores of healthy voxels, any shape; must be finite.
+    fpr : float
+        Allowed false-positive fraction, in [0, 1].
+    """
+    null = np.sort(np.asarray(null_scores, dtype=np.float64), axis=None)
+    if null.size == 0 or not np.isfinite(null).all():
+        raise ValueError("null_scores must be non-empty and finite")
+    if not 0.0 <= fpr <= 1.0:
+        raise ValueError(f"fpr must lie in [0, 1]; got {fpr}")
+    candidates = np.unique(null)
+    # Same float arithmetic as mean(null >= t): count / n.
+    flagged = (null.size - np.searchsorted(null, candidates, side="left")) / null.size
+    allowed = flagged <= fpr  # False ... False True ... True, flagged decreasing
+    if not allowed.any():
+        return float(np.nextafter(null[-1], np.inf))
+    return float(candidates[np.argmax(allowed)])
+
+
+def lesion_wise(
+    pred_volume: np.ndarray,
+    lesion_volume: np.ndarray,
+    connectivity: int = 26,
+    voxel_volume_mm3: float | None = None,
+) -> dict[str, float]:
+    """Lesion-level detection counts and volume error of a binary 3-D prediction.
+
+    Lesions are the connected components of ``lesion_volume``; a lesion is
+    detected when any predicted voxel overlaps it. Predicted components
+    (same connectivity) overlapping no lesion voxel are false-positive
+    components.
+
+    Parameters
+    ----------
+    pred_volume, lesion_volume : ndarray, 3-D, bool or 0/1
+        Prediction and ground truth, same shape.
+    connectivity : {6, 18, 26}
+        Voxel neighbourhood defining a component: faces, + edges, + corners.
+        26 by default, so a lesion touching itself only diagonally counts once.
+    voxel_volume_mm3 : float, optional
+        Volume of one voxel, to report the volume error in mm³.
+
+    Returns
+    -------
+    dict
+        ``n_lesions``, ``n_detected``, ``lesion_sensitivity`` (n_detected /
+        n_lesions; NaN without lesions), ``n_fp_components``,
+        ``true_volume_voxels``, ``pred_volume_voxels``, ``volume_error_voxels``
+        (predicted − true), ``volume_error_mm3`` (NaN without
+        ``voxel_volume_mm3``) and ``relative_volume_error`` ((predicted − true)
+        / true; NaN without lesions).
+    """
+    pred = _as_bool(pred_volume, "pred_volume")
+    lesion = _as_bool(lesion_volume, "lesion_volume")
+    if pred.ndim != 3 or pred.shape != lesion.shape:
+        raise ValueError(f"need two 3-D volumes of equal shape; got {pred.shape} and {lesion.shape}")
+    if connectivity not in _NEIGHBOURHOOD_TO_SCIPY:
+        raise ValueError(f"connectivity must be 6, 18 or 26; got {connectivity}")
+    structure = ndimage.generate_binary_structure(3, _NEIGHBOURHOOD_TO_SCIPY[connectivity])
+    lesion_ids, n_lesions = ndimage.label(lesion, structure)
+    pred_ids, n_pred_components = ndimage.label(pred, structure)
+    overlap = pred & lesion
+    n_detected = np.unique(lesion_ids[overlap]).size
+    n_true_components = np.unique(pred_ids[overlap]).size
+    true_volume = int(lesion.sum())
+    pred_volume_voxels = int(pred.sum())
+    error = pred_volume_voxels - true_volume
+    return {
+        "n_lesions": int(n_lesions),
+        "n_detected": int(n_detected),
+        "lesion_sensitivity": n_detected / n_lesions if n_lesions else float("nan"),
+        "n_fp_components": int(n_pred_components - n_true_components),
+        "true_volume_voxels": true_volume,
+        "pred_volume_voxels": pred_volume_voxels,
+        "volume_error_voxels": error,
+        "volume_error_mm3": error * voxel_volume_mm3 if voxel_volume_mm3 is not None else float("nan"),
+        "relative_volume_error": error / true_volume if true_volume else float("nan"),
+    }
+
+
+def bootstrap_ci(
+    values: np.ndarray, n_boot: int = 10000, ci: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean and percentile-bootstrap confidence interval of the mean over patients.
+
+    Resamples the patients with replacement ``n_boot`` times in one draw of
+    shape (n_boot, n) (memory grows as n_boot × n: meant for per-patient
+    values) and takes the ``(1 - ci) / 2`` and ``(1 + ci) / 2`` percentiles of
+    the resampled means. NaN values (e.g. AUROC of a lesion-free patient) are
+    dropped first.
+
+    Returns
+    -------
+    tuple of float
+        ``(mean, low, high)``; all NaN (with a logged warning) when no finite
+        value remains.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"ci must lie in (0, 1); got {ci}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be positive; got {n_boot}")
+    kept = values[~np.isnan(values)]
+    if kept.size < values.size:
+        logger.info("bootstrap_ci: dropped %d NaN of %d values", values.size - kept.size, values.size)
+    if kept.size == 0:
+        logger.warning("bootstrap_ci: no value left after dropping NaN; returning NaN")
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = kept[rng.integers(0, kept.size, size=(n_boot, kept.size))].mean(axis=1)
+    low, high = np.percentile(means, [50.0 * (1.0 - ci), 50.0 * (1.0 + ci)])
+    return float(kept.mean()), float(low), float(high)

@@ -1,0 +1,68 @@
+"""Where the image engine writes, under ``<output_dir>/images`` (shared by the CLI and the Snakemake rules)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Columns of the per-method score tables and of ``image_scores.tsv``.
+SCORE_COLUMNS = ["method", "split", "label", "stem", "score", "value"]
+
+
+def map_path(maps_dir: str | Path, label: str, stem: str) -> Path:
+    """``<maps_dir>/<test class>/<stem>.npy``."""
+    return Path(maps_dir) / label / f"{stem}.npy"
+
+
+@dataclass(frozen=True)
+class ImageOutputs:
+    """Paths of the image engine's outputs below ``root``."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def demo(self) -> Path:
+        """The synthetic demo image set, when no ``images_root`` is given."""
+        return self.root / "demo"
+
+    def model(self, kind: str) -> Path:
+        return self.root / "models" / f"{kind}.pt"
+
+    def history(self, kind: str) -> Path:
+        return self.root / "models" / f"{kind}_history.tsv"
+
+    def maps(self, method: str) -> Path:
+        """Folder of ``<test class>/<stem>.npy`` anomaly maps."""
+        return self.root / "maps" / method
+
+    def scores(self, method: str) -> Path:
+        return self.root / "scores" / f"{method}.tsv"
+
+    def thresholds(self, method: str) -> Path:
+        return self.root / "scores" / f"{method}.json"
+
+    def overlays(self, method: str) -> Path:
+        """Folder of ``<test class>/<stem>.png`` image | map | mask strips."""
+        return self.root / "overlays" / method
+
+    @property
+    def image_scores(self) -> Path:
+        return self.root / "image_scores.tsv"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.tsv"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "roc_curves.json"
+
+    @property
+    def roc_figure(self) -> Path:
+        return self.root / "report" / "roc.png"
+
+    def examples_figure(self, method: str) -> Path:
+        return self.root / "report" / f"examples_{method}.png"

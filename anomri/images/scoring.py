@@ -1,0 +1,195 @@
+"""Scoring image folders: per-image anomaly scores and pixel anomaly maps for each method.
+
+Methods (output folder names) and what they compute on each model input:
+
+``vae``
+    Conv VAE; image scores: every registry score that needs no reference set
+    (``vae_scores``), via :class:`~anomri.models.conv_vae.FlatImageVAE`; map:
+    the per-pixel terms of ``vae_map_score`` (default ``det-rec-err``, the plain
+    squared reconstruction error).
+``vae-projection``
+    Conv VAE + iterative energy-based projection; map
+    :func:`~anomri.models.projection.projection_map`; score ``map-sum``.
+``anogan``
+    DCGAN + batched latent search; map |x - G(z)|; scores ``anomaly-score``
+    A(x), ``residual`` R(x), ``discrimination`` D(x).
+``mhp-vae``
+    Multiple-hypotheses VAE; map: best hypothesis's squared residual; score
+    ``wta``.
+
+Every method also gets ``map-max``, the maximum of its smoothed map at the
+image's original size. Maps are smoothed with a Gaussian of ``map_sigma``
+model pixels, stitched to the original size, and saved as float32 ``.npy``.
+In tile mode an image's model score is the maximum over its tiles.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+from tqdm.auto import tqdm
+
+from anomri.evaluate.image_metrics import normal_threshold
+from anomri.evaluate.table import write_table
+from anomri.images.outputs import SCORE_COLUMNS, map_path
+from anomri.images.settings import MODEL_OF_METHOD, PRIMARY_SCORE, ImageSettings
+from anomri.io.atomic import atomic_path, write_json
+from anomri.io.images import ImageRecord, load_model_inputs, scan_mvtec, split_validation
+from anomri.models.anogan import DCGAN, latent_search
+from anomri.models.conv_vae import PIXELWISE_SCORES, ConvVAE, FlatImageVAE, PixelwiseContext
+from anomri.models.mhp_vae import MultiHypothesisVAE
+from anomri.models.projection import project, projection_map
+from anomri.scores.context import ScoreContext
+from anomri.scores.registry import get_scores
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["method_outputs", "score_folder"]
+
+
+Outputs = tuple[dict[str, np.ndarray], np.ndarray]
+
+
+def _batches(n: int, size: int) -> range:
+    return range(0, n, size)
+
+
+@torch.no_grad()
+def _vae_outputs(model: ConvVAE, raw: torch.Tensor, s: ImageSettings, progress: bool) -> Outputs:
+    flat_model = FlatImageVAE(model).eval()
+    scores = [sc for sc in get_scores(s.vae_scores) if not sc.needs_reference]
+    if s.vae_map_score not in PIXELWISE_SCORES:
+        raise ValueError(f"vae_map_score must be one of {PIXELWISE_SCORES}; got {s.vae_map_score!r}")
+    map_score = get_scores([s.vae_map_score])[0]
+    values = {sc.id: [] for sc in scores}
+    maps = []
+    for k, first in enumerate(tqdm(_batches(len(raw), s.batch_size), desc="vae", disable=not progress)):
+        batch = raw[first:first + s.batch_size]
+        x = flat_model.standardize(batch.flatten(1))
+        generator = torch.Generator(device=x.device).manual_seed(s.seed + k)
+        ctx = ScoreContext(flat_model, x, s.n_samples, generator)
+        for sc in scores:
+            # Some registry scores optimise over z and enable gradients themselves.
+            values[sc.id].append(sc.func(ctx).float())
+        maps.append(map_score.func(PixelwiseContext(ctx)).reshape(batch.shape).sum(1))
+    return {k: torch.cat(v).cpu().numpy() for k, v in values.items()}, torch.cat(maps).cpu().numpy()
+
+
+def _projection_outputs(model: ConvVAE, raw: torch.Tensor, s: ImageSettings, progress: bool) -> Outputs:
+    maps = []
+    for first in tqdm(_batches(len(raw), s.batch_size), desc="projection", disable=not progress):
+        x0 = model.standardize(raw[first:first + s.batch_size])
+        result = project(model, x0, s.projection_steps, s.projection_step_size, s.projection_l1_weight,
+                         s.projection_tolerance)
+        maps.append(projection_map(model, x0, result.projected, s.projection_map))
+    pixel_maps = torch.cat(maps).cpu().numpy()
+    return {"map-sum": pixel_maps.reshape(len(pixel_maps), -1).sum(-1)}, pixel_maps
+
+
+def _anogan_outputs(model: DCGAN, raw: torch.Tensor, s: ImageSettings, progress: bool) -> Outputs:
+    # One search over every input at once (chunked only to bound memory).
+    generator = torch.Generator(device=raw.device).manual_seed(s.seed)
+    parts: dict[str, list[torch.Tensor]] = {"anomaly-score": [], "residual": [], "discrimination": []}
+    maps = []
+    for first in _batches(len(raw), s.anogan_search_batch_size):
+        x = model.scale(raw[first:first + s.anogan_search_batch_size])
+        result = latent_search(model, x, s.anogan_search_steps, s.anogan_search_weight,
+                               s.anogan_search_learning_rate, generator=generator, progress=progress)
+        parts["anomaly-score"].append(result.score)
+        parts["residual"].append(result.residual)
+        parts["discrimination"].append(result.discrimination)
+        maps.append(result.anomaly_map(x))
+    return {k: torch.cat(v).cpu().numpy() for k, v in parts.items()}, torch.cat(maps).cpu().numpy()
+
+
+@torch.no_grad()
+def _mhp_outputs(model: MultiHypothesisVAE, raw: torch.Tensor, s: ImageSettings, progress: bool) -> Outputs:
+    scores, maps = [], []
+    for first in tqdm(_batches(len(raw), s.batch_size), desc="mhp-vae", disable=not progress):
+        score, pixel_map = model.score(model.standardize(raw[first:first + s.batch_size]))
+        scores.append(score)
+        maps.append(pixel_map)
+    return {"wta": torch.cat(scores).cpu().numpy()}, torch.cat(maps).cpu().numpy()
+
+
+METHOD_OUTPUTS: dict[str, Callable[[nn.Module, torch.Tensor, ImageSettings, bool], Outputs]] = {
+    "vae": _vae_outputs, "vae-projection": _projection_outputs, "anogan": _anogan_outputs, "mhp-vae": _mhp_outputs,
+}
+
+
+def method_outputs(method: str, model: nn.Module, raw: np.ndarray, settings: ImageSettings,
+                   progress: bool = True) -> Outputs:
+    """Scores {id: (P,)} and pixel maps (P, S, S) of ``method`` for model inputs ``raw`` (P, C, S, S) in [0, 1]."""
+    if method not in METHOD_OUTPUTS:
+        raise ValueError(f"unknown image method {method!r}; known: {', '.join(METHOD_OUTPUTS)}")
+    model.eval()
+    device = next(model.parameters()).device
+    scores, maps = METHOD_OUTPUTS[method](model, torch.from_numpy(raw).to(device), settings, progress)
+    return {k: v.astype(np.float64) for k, v in scores.items()}, maps.astype(np.float32)
+
+
+def _score_records(method: str, model: nn.Module, records: list[ImageRecord], settings: ImageSettings,
+                   channels: int, progress: bool) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+    """Per-image scores {id: (n_images,)} and maps at original size for ``records``."""
+    geometry = settings.image_geometry
+    inputs = load_model_inputs(records, geometry, channels, progress)
+    if not records:
+        return {}, []
+    input_scores, input_maps = method_outputs(method, model, inputs.inputs, settings, progress)
+    if settings.map_sigma > 0:
+        input_maps = np.stack([ndimage.gaussian_filter(m, settings.map_sigma, mode="nearest") for m in input_maps])
+    maps = [geometry.to_original(m, p) for m, p in zip(inputs.per_image(input_maps), inputs.placements)]
+    scores = {k: np.array([v.max() for v in inputs.per_image(values)]) for k, values in input_scores.items()}
+    scores["map-max"] = np.array([m.max() for m in maps], np.float64)
+    return scores, maps
+
+
+def score_folder(
+    method: str,
+    model: nn.Module,
+    model_metadata: dict,
+    root: str | Path,
+    settings: ImageSettings,
+    maps_dir: str | Path,
+    scores_path: str | Path,
+    thresholds_path: str | Path,
+    progress: bool = True,
+) -> None:
+    """Score the validation and test images of an MVTec folder with ``method``; write maps, scores, thresholds.
+
+    Writes ``maps_dir/<class>/<stem>.npy`` for every test image (float32,
+    original size, higher = more anomalous); ``scores_path``, a TSV with
+    columns :data:`SCORE_COLUMNS` for the held-out normal validation images
+    (split ``val``) and the test images; and ``thresholds_path``, JSON with
+    the pixel threshold from the validation maps.
+    """
+    if MODEL_OF_METHOD[method] != model.kind:
+        raise ValueError(f"method {method} needs a {MODEL_OF_METHOD[method]} model, not {model.kind}")
+    folder = scan_mvtec(root)
+    _, validation = split_validation(folder.train, settings.validation_fraction, settings.seed)
+    channels = int(model.in_shape[0])
+    rows = []
+    val_scores, val_maps = _score_records(method, model, validation, settings, channels, progress)
+    test_scores, test_maps = _score_records(method, model, folder.test, settings, channels, progress)
+    for split, records, scores in (("val", validation, val_scores), ("test", folder.test, test_scores)):
+        for score_id, values in scores.items():
+            rows += [{"method": method, "split": split, "label": r.label, "stem": r.stem, "score": score_id,
+                      "value": f"{v:.10g}"} for r, v in zip(records, values)]
+    for record, pixel_map in zip(folder.test, test_maps):
+        with atomic_path(map_path(maps_dir, record.label, record.stem)) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, pixel_map.astype(np.float32))
+    Path(maps_dir).mkdir(parents=True, exist_ok=True)
+    write_table(scores_path, rows, SCORE_COLUMNS)
+    pixel_threshold = normal_threshold(np.concatenate([m.ravel() for m in val_maps]), settings.threshold_percentile)
+    write_json(thresholds_path, {
+        "method": method, "primary_score": PRIMARY_SCORE[method], "pixel_threshold": pixel_threshold,
+        "threshold_percentile": settings.threshold_percentile, "n_validation_images": len(validation),
+        "validation_images": [str(r.path) for r in validation], "model": model_metadata,
+    })
+    logger.info("%s: scored %d validation and %d test images", method, len(validation), len(folder.test))

@@ -1,0 +1,96 @@
+"""Settings of the image engine: the ``images:`` section of ``config.yaml``, as one dataclass.
+
+Imports nothing heavy, so the command-line parser and the Snakefile can read it cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from anomri.errors import InputError
+
+if TYPE_CHECKING:
+    from anomri.io.images import ImageGeometry
+
+__all__ = ["ImageSettings", "METHODS", "MODEL_OF_METHOD", "PRIMARY_SCORE"]
+
+#: Method id (output folder) -> the trained model it needs.
+MODEL_OF_METHOD = {"vae": "conv-vae", "vae-projection": "conv-vae", "anogan": "anogan", "mhp-vae": "mhp-vae"}
+METHODS = tuple(MODEL_OF_METHOD)
+#: The score each method's paper defines; the one the report ranks methods by.
+PRIMARY_SCORE = {"vae": "det-rec-err", "vae-projection": "map-sum", "anogan": "anomaly-score", "mhp-vae": "wta"}
+
+
+@dataclass
+class ImageSettings:
+    """Every knob of the image engine, with the defaults of ``config.yaml`` (see its comments)."""
+
+    seed: int = 0
+    channels: str | int = "auto"
+    geometry: str = "resize"
+    image_size: int = 128
+    tile_overlap: float = 0.5
+    tile_scale: float = 1.0
+    oct_band: str = "none"
+    validation_fraction: float = 0.1
+    horizontal_flip: bool = True
+    batch_size: int = 32
+    # conv VAE (methods vae and vae-projection)
+    vae_latent_size: int = 128
+    vae_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    vae_epochs: int = 40
+    vae_learning_rate: float = 1e-3
+    vae_kl_weight: float = 1.0
+    vae_scores: str | list[str] = "all"
+    vae_map_score: str = "det-rec-err"
+    n_samples: int = 8
+    # iterative energy-based projection
+    projection_steps: int = 100
+    projection_step_size: float = 0.05
+    projection_l1_weight: float = 1.0
+    projection_tolerance: float = 1e-4
+    projection_map: str = "residual"
+    # AnoGAN
+    anogan_latent_size: int = 64
+    anogan_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    anogan_epochs: int = 40
+    anogan_learning_rate: float = 2e-4
+    anogan_search_steps: int = 300
+    anogan_search_weight: float = 0.1
+    anogan_search_learning_rate: float = 0.02
+    anogan_search_batch_size: int = 512
+    # multiple-hypotheses VAE
+    mhp_hypotheses: int = 4
+    mhp_latent_size: int = 128
+    mhp_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    mhp_epochs: int = 40
+    mhp_learning_rate: float = 1e-3
+    mhp_kl_weight: float = 1.0
+    mhp_adversarial_weight: float = 1.0
+    mhp_wta_epsilon: float = 0.05
+    # maps and evaluation
+    map_sigma: float = 2.0
+    threshold_percentile: float = 99.0
+    aupro_fpr_limit: float = 0.3
+
+    @classmethod
+    def from_json(cls, text: str) -> ImageSettings:
+        """Parse a JSON object of fields; unknown keys are an input error."""
+        values = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError("--settings", f"unknown image setting(s) {unknown}")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @property
+    def image_geometry(self) -> ImageGeometry:
+        from anomri.io.images import ImageGeometry
+
+        return ImageGeometry(self.geometry, self.image_size, self.tile_overlap, self.tile_scale, self.oct_band)

@@ -1,0 +1,257 @@
+"""Training the image models (conv VAE, AnoGAN's DCGAN, multiple-hypotheses VAE), with resume and checkpoints.
+
+Every epoch draws its shuffling, flips and latent noise from a generator
+seeded by (seed, epoch), so a run resumed from its per-epoch checkpoint ends
+with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import trange
+
+from anomri import __version__
+from anomri.errors import InputError
+from anomri.images.settings import ImageSettings
+from anomri.io.atomic import atomic_path
+from anomri.models.anogan import DCGAN
+from anomri.models.conv_vae import ConvVAE
+from anomri.models.mhp_vae import MultiHypothesisVAE
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MODEL_KINDS", "build_model", "train_image_model", "save_image_model", "load_image_model"]
+
+MODEL_KINDS: dict[str, type[nn.Module]] = {"conv-vae": ConvVAE, "anogan": DCGAN, "mhp-vae": MultiHypothesisVAE}
+
+
+def build_model(kind: str, in_shape: tuple[int, int, int], settings: ImageSettings) -> nn.Module:
+    """A fresh, untrained model of ``kind`` for images of ``in_shape``."""
+    if kind == "conv-vae":
+        return ConvVAE(in_shape, settings.vae_latent_size, settings.vae_channels)
+    if kind == "anogan":
+        return DCGAN(in_shape, settings.anogan_latent_size, settings.anogan_channels)
+    if kind == "mhp-vae":
+        return MultiHypothesisVAE(in_shape, settings.mhp_latent_size, settings.mhp_channels, settings.mhp_hypotheses)
+    raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
+
+
+def save_image_model(path: str | Path, model: nn.Module, metadata: dict) -> None:
+    """Write ``model`` (kind, constructor arguments, weights) and ``metadata`` atomically."""
+    payload = {"kind": model.kind, "hparams": model.hparams(), "state_dict": model.state_dict(),
+               "metadata": metadata | {"anomri_version": __version__}}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_image_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild an image model in eval mode from ``path`` (``torch.load(weights_only=True)``)."""
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+        model = MODEL_KINDS[payload["kind"]](**payload["hparams"])
+        model.load_state_dict(payload["state_dict"])
+    except (OSError, RuntimeError, KeyError, TypeError) as exc:
+        raise InputError(path, f"not a readable anomri image-model checkpoint ({type(exc).__name__})") from exc
+    return model.to(device).eval(), payload["metadata"]
+
+
+# --------------------------------------------------------------------------- one update per model kind
+
+Step = Callable[[nn.Module, list[torch.optim.Optimizer], torch.Tensor, torch.Generator, ImageSettings],
+                dict[str, float]]
+
+
+def _vae_step(model: ConvVAE, optimizers: list[torch.optim.Optimizer], batch: torch.Tensor,
+              generator: torch.Generator, s: ImageSettings) -> dict[str, float]:
+    (optimizer,) = optimizers
+    loss, rec, kl = model.loss(model.standardize(batch), s.vae_kl_weight, generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
+
+
+def _gan_step(model: DCGAN, optimizers: list[torch.optim.Optimizer], batch: torch.Tensor,
+              generator: torch.Generator, s: ImageSettings) -> dict[str, float]:
+    g_opt, d_opt = optimizers
+    real = model.scale(batch)
+
+    def noise() -> torch.Tensor:
+        return torch.randn((len(batch), model.latent_size), generator=generator, device=batch.device)
+
+    d_loss = model.discriminator_loss(real, noise())
+    d_opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    d_opt.step()
+    g_loss = model.generator_loss(noise())
+    g_opt.zero_grad(set_to_none=True)
+    g_loss.backward()  # also fills D's gradients, which the next d_opt.zero_grad clears
+    g_opt.step()
+    return {"d_loss": d_loss.item(), "g_loss": g_loss.item()}
+
+
+def _mhp_step(model: MultiHypothesisVAE, optimizers: list[torch.optim.Optimizer], batch: torch.Tensor,
+              generator: torch.Generator, s: ImageSettings) -> dict[str, float]:
+    g_opt, d_opt = optimizers
+    losses = model.losses(model.standardize(batch), s.mhp_kl_weight, s.mhp_adversarial_weight, s.mhp_wta_epsilon,
+                          generator)
+    # One forward pass, two players: each loss is differentiated w.r.t. its own player's weights only.
+    g_params = model.generator_parameters()
+    d_params = list(model.discriminator.parameters())
+    g_grads = torch.autograd.grad(losses["generator"], g_params, retain_graph=True)
+    d_grads = torch.autograd.grad(losses["discriminator"], d_params)
+    for param, grad in zip(g_params + d_params, g_grads + d_grads):
+        param.grad = grad
+    g_opt.step()
+    d_opt.step()
+    return {k: v.item() for k, v in losses.items()}
+
+
+def _optimizers(kind: str, model: nn.Module, s: ImageSettings) -> list[torch.optim.Optimizer]:
+    if kind == "conv-vae":
+        return [torch.optim.Adam(model.parameters(), lr=s.vae_learning_rate)]
+    if kind == "anogan":
+        # DCGAN's recipe: beta1 = 0.5 keeps the adversarial game from oscillating.
+        return [torch.optim.Adam(model.generator.parameters(), lr=s.anogan_learning_rate, betas=(0.5, 0.999)),
+                torch.optim.Adam(model.discriminator.parameters(), lr=s.anogan_learning_rate, betas=(0.5, 0.999))]
+    return [torch.optim.Adam(model.generator_parameters(), lr=s.mhp_learning_rate),
+            torch.optim.Adam(model.discriminator.parameters(), lr=s.mhp_learning_rate, betas=(0.5, 0.999))]
+
+
+@torch.no_grad()
+def _validation_loss(kind: str, model: nn.Module, validation: torch.Tensor, batch_size: int) -> float | None:
+    """Mean anomaly-free loss on held-out normal images: deterministic negative ELBO (conv VAE) or
+    WTA error (multiple-hypotheses VAE). None for the GAN, whose losses do not measure fit."""
+    if kind == "anogan" or validation is None or not len(validation):
+        return None
+    model.eval()
+    total = 0.0
+    for first in range(0, len(validation), batch_size):
+        x = model.standardize(validation[first:first + batch_size])
+        loss = model.reconstruct_with_loss(x)[1] if kind == "conv-vae" else model.score(x)[0]
+        total += float(loss.sum())
+    return total / len(validation)
+
+
+STEPS: dict[str, tuple[Step, str]] = {
+    "conv-vae": (_vae_step, "vae_epochs"), "anogan": (_gan_step, "anogan_epochs"), "mhp-vae": (_mhp_step, "mhp_epochs"),
+}
+
+
+def _fingerprint(kind: str, images: np.ndarray, settings: ImageSettings) -> str:
+    # A resume checkpoint is valid for the same model kind, data and settings; the epoch
+    # counts only say when to stop, so a finished run can be resumed for more epochs.
+    digest = hashlib.sha256(kind.encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    kept = {k: v for k, v in json.loads(settings.to_json()).items() if not k.endswith("_epochs")}
+    digest.update(json.dumps(kept, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def train_image_model(
+    kind: str,
+    images: np.ndarray,
+    settings: ImageSettings,
+    resume_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    validation: np.ndarray | None = None,
+) -> tuple[nn.Module, list[dict]]:
+    """Train a model of ``kind`` on normal images for a fixed number of epochs.
+
+    Parameters
+    ----------
+    kind : {"conv-vae", "anogan", "mhp-vae"}
+    images : ndarray (N, C, S, S)
+        Normal training inputs in [0, 1] (whole resized images, or tiles).
+    settings : ImageSettings
+        Epochs, learning rates and architecture of ``kind``; ``seed`` fixes
+        initialisation, shuffling, flips and latent noise.
+    resume_path : path, optional
+        Checkpoint written after every epoch and resumed from when it
+        matches ``kind``, ``images`` and ``settings``.
+    device : str or torch.device
+    progress : bool
+        Show a progress bar with the losses.
+    validation : ndarray (M, C, S, S), optional
+        Held-out normal inputs. For the VAEs the epoch with the lowest
+        validation loss is returned, so one unstable late epoch (a learnt
+        variance can spike) cannot spoil the model; the GAN keeps its last epoch.
+
+    Returns
+    -------
+    model : nn.Module
+        The trained model, in eval mode on ``device``.
+    history : list of dict
+        Per epoch: ``epoch``, the batch-mean losses and ``val_loss`` (VAEs).
+    """
+    device = torch.device(device)
+    step, epochs_field = STEPS[kind]
+    n_epochs = getattr(settings, epochs_field)
+    torch.manual_seed(settings.seed)
+    model = build_model(kind, tuple(images.shape[1:]), settings)
+    data = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+    if hasattr(model, "standardizer"):
+        model.standardizer.fit(data)
+    model.to(device)
+    data = data.to(device)
+    held_out = None if validation is None else torch.from_numpy(np.ascontiguousarray(validation, np.float32)).to(device)
+    optimizers = _optimizers(kind, model, settings)
+    fingerprint = _fingerprint(kind, images, settings)
+    state = {"epoch": 0, "history": [], "best_val": float("inf"), "best_state": None}
+    if resume_path is not None and Path(resume_path).is_file():
+        saved = torch.load(resume_path, map_location=device, weights_only=True)
+        if saved.get("fingerprint") == fingerprint and saved["state"]["epoch"] <= n_epochs:
+            model.load_state_dict(saved["model"])
+            for optimizer, optimizer_state in zip(optimizers, saved["optimizers"]):
+                optimizer.load_state_dict(optimizer_state)
+            state = saved["state"]
+            logger.info("resuming %s training at epoch %d from %s", kind, state["epoch"], resume_path)
+        else:
+            logger.info("ignoring %s: it was written for other data or settings, or more epochs", resume_path)
+
+    bar = trange(state["epoch"], n_epochs, desc=f"training {kind}", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        generator = torch.Generator(device=device).manual_seed(settings.seed * 100_003 + epoch)
+        order = torch.randperm(len(data), generator=generator, device=device)
+        sums: dict[str, float] = {}
+        n_batches = 0
+        for first in range(0, len(order), settings.batch_size):
+            batch = data[order[first:first + settings.batch_size]]
+            if len(batch) < 2:  # batch norm needs two samples
+                continue
+            if settings.horizontal_flip:
+                flip = torch.rand(len(batch), generator=generator, device=device) < 0.5
+                batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+            for name, value in step(model, optimizers, batch, generator, settings).items():
+                sums[name] = sums.get(name, 0.0) + value
+            n_batches += 1
+        record = {"epoch": epoch + 1} | {k: v / max(n_batches, 1) for k, v in sums.items()}
+        val_loss = _validation_loss(kind, model, held_out, settings.batch_size)
+        if val_loss is not None:
+            record["val_loss"] = val_loss
+            if val_loss < state["best_val"]:
+                state["best_val"] = val_loss
+                state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state["history"].append(record)
+        state["epoch"] = epoch + 1
+        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
+        if resume_path is not None:
+            with atomic_path(resume_path) as tmp:
+                torch.save({"fingerprint": fingerprint, "state": state, "model": model.state_dict(),
+                            "optimizers": [o.state_dict() for o in optimizers]}, tmp)
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+        logger.info("kept the %s weights of the epoch with the lowest validation loss (%.4g)", kind,
+                    state["best_val"])
+    logger.info("trained %s for %d epochs on %d inputs of %s", kind, n_epochs, len(images), tuple(images.shape[1:]))
+    return model.eval(), state["history"]

@@ -1,0 +1,1 @@
+"""Input and output: BIDS cohorts, NIfTI volumes, image folders."""

@@ -1,0 +1,1 @@
+"""Voxelwise maps: novelty volumes, calibration, lesion probability."""

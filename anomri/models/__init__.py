@@ -1,0 +1,1 @@
+"""Generative models of healthy data: voxel VAE, image VAE, GANs."""

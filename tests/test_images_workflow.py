@@ -1,0 +1,86 @@
+"""End to end: the real ``snakemake`` runs the `images` target on a tiny demo image set."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from anomri.images.outputs import ImageOutputs
+from anomri.images.settings import METHODS
+from anomri.io.images import scan_mvtec
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "image_size": 32, "batch_size": 8, "n_samples": 2,
+    "vae_channels": [4, 8], "vae_latent_size": 8, "vae_epochs": 2,
+    "anogan_channels": [4, 8], "anogan_latent_size": 8, "anogan_epochs": 2, "anogan_search_steps": 5,
+    "mhp_channels": [4, 8], "mhp_latent_size": 8, "mhp_epochs": 2, "mhp_hypotheses": 2,
+    "projection_steps": 5,
+    "demo": {"n_train": 12, "n_test_good": 3, "n_test_per_defect": 2, "height": 48, "seed": 1},
+}
+
+
+def snakemake(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, Path]:
+    """Run `snakemake images` on the tiny demo; return the output dir and the config file."""
+    tmp = tmp_path_factory.mktemp("images_workflow")
+    configfile = tmp / "tiny.yaml"
+    configfile.write_text(yaml.safe_dump({"output_dir": str(tmp / "out"), "images": TINY}))
+    result = snakemake("--cores", "2", "images", "--configfile", str(configfile))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return tmp / "out", configfile
+
+
+def test_every_output_exists(run: tuple[Path, Path]) -> None:
+    out = ImageOutputs(run[0] / "images")
+    test = scan_mvtec(out.demo).test
+    assert {r.label for r in test} == {"good", "fluid", "drusen"}
+    for method in METHODS:
+        for record in test:
+            pixel_map = np.load(out.maps(method) / record.label / f"{record.stem}.npy")
+            width, height = Image.open(record.path).size
+            assert pixel_map.dtype == np.float32 and pixel_map.shape == (height, width)
+            assert np.isfinite(pixel_map).all()
+            overlay = Image.open(out.overlays(method) / record.label / f"{record.stem}.png")
+            assert overlay.size[1] == height and overlay.size[0] > 3 * width
+        assert out.examples_figure(method).stat().st_size > 0
+        thresholds = json.loads(out.thresholds(method).read_text())
+        assert np.isfinite(thresholds["pixel_threshold"])
+    for path in (out.roc_figure, out.curves, out.model("conv-vae"), out.history("mhp-vae")):
+        assert path.stat().st_size > 0
+
+
+def test_tables(run: tuple[Path, Path]) -> None:
+    out = ImageOutputs(run[0] / "images")
+    with open(out.image_scores) as fh:
+        scores = list(csv.DictReader(fh, delimiter="\t"))
+    n_test = len(scan_mvtec(out.demo).test)
+    for method in METHODS:
+        test_rows = [r for r in scores if r["method"] == method and r["split"] == "test" and r["score"] == "map-max"]
+        assert len(test_rows) == n_test
+    with open(out.evaluation) as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    primary = [r for r in rows if r["primary"] == "True"]
+    assert sorted({r["method"] for r in primary}) == sorted(METHODS)
+    assert {r["defect_type"] for r in primary} == {"all", "fluid", "drusen"}
+    for row in primary:
+        assert 0.0 <= float(row["image_auroc"]) <= 1.0 and 0.0 <= float(row["pixel_auroc"]) <= 1.0
+        assert 0.0 <= float(row["aupro"]) <= 1.0
+
+
+def test_rerun_has_nothing_to_do(run: tuple[Path, Path]) -> None:
+    result = snakemake("-n", "--cores", "1", "images", "--configfile", str(run[1]))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Nothing to be done" in result.stdout + result.stderr

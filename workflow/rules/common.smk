@@ -1,0 +1,62 @@
+# Shared definitions: the cohort plan and path helpers.
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from anomri.errors import InputError
+from anomri.io.cohort import plan_from_config
+from anomri.io.derivatives import ScanDerivatives
+from anomri.scores import get_scores
+
+# The interpreter running Snakemake has anomri installed; calling it directly
+# works whether or not the virtual environment is activated.
+ANOMRI = f"{shlex.quote(sys.executable)} -m anomri"
+
+OUT = Path(config["output_dir"])
+LOGS = OUT / "logs"
+
+try:
+    PLAN = plan_from_config(config)
+    SELECTED_SCORES = get_scores(config["scoring"]["scores"])
+except InputError as exc:
+    sys.exit(f"anomri: error: {exc}")
+except (KeyError, ValueError) as exc:
+    sys.exit(f"anomri: error: config: {exc}")
+SCORES = [s.id for s in SELECTED_SCORES]
+NEEDS_REFERENCE = any(s.needs_reference for s in SELECTED_SCORES)
+if config["probability"]["score"] not in SCORES:
+    sys.exit(f"anomri: error: config: probability.score {config['probability']['score']!r} "
+             f"is not among the computed scores {SCORES}")
+
+SCANS = {scan.prefix: scan for scan in PLAN.scans}
+
+wildcard_constraints:
+    subdir=r"sub-[^/_]+(/ses-[^/_]+)?",
+    prefix=r"sub-[^/_]+(_ses-[^/_]+)?",
+    score=r"[a-z0-9-]+",
+
+
+def derivatives(prefix):
+    return ScanDerivatives(OUT, prefix)
+
+
+def novelty_maps(prefix):
+    return [derivatives(prefix).novelty(s) for s in SCORES]
+
+
+def scan_pattern(suffix):
+    """Output pattern of a per-scan derivative, e.g. scan_pattern('dwiref.nii.gz')."""
+    return str(OUT / "{subdir}" / "dwi" / ("{prefix}_space-dwi_" + suffix))
+
+
+def prefixes(scans):
+    return " ".join(scan.prefix for scan in scans)
+
+
+def optional_flag(flag, inputs, key):
+    return f"{flag} {inputs[key]}" if key in inputs.keys() else ""
+
+
+def settings_json(section, exclude=()):
+    return shlex.quote(json.dumps({k: v for k, v in config[section].items() if k not in exclude}))

@@ -1,0 +1,139 @@
+# The 2-D image engine (issue #5): target `images` (snakemake --cores all images).
+# Train -> score (maps) -> evaluate -> report (figures, overlays), on an MVTec-layout folder
+# (`images_root`), or on the synthetic OCT-like demo set when none is given.
+# Thin rules only: each calls one `anomri` command.
+from anomri.images.outputs import ImageOutputs
+from anomri.images.settings import METHODS, MODEL_OF_METHOD
+
+IMAGES = ImageOutputs(OUT / "images")
+IMAGES_ROOT = Path(config["images_root"]) if config.get("images_root") else IMAGES.demo
+IMAGE_METHODS = list(METHODS) if config.get("image_methods", "all") == "all" else list(config["image_methods"])
+if set(IMAGE_METHODS) - set(METHODS):
+    raise WorkflowError(f"anomri: error: config: image_methods {sorted(set(IMAGE_METHODS) - set(METHODS))} "
+                        f"unknown; known: {', '.join(METHODS)}")
+if config.get("images_layout", "mvtec") != "mvtec":
+    raise WorkflowError(f"anomri: error: config: images_layout {config['images_layout']!r} unsupported; use mvtec")
+IMAGE_CONFIG = config.get("images", {})
+IMAGE_SETTINGS = shlex.quote(json.dumps({k: v for k, v in IMAGE_CONFIG.items() if k not in ("device", "demo")}))
+IMAGE_DEVICE = IMAGE_CONFIG.get("device", "auto")
+# The demo folder is an output to wait for; a user's folder is simply read.
+IMAGES_ROOT_INPUT = [] if config.get("images_root") else [IMAGES.demo]
+
+
+wildcard_constraints:
+    image_method="|".join(METHODS),
+    image_model="|".join(sorted(set(MODEL_OF_METHOD.values()))),
+
+
+if not config.get("images_root"):
+
+    rule images_demo:
+        output:
+            directory(IMAGES.demo),
+        log:
+            LOGS / "images" / "demo.log",
+        threads: 1
+        resources:
+            mem_mb=1000,
+            runtime=10,
+        params:
+            demo=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in IMAGE_CONFIG.get("demo", {}).items()),
+        shell:
+            "{ANOMRI} --log {log} demo-images {output} {params.demo}"
+
+
+rule images_train:
+    input:
+        IMAGES_ROOT_INPUT,
+    output:
+        model=IMAGES.model("{image_model}"),
+        history=report(IMAGES.history("{image_model}"), caption="../report/images_history.rst",
+                       category="Images", subcategory="Training"),
+    log:
+        LOGS / "images" / "train_{image_model}.log",
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1 if IMAGE_DEVICE == "cuda" else 0,
+    shell:
+        "{ANOMRI} --log {log} images-train --root {IMAGES_ROOT} --model {wildcards.image_model}"
+        " --out {output.model} --history {output.history} --settings {IMAGE_SETTINGS} --device {IMAGE_DEVICE}"
+
+
+rule images_score:
+    input:
+        IMAGES_ROOT_INPUT,
+        model=lambda w: IMAGES.model(MODEL_OF_METHOD[w.image_method]),
+    output:
+        maps=directory(IMAGES.maps("{image_method}")),
+        scores=IMAGES.scores("{image_method}"),
+        thresholds=IMAGES.thresholds("{image_method}"),
+    log:
+        LOGS / "images" / "score_{image_method}.log",
+    threads: workflow.cores
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1 if IMAGE_DEVICE == "cuda" else 0,
+    shell:
+        "{ANOMRI} --log {log} images-score --root {IMAGES_ROOT} --method {wildcards.image_method}"
+        " --model {input.model} --images-dir {IMAGES.root} --settings {IMAGE_SETTINGS} --device {IMAGE_DEVICE}"
+
+
+rule images_evaluate:
+    input:
+        IMAGES_ROOT_INPUT,
+        [IMAGES.maps(m) for m in IMAGE_METHODS],
+        [IMAGES.scores(m) for m in IMAGE_METHODS],
+        [IMAGES.thresholds(m) for m in IMAGE_METHODS],
+    output:
+        scores=report(IMAGES.image_scores, caption="../report/images_scores.rst", category="Images",
+                      subcategory="Tables"),
+        evaluation=report(IMAGES.evaluation, caption="../report/images_evaluation.rst", category="Images",
+                          subcategory="Tables"),
+        curves=IMAGES.curves,
+    log:
+        LOGS / "images" / "evaluate.log",
+    threads: 1
+    resources:
+        mem_mb=12000,
+        runtime=60,
+    params:
+        methods=" ".join(IMAGE_METHODS),
+    shell:
+        "{ANOMRI} --log {log} images-evaluate --root {IMAGES_ROOT} --methods {params.methods}"
+        " --images-dir {IMAGES.root} --settings {IMAGE_SETTINGS}"
+
+
+rule images_report:
+    input:
+        IMAGES_ROOT_INPUT,
+        IMAGES.curves,
+        [IMAGES.maps(m) for m in IMAGE_METHODS],
+        [IMAGES.scores(m) for m in IMAGE_METHODS],
+    output:
+        roc=report(IMAGES.roc_figure, caption="../report/images_roc.rst", category="Images",
+                   subcategory="Curves"),
+        examples=[report(IMAGES.examples_figure(m), caption="../report/images_examples.rst", category="Images",
+                         subcategory="Examples", labels={"method": m}) for m in IMAGE_METHODS],
+        overlays=[directory(IMAGES.overlays(m)) for m in IMAGE_METHODS],
+    log:
+        LOGS / "images" / "report.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        methods=" ".join(IMAGE_METHODS),
+    shell:
+        "{ANOMRI} --log {log} images-report --root {IMAGES_ROOT} --methods {params.methods}"
+        " --images-dir {IMAGES.root} --settings {IMAGE_SETTINGS}"
+
+
+rule images:
+    input:
+        IMAGES.evaluation,
+        IMAGES.roc_figure,
+        [IMAGES.examples_figure(m) for m in IMAGE_METHODS],
+        [IMAGES.overlays(m) for m in IMAGE_METHODS],

@@ -1,0 +1,93 @@
+# Novelty maps per scan, calibration on held-out controls, lesion probability.
+
+
+rule reference_set:
+    input:
+        model=OUT / "models" / "vae.pt",
+        features=[derivatives(s.prefix).features for s in PLAN.training],
+        masks=[derivatives(s.prefix).mask for s in PLAN.training],
+    output:
+        OUT / "models" / "reference_set.pt",
+    log:
+        LOGS / "reference_set.log",
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+        gpu=1 if config["scoring"]["device"] == "cuda" else 0,
+    params:
+        scans=prefixes(PLAN.training),
+        sc=config["scoring"],
+    shell:
+        "{ANOMRI} --log {log} reference --derivatives-dir {OUT} --scans {params.scans} --model {input.model}"
+        " --size {params.sc[reference_size]} --seed {params.sc[seed]} --out {output} --device {params.sc[device]}"
+
+
+rule score:
+    input:
+        unpack(lambda wc: {"reference": OUT / "models" / "reference_set.pt"} if NEEDS_REFERENCE else {}),
+        model=OUT / "models" / "vae.pt",
+        features=scan_pattern("desc-qspace_features.nii.gz"),
+        mask=scan_pattern("desc-brain_mask.nii.gz"),
+    output:
+        maps=[scan_pattern(f"desc-{s}_novelty.nii.gz") for s in SCORES],
+        sidecars=[scan_pattern(f"desc-{s}_novelty.json") for s in SCORES],
+    log:
+        LOGS / "score" / "{subdir}" / "{prefix}.log",
+    threads: 1
+    resources:
+        mem_mb=6000,
+        runtime=60,
+        gpu=1 if config["scoring"]["device"] == "cuda" else 0,
+    params:
+        sc=config["scoring"],
+        scores=" ".join(SCORES),
+        reference=lambda wc, input: optional_flag("--reference", input, "reference"),
+    shell:
+        "{ANOMRI} --log {log} score --model {input.model} {params.reference} --derivatives-dir {OUT}"
+        " --prefix {wildcards.prefix}"
+        " --scores {params.scores} --n-samples {params.sc[n_samples]} --seed {params.sc[seed]}"
+        " --batch-size {params.sc[batch_size]} --device {params.sc[device]}"
+
+
+rule calibrate:
+    input:
+        [novelty_maps(s.prefix) for s in PLAN.calibration],
+        [derivatives(s.prefix).mask for s in PLAN.calibration],
+    output:
+        OUT / "calibration" / "healthy_null.npz",
+    log:
+        LOGS / "calibrate.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    params:
+        scans=prefixes(PLAN.calibration),
+        scores=" ".join(SCORES),
+        pp=config["probability"],
+    shell:
+        "{ANOMRI} --log {log} calibrate --derivatives-dir {OUT} --scans {params.scans}"
+        " --scores {params.scores} --out {output} --erosion-voxels {params.pp[erosion_voxels]}"
+        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]}"
+
+
+rule probability:
+    input:
+        null=OUT / "calibration" / "healthy_null.npz",
+        map=scan_pattern(f"desc-{config['probability']['score']}_novelty.nii.gz"),
+        mask=scan_pattern("desc-brain_mask.nii.gz"),
+    output:
+        probseg=scan_pattern("label-L_probseg.nii.gz"),
+        sidecar=scan_pattern("label-L_probseg.json"),
+    log:
+        LOGS / "probability" / "{subdir}" / "{prefix}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        score=config["probability"]["score"],
+    shell:
+        "{ANOMRI} --log {log} probability --derivatives-dir {OUT} --prefix {wildcards.prefix}"
+        " --null {input.null} --score {params.score}"
