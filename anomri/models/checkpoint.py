@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu") -> tuple[Gaus
         payload = torch.load(path, map_location=device, weights_only=True)
         model = GaussianVAE(**payload["hparams"])
         model.load_state_dict(payload["state_dict"])
-    except (OSError, RuntimeError, KeyError, TypeError) as exc:
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise InputError(path, f"not a readable anomri model checkpoint ({type(exc).__name__})") from exc
     return model.to(device).eval(), payload["metadata"]
 

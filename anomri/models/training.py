@@ -41,9 +41,11 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def _fingerprint(samples: np.ndarray, config: TrainingConfig) -> str:
-    # A resume checkpoint is only valid for the same data and settings.
+    # A resume checkpoint is only valid for the same data and settings. The
+    # stopping rule is left out: raising max_epochs may continue a finished run.
+    settings = {k: v for k, v in asdict(config).items() if k not in ("max_epochs", "patience")}
     digest = hashlib.sha256(np.ascontiguousarray(samples).tobytes())
-    digest.update(repr(sorted(asdict(config).items())).encode())
+    digest.update(repr(sorted(settings.items())).encode())
     return digest.hexdigest()
 
 

@@ -1,0 +1,80 @@
+"""VAE training: determinism, resume, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from anomri.errors import InputError
+from anomri.models.checkpoint import load_vae, save_vae
+from anomri.models.training import TrainingConfig, train_vae
+
+
+@pytest.fixture(scope="module")
+def samples() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    latent = rng.normal(size=(3000, 2))
+    return (np.tanh(latent @ rng.normal(size=(2, 12))) + 0.05 * rng.normal(size=(3000, 12))).astype(np.float32)
+
+
+CONFIG = dict(latent_size=2, hidden_channels=[16], batch_size=256, max_epochs=4, patience=10)
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)
+
+
+def test_same_seed_same_model(samples: np.ndarray) -> None:
+    a, history_a = train_vae(samples, TrainingConfig(**CONFIG), progress=False)
+    b, history_b = train_vae(samples, TrainingConfig(**CONFIG), progress=False)
+    _assert_same_weights(a, b)
+    assert history_a == history_b
+    c, _ = train_vae(samples, TrainingConfig(**CONFIG | {"seed": 1}), progress=False)
+    assert not torch.equal(a.net.mu.weight, c.net.mu.weight)
+
+
+def test_training_lowers_validation_loss(samples: np.ndarray) -> None:
+    _, history = train_vae(samples, TrainingConfig(**CONFIG | {"max_epochs": 6}), progress=False)
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+
+
+def test_interrupted_training_resumes_to_the_same_model(samples: np.ndarray, tmp_path) -> None:
+    straight, history = train_vae(samples, TrainingConfig(**CONFIG), progress=False)
+    resume = tmp_path / "vae.resume.pt"
+    # An "interrupted" run: it stopped after 2 epochs, leaving its checkpoint behind.
+    train_vae(samples, TrainingConfig(**CONFIG | {"max_epochs": 2}), resume_path=resume, progress=False)
+    resumed, resumed_history = train_vae(samples, TrainingConfig(**CONFIG), resume_path=resume, progress=False)
+    _assert_same_weights(straight, resumed)
+    assert [h["epoch"] for h in resumed_history] == [1, 2, 3, 4]
+    assert resumed_history == history
+
+
+def test_resume_ignores_checkpoint_of_other_data(samples: np.ndarray, tmp_path) -> None:
+    resume = tmp_path / "vae.resume.pt"
+    train_vae(samples[::-1].copy(), TrainingConfig(**CONFIG | {"max_epochs": 2}), resume_path=resume,
+              progress=False)
+    fresh, _ = train_vae(samples, TrainingConfig(**CONFIG), progress=False)
+    resumed, history = train_vae(samples, TrainingConfig(**CONFIG), resume_path=resume, progress=False)
+    _assert_same_weights(fresh, resumed)
+    assert len(history) == CONFIG["max_epochs"]
+
+
+def test_checkpoint_round_trip(samples: np.ndarray, tmp_path) -> None:
+    model, _ = train_vae(samples, TrainingConfig(**CONFIG | {"max_epochs": 1}), progress=False)
+    path = tmp_path / "vae.pt"
+    save_vae(path, model, {"features": {"Representation": "raw"}})
+    loaded, metadata = load_vae(path)
+    _assert_same_weights(model, loaded)
+    assert metadata == {"features": {"Representation": "raw"}}
+    assert not loaded.training
+    x = loaded.standardize(torch.from_numpy(samples[:5]))
+    torch.testing.assert_close(x, (torch.from_numpy(samples[:5]) - model.feature_mean) / model.feature_std)
+
+
+def test_corrupt_checkpoint_is_an_input_error(tmp_path) -> None:
+    path = tmp_path / "vae.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="vae.pt"):
+        load_vae(path)
