@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from anomri.images.settings import ImageSettings
+from anomri.images.settings import SLOW_IMAGE_SCORES, ImageSettings
 from anomri.images.training import load_image_model, save_image_model, train_image_model
 from anomri.models.anogan import DCGAN, latent_search
 from anomri.models.conv_vae import PIXELWISE_SCORES, ConvVAE, FlatImageVAE, PixelwiseContext
@@ -15,6 +15,7 @@ from anomri.models.mhp_vae import MultiHypothesisVAE, winner_takes_all
 from anomri.models.projection import energy, project, projection_map
 from anomri.scores import get_scores
 from anomri.scores.context import ScoreContext
+from anomri.scores.reference import ReferenceSet
 
 
 @pytest.fixture(autouse=True)
@@ -26,23 +27,27 @@ def test_registry_scores_apply_to_images_and_maps_sum_to_them() -> None:
     vae = ConvVAE((2, 16, 16), latent_size=4, channels=(4, 8)).eval()
     flat = FlatImageVAE(vae)
     raw = torch.rand(3, 2, 16, 16)
+    reference = ReferenceSet.build(flat, torch.rand(5, 2 * 16 * 16))
     x = flat.standardize(raw.flatten(1))
-    ctx = ScoreContext(flat, x, n_samples=4, generator=torch.Generator().manual_seed(1))
+    ctx = ScoreContext(flat, x, n_samples=4, generator=torch.Generator().manual_seed(1), reference=reference)
     with torch.no_grad():
         for score in get_scores("all"):
-            if score.needs_reference:
+            if score.id in SLOW_IMAGE_SCORES:
                 continue
             value = score.func(ctx)
-            assert value.shape == (3,) and torch.isfinite(value).all()
+            assert value.shape == (3,) and torch.isfinite(value).all(), score.id
             if score.id in PIXELWISE_SCORES:
                 pixel_terms = score.func(PixelwiseContext(ctx))
-                assert pixel_terms.shape == (3, 2 * 16 * 16)
-                torch.testing.assert_close(pixel_terms.sum(-1), value, rtol=1e-5, atol=1e-3)
+                assert pixel_terms.shape == (3, 2 * 16 * 16), score.id
+                torch.testing.assert_close(pixel_terms.sum(-1), value, rtol=1e-5, atol=1e-2, msg=score.id)
         # Brute force: the det-rec-err map is the squared error against the conv decoder's mean at mu.
         images = vae.standardize(raw)
         expected = (images - vae.decode(vae.encode(images)[0])[0]) ** 2
         got = get_scores(["det-rec-err"])[0].func(PixelwiseContext(ctx)).reshape(3, 2, 16, 16)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        # Reference scores see the flattened images: input-nn-euclid is the nearest reference image.
+        brute = torch.cdist(x, reference.x).min(1).values ** 2
+        torch.testing.assert_close(get_scores(["input-nn-euclid"])[0].func(ctx), brute, rtol=1e-4, atol=1e-3)
 
 
 def _tiny_mhp(n_heads: int = 3) -> MultiHypothesisVAE:
@@ -176,7 +181,8 @@ def test_training_resumes_to_the_same_weights_and_checkpoints_round_trip(kind: s
     assert len(history) == 2
     resume = tmp_path / "resume.pt"
     train_image_model(kind, images, _settings(vae_epochs=1, anogan_epochs=1, mhp_epochs=1), resume, progress=False)
-    resumed, resumed_history = train_image_model(kind, images, _settings(), resume, progress=False)
+    # Settings that do not change training (here the projection's) do not invalidate the checkpoint.
+    resumed, resumed_history = train_image_model(kind, images, _settings(projection_steps=7), resume, progress=False)
     assert resumed_history == history
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)

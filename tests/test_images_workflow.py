@@ -38,7 +38,9 @@ def run(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("images_workflow")
     configfile = tmp / "tiny.yaml"
     configfile.write_text(yaml.safe_dump({"output_dir": str(tmp / "out"), "images": TINY}))
-    result = snakemake("--cores", "2", "images", "--configfile", str(configfile))
+    # One thread per training and scoring job, so that two of them run side by side.
+    result = snakemake("--cores", "2", "images", "--configfile", str(configfile),
+                       "--set-threads", "images_train=1", "images_score=1")
     assert result.returncode == 0, result.stderr[-4000:]
     return tmp / "out", configfile
 

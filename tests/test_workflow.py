@@ -38,7 +38,8 @@ def run(tmp_path_factory) -> Path:
         "demo": {"n_controls": N_CONTROLS, "n_patients": N_PATIENTS, "voxel_size": 6.0, "scheme": "3shell",
                  "seed": 3},
         "training": {"max_epochs": 4, "patience": 2},
-        "scoring": {"n_samples": 4},
+        # A small reference set keeps the reference-based scores quick on a tiny cohort.
+        "scoring": {"n_samples": 4, "reference_size": 2000},
     }))
     result = snakemake("--cores", "2", "--configfile", str(configfile))
     assert result.returncode == 0, result.stderr[-4000:]
@@ -85,8 +86,7 @@ def test_evaluation_table(run: Path) -> None:
 
 
 def test_rerun_has_nothing_to_do(run: Path) -> None:
-    result = snakemake("-n", "--cores", "1", "--config", f"output_dir={run}",
-                       "demo={n_controls: 3, n_patients: 2, voxel_size: 6.0, scheme: 3shell, seed: 3}")
+    result = snakemake("-n", "--cores", "1", "--configfile", str(run.parent / "tiny.yaml"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Nothing to be done" in result.stdout + result.stderr
 

@@ -3,10 +3,13 @@
 Methods (output folder names) and what they compute on each model input:
 
 ``vae``
-    Conv VAE; image scores: every registry score that needs no reference set
-    (``vae_scores``), via :class:`~anomri.models.conv_vae.FlatImageVAE`; map:
-    the per-pixel terms of ``vae_map_score`` (default ``det-rec-err``, the plain
-    squared reconstruction error).
+    Conv VAE; image scores: the registry scores ``vae_scores`` (all by
+    default, less the slow ``vae_skip_scores``), via
+    :class:`~anomri.models.conv_vae.FlatImageVAE`; with
+    ``vae_reference_scores`` also the reference-set scores, the normal
+    training images as reference set; map: the per-pixel terms of
+    ``vae_map_score`` (default ``det-rec-err``, the plain squared
+    reconstruction error).
 ``vae-projection``
     Conv VAE + iterative energy-based projection; map
     :func:`~anomri.models.projection.projection_map`; score ``map-sum``.
@@ -46,7 +49,8 @@ from anomri.models.conv_vae import PIXELWISE_SCORES, ConvVAE, FlatImageVAE, Pixe
 from anomri.models.mhp_vae import MultiHypothesisVAE
 from anomri.models.projection import project, projection_map
 from anomri.scores.context import ScoreContext
-from anomri.scores.registry import get_scores
+from anomri.scores.reference import ReferenceSet
+from anomri.scores.registry import NoveltyScore, get_scores
 
 logger = logging.getLogger(__name__)
 
@@ -60,20 +64,34 @@ def _batches(n: int, size: int) -> range:
     return range(0, n, size)
 
 
+def _vae_scores(s: ImageSettings) -> list[NoveltyScore]:
+    """The registry scores of method ``vae``: ``vae_scores`` less ``vae_skip_scores``, and less the
+    reference-set scores unless ``vae_reference_scores``."""
+    return [sc for sc in get_scores(s.vae_scores)
+            if sc.id not in s.vae_skip_scores and (s.vae_reference_scores or not sc.needs_reference)]
+
+
 @torch.no_grad()
-def _vae_outputs(model: ConvVAE, raw: torch.Tensor, s: ImageSettings, progress: bool) -> Outputs:
+def _vae_outputs(model: ConvVAE, raw: torch.Tensor, s: ImageSettings, progress: bool,
+                 reference_images: np.ndarray | None = None) -> Outputs:
     flat_model = FlatImageVAE(model).eval()
-    scores = [sc for sc in get_scores(s.vae_scores) if not sc.needs_reference]
+    scores = _vae_scores(s)
     if s.vae_map_score not in PIXELWISE_SCORES:
         raise ValueError(f"vae_map_score must be one of {PIXELWISE_SCORES}; got {s.vae_map_score!r}")
     map_score = get_scores([s.vae_map_score])[0]
+    reference = None
+    if any(sc.needs_reference for sc in scores):
+        if reference_images is None:
+            raise ValueError("reference-set scores need the training images")
+        reference = ReferenceSet.build(flat_model, torch.from_numpy(reference_images).flatten(1), s.batch_size,
+                                       raw.device)
     values = {sc.id: [] for sc in scores}
     maps = []
     for k, first in enumerate(tqdm(_batches(len(raw), s.batch_size), desc="vae", disable=not progress)):
         batch = raw[first:first + s.batch_size]
         x = flat_model.standardize(batch.flatten(1))
         generator = torch.Generator(device=x.device).manual_seed(s.seed + k)
-        ctx = ScoreContext(flat_model, x, s.n_samples, generator)
+        ctx = ScoreContext(flat_model, x, s.n_samples, generator, reference)
         for sc in scores:
             # Some registry scores optimise over z and enable gradients themselves.
             values[sc.id].append(sc.func(ctx).float())
@@ -81,7 +99,8 @@ def _vae_outputs(model: ConvVAE, raw: torch.Tensor, s: ImageSettings, progress: 
     return {k: torch.cat(v).cpu().numpy() for k, v in values.items()}, torch.cat(maps).cpu().numpy()
 
 
-def _projection_outputs(model: ConvVAE, raw: torch.Tensor, s: ImageSettings, progress: bool) -> Outputs:
+def _projection_outputs(model: ConvVAE, raw: torch.Tensor, s: ImageSettings, progress: bool,
+                        reference_images: np.ndarray | None = None) -> Outputs:
     maps = []
     for first in tqdm(_batches(len(raw), s.batch_size), desc="projection", disable=not progress):
         x0 = model.standardize(raw[first:first + s.batch_size])
@@ -92,7 +111,8 @@ def _projection_outputs(model: ConvVAE, raw: torch.Tensor, s: ImageSettings, pro
     return {"map-sum": pixel_maps.reshape(len(pixel_maps), -1).sum(-1)}, pixel_maps
 
 
-def _anogan_outputs(model: DCGAN, raw: torch.Tensor, s: ImageSettings, progress: bool) -> Outputs:
+def _anogan_outputs(model: DCGAN, raw: torch.Tensor, s: ImageSettings, progress: bool,
+                    reference_images: np.ndarray | None = None) -> Outputs:
     # One search over every input at once (chunked only to bound memory).
     generator = torch.Generator(device=raw.device).manual_seed(s.seed)
     parts: dict[str, list[torch.Tensor]] = {"anomaly-score": [], "residual": [], "discrimination": []}
@@ -109,7 +129,8 @@ def _anogan_outputs(model: DCGAN, raw: torch.Tensor, s: ImageSettings, progress:
 
 
 @torch.no_grad()
-def _mhp_outputs(model: MultiHypothesisVAE, raw: torch.Tensor, s: ImageSettings, progress: bool) -> Outputs:
+def _mhp_outputs(model: MultiHypothesisVAE, raw: torch.Tensor, s: ImageSettings, progress: bool,
+                 reference_images: np.ndarray | None = None) -> Outputs:
     scores, maps = [], []
     for first in tqdm(_batches(len(raw), s.batch_size), desc="mhp-vae", disable=not progress):
         score, pixel_map = model.score(model.standardize(raw[first:first + s.batch_size]))
@@ -118,30 +139,36 @@ def _mhp_outputs(model: MultiHypothesisVAE, raw: torch.Tensor, s: ImageSettings,
     return {"wta": torch.cat(scores).cpu().numpy()}, torch.cat(maps).cpu().numpy()
 
 
-METHOD_OUTPUTS: dict[str, Callable[[nn.Module, torch.Tensor, ImageSettings, bool], Outputs]] = {
+METHOD_OUTPUTS: dict[str, Callable[..., Outputs]] = {
     "vae": _vae_outputs, "vae-projection": _projection_outputs, "anogan": _anogan_outputs, "mhp-vae": _mhp_outputs,
 }
 
 
 def method_outputs(method: str, model: nn.Module, raw: np.ndarray, settings: ImageSettings,
-                   progress: bool = True) -> Outputs:
-    """Scores {id: (P,)} and pixel maps (P, S, S) of ``method`` for model inputs ``raw`` (P, C, S, S) in [0, 1]."""
+                   progress: bool = True, reference_images: np.ndarray | None = None) -> Outputs:
+    """Scores {id: (P,)} and pixel maps (P, S, S) of ``method`` for model inputs ``raw`` (P, C, S, S) in [0, 1].
+
+    ``reference_images`` (normal training inputs, same shape) form the healthy
+    reference set of the registry scores that need one (method ``vae``).
+    """
     if method not in METHOD_OUTPUTS:
         raise ValueError(f"unknown image method {method!r}; known: {', '.join(METHOD_OUTPUTS)}")
     model.eval()
     device = next(model.parameters()).device
-    scores, maps = METHOD_OUTPUTS[method](model, torch.from_numpy(raw).to(device), settings, progress)
+    scores, maps = METHOD_OUTPUTS[method](model, torch.from_numpy(raw).to(device), settings, progress,
+                                          reference_images)
     return {k: v.astype(np.float64) for k, v in scores.items()}, maps.astype(np.float32)
 
 
 def _score_records(method: str, model: nn.Module, records: list[ImageRecord], settings: ImageSettings,
-                   channels: int, progress: bool) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+                   channels: int, progress: bool, reference_images: np.ndarray | None
+                   ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
     """Per-image scores {id: (n_images,)} and maps at original size for ``records``."""
     geometry = settings.image_geometry
     inputs = load_model_inputs(records, geometry, channels, progress)
     if not records:
         return {}, []
-    input_scores, input_maps = method_outputs(method, model, inputs.inputs, settings, progress)
+    input_scores, input_maps = method_outputs(method, model, inputs.inputs, settings, progress, reference_images)
     if settings.map_sigma > 0:
         input_maps = np.stack([ndimage.gaussian_filter(m, settings.map_sigma, mode="nearest") for m in input_maps])
     maps = [geometry.to_original(m, p) for m, p in zip(inputs.per_image(input_maps), inputs.placements)]
@@ -172,11 +199,19 @@ def score_folder(
     if MODEL_OF_METHOD[method] != model.kind:
         raise ValueError(f"method {method} needs a {MODEL_OF_METHOD[method]} model, not {model.kind}")
     folder = scan_mvtec(root)
-    _, validation = split_validation(folder.train, settings.validation_fraction, settings.seed)
+    train, validation = split_validation(folder.train, settings.validation_fraction, settings.seed)
     channels = int(model.in_shape[0])
+    reference_images = None
+    if method == "vae" and any(sc.needs_reference for sc in _vae_scores(settings)):
+        reference_images = load_model_inputs(train, settings.image_geometry, channels, progress).inputs
+        if len(reference_images) > settings.vae_reference_size:
+            keep = np.random.default_rng(settings.seed).choice(len(reference_images), settings.vae_reference_size,
+                                                               replace=False)
+            reference_images = reference_images[np.sort(keep)]
     rows = []
-    val_scores, val_maps = _score_records(method, model, validation, settings, channels, progress)
-    test_scores, test_maps = _score_records(method, model, folder.test, settings, channels, progress)
+    val_scores, val_maps = _score_records(method, model, validation, settings, channels, progress, reference_images)
+    test_scores, test_maps = _score_records(method, model, folder.test, settings, channels, progress,
+                                            reference_images)
     for split, records, scores in (("val", validation, val_scores), ("test", folder.test, test_scores)):
         for score_id, values in scores.items():
             rows += [{"method": method, "split": split, "label": r.label, "stem": r.stem, "score": score_id,

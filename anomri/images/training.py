@@ -146,14 +146,36 @@ STEPS: dict[str, tuple[Step, str]] = {
 }
 
 
-def _fingerprint(kind: str, images: np.ndarray, settings: ImageSettings) -> str:
-    # A resume checkpoint is valid for the same model kind, data and settings; the epoch
-    # counts only say when to stop, so a finished run can be resumed for more epochs.
+#: The settings, besides the data, that change what training a model kind produces. Epoch counts are
+#: left out: they only say when to stop, so a finished run can be resumed for more epochs.
+TRAINING_SETTINGS = {
+    "conv-vae": ("vae_latent_size", "vae_channels", "vae_learning_rate", "vae_kl_weight"),
+    "anogan": ("anogan_latent_size", "anogan_channels", "anogan_learning_rate"),
+    "mhp-vae": ("mhp_hypotheses", "mhp_latent_size", "mhp_channels", "mhp_learning_rate", "mhp_kl_weight",
+                "mhp_adversarial_weight", "mhp_wta_epsilon"),
+}
+COMMON_TRAINING_SETTINGS = ("seed", "horizontal_flip", "batch_size")
+
+
+def _fingerprint(kind: str, images: np.ndarray, validation: np.ndarray | None, settings: ImageSettings) -> str:
+    # A resume checkpoint is valid for the same model kind, data and training settings.
     digest = hashlib.sha256(kind.encode())
-    digest.update(np.ascontiguousarray(images).tobytes())
-    kept = {k: v for k, v in json.loads(settings.to_json()).items() if not k.endswith("_epochs")}
+    for array in (images, validation if validation is not None else np.zeros(0)):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    kept = {k: getattr(settings, k) for k in COMMON_TRAINING_SETTINGS + TRAINING_SETTINGS[kind]}
     digest.update(json.dumps(kept, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def _fresh(kind: str, data: torch.Tensor, settings: ImageSettings, device: torch.device
+           ) -> tuple[nn.Module, list[torch.optim.Optimizer]]:
+    """A newly initialised model (seeded, standardised on ``data``) on ``device`` and its optimisers."""
+    torch.manual_seed(settings.seed)
+    model = build_model(kind, tuple(data.shape[1:]), settings)
+    if hasattr(model, "standardizer"):
+        model.standardizer.fit(data)
+    model.to(device)
+    return model, _optimizers(kind, model, settings)
 
 
 def train_image_model(
@@ -196,25 +218,25 @@ def train_image_model(
     device = torch.device(device)
     step, epochs_field = STEPS[kind]
     n_epochs = getattr(settings, epochs_field)
-    torch.manual_seed(settings.seed)
-    model = build_model(kind, tuple(images.shape[1:]), settings)
     data = torch.from_numpy(np.ascontiguousarray(images, np.float32))
-    if hasattr(model, "standardizer"):
-        model.standardizer.fit(data)
-    model.to(device)
+    model, optimizers = _fresh(kind, data, settings, device)
     data = data.to(device)
     held_out = None if validation is None else torch.from_numpy(np.ascontiguousarray(validation, np.float32)).to(device)
-    optimizers = _optimizers(kind, model, settings)
-    fingerprint = _fingerprint(kind, images, settings)
+    fingerprint = _fingerprint(kind, images, validation, settings)
     state = {"epoch": 0, "history": [], "best_val": float("inf"), "best_state": None}
     if resume_path is not None and Path(resume_path).is_file():
         saved = torch.load(resume_path, map_location=device, weights_only=True)
         if saved.get("fingerprint") == fingerprint and saved["state"]["epoch"] <= n_epochs:
-            model.load_state_dict(saved["model"])
-            for optimizer, optimizer_state in zip(optimizers, saved["optimizers"]):
-                optimizer.load_state_dict(optimizer_state)
-            state = saved["state"]
-            logger.info("resuming %s training at epoch %d from %s", kind, state["epoch"], resume_path)
+            try:
+                model.load_state_dict(saved["model"])
+                for optimizer, optimizer_state in zip(optimizers, saved["optimizers"]):
+                    optimizer.load_state_dict(optimizer_state)
+                state = saved["state"]
+                logger.info("resuming %s training at epoch %d from %s", kind, state["epoch"], resume_path)
+            except (RuntimeError, ValueError, KeyError):
+                # Written by another version of the architecture: start afresh.
+                model, optimizers = _fresh(kind, data.cpu(), settings, device)
+                logger.info("ignoring %s: its weights do not fit this model", resume_path)
         else:
             logger.info("ignoring %s: it was written for other data or settings, or more epochs", resume_path)
 

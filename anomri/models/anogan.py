@@ -1,6 +1,8 @@
 """AnoGAN (Schlegl et al. 2017): a DCGAN of normal images and a latent search at test time.
 
-Training is a plain DCGAN on normal images (or patches). At test time each
+Training is a DCGAN on normal images (or patches), with two standard
+stabilisers that matter on small training sets: a resize-convolution
+generator (no checkerboard) and one-sided label smoothing. At test time each
 image x gets the latent z whose generated image G(z) is closest to it:
 
     L(z) = (1 - lambda) ||x - G(z)||_1 + lambda ||f_D(x) - f_D(G(z))||_1
@@ -28,11 +30,61 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import trange
 
-from anomri.models.conv_vae import conv_decoder, conv_encoder
+from monai.networks.blocks import Convolution
+from monai.networks.layers import Reshape
+
+from anomri.models.conv_vae import check_image_shape
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DCGAN", "LatentSearchResult", "latent_search"]
+__all__ = ["DCGAN", "DCGANDiscriminator", "LatentSearchResult", "dcgan_generator", "latent_search"]
+
+
+#: DCGAN's leaky ReLU slope (MONAI's default is 0.01).
+LEAKY_RELU = ("LEAKYRELU", {"negative_slope": 0.2})
+#: Target of real images for the discriminator (one-sided label smoothing).
+REAL_LABEL = 0.9
+
+
+def _down(in_channels: int, out_channels: int, norm: str | None) -> Convolution:
+    # DCGAN's 4x4 kernels with stride 2, which tile the input evenly.
+    return Convolution(2, in_channels, out_channels, strides=2, kernel_size=4, padding=1, act=LEAKY_RELU, norm=norm)
+
+
+def dcgan_generator(latent_size: int, out_shape: Sequence[int], channels: Sequence[int]) -> nn.Sequential:
+    """DCGAN generator: linear projection to the smallest feature map, then blocks of nearest-neighbour
+    upsampling and 3x3 convolution with batch norm and ReLU, doubling the size up to ``out_shape``, and tanh.
+
+    Resize-convolution instead of DCGAN's transposed convolutions: these print a checkerboard on
+    every early sample (Odena et al. 2016), which lets the discriminator win within a few hundred
+    steps on a small training set before the generator has learnt anything.
+    """
+    start = check_image_shape(out_shape, len(channels))
+    layers: list[nn.Module] = [nn.Linear(latent_size, channels[-1] * start * start),
+                               Reshape(channels[-1], start, start), nn.BatchNorm2d(channels[-1]), nn.ReLU()]
+    widths = [*reversed(channels[:-1]), channels[0]]
+    for c_in, c_out in zip([channels[-1], *widths[:-1]], widths):
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                   Convolution(2, c_in, c_out, kernel_size=3, act="RELU", norm="BATCH")]
+    layers.append(Convolution(2, widths[-1], out_shape[0], kernel_size=3, conv_only=True))
+    return nn.Sequential(*layers, nn.Tanh())
+
+
+class DCGANDiscriminator(nn.Module):
+    """DCGAN discriminator: 4x4 stride-2 convolutions with leaky ReLU (batch norm after the first), then a
+    linear logit. ``features`` is the output of the last convolution, AnoGAN's f_D."""
+
+    def __init__(self, in_shape: Sequence[int], channels: Sequence[int]) -> None:
+        super().__init__()
+        side = check_image_shape(in_shape, len(channels))
+        self.features = nn.Sequential(*[
+            _down(c_in, c_out, None if i == 0 else "BATCH")
+            for i, (c_in, c_out) in enumerate(zip([in_shape[0], *channels[:-1]], channels))
+        ])
+        self.logit = nn.Linear(channels[-1] * side * side, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logit(self.features(x).flatten(1)).squeeze(-1)
 
 
 class DCGAN(nn.Module):
@@ -56,9 +108,8 @@ class DCGAN(nn.Module):
         self.in_shape = tuple(int(s) for s in in_shape)
         self.latent_size = int(latent_size)
         self.channels = tuple(int(c) for c in channels)
-        self.generator = nn.Sequential(conv_decoder(self.latent_size, self.in_shape, self.channels, act="RELU"),
-                                       nn.Tanh())
-        self.discriminator = conv_encoder(self.in_shape, 1, self.channels, act="LEAKYRELU")
+        self.generator = dcgan_generator(self.latent_size, self.in_shape, self.channels)
+        self.discriminator = DCGANDiscriminator(self.in_shape, self.channels)
 
     @staticmethod
     def scale(images: torch.Tensor) -> torch.Tensor:
@@ -71,17 +122,21 @@ class DCGAN(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """f_D(x): the discriminator's last convolutional feature map, flattened to (N, F)."""
-        return self.discriminator.net(x).flatten(1)
+        return self.discriminator.features(x).flatten(1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Discriminator logit, (N,): high = judged real."""
-        return self.discriminator.final(self.discriminator.net(x)).squeeze(-1)
+        return self.discriminator(x)
 
     def discriminator_loss(self, real: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Binary cross-entropy of telling real images from G(z) (G not updated)."""
+        """Binary cross-entropy of telling real images from G(z) (G not updated).
+
+        Real images are labelled 0.9, not 1 (one-sided label smoothing, Salimans et al. 2016), so an
+        over-confident discriminator cannot starve the generator of gradient.
+        """
         real_logits = self.logits(real)
         fake_logits = self.logits(self.generate(z).detach())
-        return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+        return (F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, REAL_LABEL))
                 + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
 
     def generator_loss(self, z: torch.Tensor) -> torch.Tensor:

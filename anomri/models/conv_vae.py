@@ -15,7 +15,7 @@ reconstruction scores as anomaly maps.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from monai.networks.nets import Generator, Regressor
@@ -30,8 +30,10 @@ __all__ = [
     "conv_encoder", "conv_decoder", "check_image_shape",
 ]
 
-#: Registry scores that are a sum over pixels of a per-pixel term, so their terms form an anomaly map.
-PIXELWISE_SCORES = ("det-rec-err", "det-rec-lik", "enc-stoch-rec-err")
+#: Registry scores that are a sum over pixels of a per-pixel term (possibly averaged over Monte Carlo
+#: samples), so their terms form an anomaly map. Minima over samples and KL terms are not.
+PIXELWISE_SCORES = ("det-rec-err", "det-rec-lik", "enc-stoch-rec-err", "enc-stoch-rec-lik", "dec-stoch-rec-err",
+                    "full-stoch-rec-err")
 
 
 def check_image_shape(in_shape: Sequence[int], n_levels: int) -> int:
@@ -55,7 +57,7 @@ def conv_decoder(latent_size: int, out_shape: Sequence[int], channels: Sequence[
 
     ``channels`` are the encoder's; the decoder starts from ``channels[-1]`` at
     the smallest size and ends with a stride-1 convolution to ``out_shape[0]``
-    channels, which avoids the checkerboard of a last strided layer.
+    channels, which smooths the checkerboard of the last strided layer.
     """
     start = check_image_shape(out_shape, len(channels))
     up = [*reversed(channels[:-1]), channels[0]]
@@ -168,6 +170,8 @@ class FlatImageVAE(nn.Module):
         self.vae = vae
         self.in_shape = vae.in_shape
         self.latent_size = vae.latent_size
+        #: D = C*H*W, the "features" of a flattened image (as ``GaussianVAE.in_channels``).
+        self.in_channels = int(torch.Size(vae.in_shape).numel())
 
     def standardize(self, raw: torch.Tensor) -> torch.Tensor:
         """Flattened raw images (N, D) to flattened standardised images."""
@@ -185,16 +189,18 @@ class FlatImageVAE(nn.Module):
 
 
 class PixelwiseContext:
-    """A :class:`ScoreContext` whose image tensors carry a trailing singleton axis.
+    """A :class:`ScoreContext` whose per-pixel tensors carry a trailing singleton axis.
 
     A score of :data:`PIXELWISE_SCORES` sums a per-pixel term over the last
-    axis; evaluated on this view it returns the un-summed terms, shape (N, D),
-    which add up exactly to the image score of the wrapped context (the same
-    cached posterior and Monte Carlo draws are reused).
+    axis (and averages over Monte Carlo samples); evaluated on this view it
+    returns the un-summed terms, shape (N, D), which add up exactly to the
+    image score of the wrapped context: the same cached posterior and Monte
+    Carlo draws are reused.
     """
 
     def __init__(self, ctx: ScoreContext) -> None:
         self._ctx = ctx
+        self._shared: dict[str, torch.Tensor] = {}
         self.model = ctx.model
         self.n_samples = ctx.n_samples
         self.generator = ctx.generator
@@ -203,6 +209,15 @@ class PixelwiseContext:
 
     def randn(self, *shape: int) -> torch.Tensor:
         return self._ctx.randn(*shape)
+
+    def stream_randn(self, stream: str, *shape: int) -> torch.Tensor:
+        return self._ctx.stream_randn(stream, *shape)
+
+    def shared(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        # Its own cache: the wrapped context's entries are already summed over pixels.
+        if key not in self._shared:
+            self._shared[key] = compute()
+        return self._shared[key]
 
     @property
     def posterior(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,9 +236,26 @@ class PixelwiseContext:
         return self._ctx.latent_samples
 
     @property
+    def reference_set(self) -> object:
+        return self._ctx.reference_set
+
+    @property
     def reconstruction(self) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(t.unsqueeze(-1) for t in self._ctx.reconstruction)
 
     @property
     def sample_decodings(self) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(t.unsqueeze(-1) for t in self._ctx.sample_decodings)
+
+    @property
+    def decoder_samples(self) -> torch.Tensor:
+        return self._ctx.decoder_samples.unsqueeze(-1)
+
+    @property
+    def full_samples(self) -> torch.Tensor:
+        return self._ctx.full_samples.unsqueeze(-1)
+
+    @property
+    def sample_nll(self) -> torch.Tensor:
+        """Per-pixel -log p(x|z_i), shape (S, N, D)."""
+        return gaussian_nll(self.x, *self.sample_decodings)

@@ -110,6 +110,9 @@ class ScoreContext:
         """The reference set, checked to be a ``ReferenceSet`` built with this model."""
         if not isinstance(self.reference, ReferenceSet):
             raise ValueError(f"reference scores need a ReferenceSet; got {type(self.reference).__name__}")
+        if self.reference.device != self.x.device:
+            raise ValueError(f"the reference set is on {self.reference.device} but the samples on {self.x.device}; "
+                             "load it with ReferenceSet.load(path, device=...) on the scoring device")
         self.reference.check_model(self.model)
         return self.reference
 

@@ -8,16 +8,22 @@ operations per iteration; a sample leaves the batch when it has converged.
 Gradients come from reverse-mode autodiff of the summed objective (the samples
 are independent, so it holds every sample's gradient) under
 ``torch.enable_grad()`` with ``torch.autograd.grad``, which never writes the
-model's ``.grad``. The initial inverse Hessian of each sample is its
-Gauss-Newton (Fisher) matrix at the start, from a forward-mode Jacobian
+model's ``.grad``. The initial inverse Hessian of each sample is the inverse of
+its Gauss-Newton (Fisher) matrix at mu(x), from a forward-mode Jacobian
 (``torch.func.jacfwd``), so the first steps already have the right scale.
+(Levenberg-Marquardt, which needs that Jacobian at every step, converged no
+faster here: the residuals of novel samples are large, where Gauss-Newton
+steps are only linearly convergent.)
 
 A step is kept only where it lowers that sample's objective, so the result
 never exceeds the objective at the start. Each sample starts at mu(x) and at
 ``restarts`` random codes; each random code is the best (lowest objective) of
 ``screened_draws`` draws from the prior N(0, I), seeded from the context's
-generator, since one forward pass per draw is far cheaper than a descent
-from a poor start. The score is the best objective over the starts.
+generator, since one forward pass per draw is far cheaper than a descent from
+a poor start. All starts descend together for ``race_iterations``; then only
+each sample's leading start continues to convergence. The score is the best
+objective seen. This is a local search from several starts: like any such
+search it can miss a narrow global basin that no start reaches.
 """
 
 from __future__ import annotations
@@ -63,10 +69,10 @@ class LatentSearch:
 
     restarts: int = 2
     screened_draws: int = 16
-    race_iterations: int = 10
+    race_iterations: int = 5
     memory: int = 6
     max_iterations: int = 300
-    tolerance: float = 1e-5
+    tolerance: float = 1e-4
     chunk_elements: int = 1 << 24
 
 
@@ -226,7 +232,11 @@ def _lbfgs(model: torch.nn.Module, objective: Objective, x: torch.Tensor, z: tor
 
 
 def minimise_over_latents(
-    model: torch.nn.Module, x: torch.Tensor, starts: torch.Tensor, objective: Objective, search: LatentSearch = LATENT_SEARCH
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    starts: torch.Tensor,
+    objective: Objective,
+    search: LatentSearch = LATENT_SEARCH,
 ) -> torch.Tensor:
     """min over z of ``objective.value(x, *model.decode(z))`` for every row of ``x``, from every start.
 
@@ -261,7 +271,8 @@ def minimise_over_latents(
     z, converged = z.view(n_starts, n, latent)[leader, rows], converged.view(n_starts, n)[leader, rows]
     todo = torch.nonzero(~converged).squeeze(1)
     if todo.numel():
-        _, refined, finished = _lbfgs(model, objective, x[todo], z[todo], h0[todo], search, search.max_iterations - race)
+        left = search.max_iterations - race
+        _, refined, finished = _lbfgs(model, objective, x[todo], z[todo], h0[todo], search, left)
         value[todo] = torch.minimum(value[todo], refined)
         if not finished.all():
             logger.debug("latent search: %d of %d samples hit max_iterations", int((~finished).sum()), n)
@@ -276,8 +287,9 @@ def _starts(ctx: ScoreContext, objective: Objective, search: LatentSearch) -> to
     """
     n, latent = ctx.mu.shape
     draws = ctx.stream_randn("generative-draws", search.restarts * search.screened_draws, n, latent)
-    rows = max(1, search.chunk_elements // (2 * ctx.x.shape[1] * latent * n))
-    values = torch.cat([objective.value(ctx.x, *ctx.model.decode(draws[k : k + rows])) for k in range(0, len(draws), rows)])
+    rows = max(1, search.chunk_elements // (2 * ctx.x.shape[1] * n))
+    values = torch.cat([objective.value(ctx.x, *ctx.model.decode(draws[k : k + rows]))
+                        for k in range(0, len(draws), rows)])
     best = values.view(search.restarts, search.screened_draws, n).argmin(1)
     picked = draws.view(search.restarts, search.screened_draws, n, latent).gather(
         1, best[:, None, :, None].expand(-1, 1, -1, latent)).squeeze(1)

@@ -19,13 +19,17 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from anomri.models.vae import LOG_2PI, gaussian_nll
-from anomri.scores.search import InnerProductForm, LowerBoundTree, SearchQueries, exact_logsumexp, exact_min
+from anomri.models.vae import LOG_2PI
+from anomri.scores.search import (
+    BUILD_ROWS,
+    InnerProductForm,
+    LowerBoundTree,
+    SearchQueries,
+    exact_logsumexp,
+    exact_min,
+)
 
 __all__ = ["EuclideanIndex", "BhattacharyyaIndex", "GaussianKernelIndex", "bhattacharyya_diagonal", "log_cosh"]
-
-#: Rows converted to float64 at once while building GEMM forms.
-_BUILD_ROWS = 1 << 16
 
 
 def log_cosh(t: torch.Tensor) -> torch.Tensor:
@@ -48,18 +52,14 @@ def bhattacharyya_diagonal(
     return (mahalanobis + 0.5 * log_cosh(0.5 * (logvar1 - logvar2))).sum(-1)
 
 
-def _float64_rows(points: torch.Tensor, rows: slice) -> torch.Tensor:
-    return points[rows].double()
-
-
 class EuclideanIndex:
     """Exact min_y ||q - y||^2 over fixed reference points ``points`` (M, D)."""
 
     def __init__(self, points: torch.Tensor) -> None:
         self.points = points
         self.tree = LowerBoundTree(points)
-        self.sqnorm = torch.cat([(_float64_rows(points, slice(s, s + _BUILD_ROWS)) ** 2).sum(1)
-                                 for s in range(0, len(points), _BUILD_ROWS)])
+        blocks = range(0, len(points), BUILD_ROWS)
+        self.sqnorm = torch.cat([(points[s : s + BUILD_ROWS].double() ** 2).sum(1) for s in blocks])
 
     @cached_property
     def form(self) -> InnerProductForm:
@@ -97,11 +97,11 @@ class BhattacharyyaIndex:
 
     def __init__(self, means: torch.Tensor, logvar: torch.Tensor) -> None:
         self.means, self.logvar = means, logvar
-        variance = logvar.double().exp()
-        self.variance_max = variance.max(0).values.cpu()
-        self.spread = variance.median(0).values.cpu() + self.variance_max
-        self.logvar_low = logvar.double().min(0).values.cpu()
-        self.logvar_high = logvar.double().max(0).values.cpu()
+        # Column statistics of the float32 log-variances are exact; exp is monotone.
+        self.logvar_low = logvar.min(0).values.double().cpu()
+        self.logvar_high = logvar.max(0).values.double().cpu()
+        self.variance_max = self.logvar_high.exp()
+        self.spread = logvar.median(0).values.double().cpu().exp() + self.variance_max
         self.tree = LowerBoundTree(means, scale=0.5 / self.spread.sqrt())
 
     def min_distance(self, means: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -137,11 +137,13 @@ class GaussianKernelIndex:
 
     def __init__(self, means: torch.Tensor, log_sigma: torch.Tensor) -> None:
         self.means, self.log_sigma = means, log_sigma
-        self.log_norm = log_sigma.double().sum(1) + 0.5 * LOG_2PI * means.shape[1]
+        blocks = range(0, len(log_sigma), BUILD_ROWS)
+        log_det = torch.cat([log_sigma[s : s + BUILD_ROWS].double().sum(1) for s in blocks])
+        self.log_norm = log_det + 0.5 * LOG_2PI * means.shape[1]
         self.log_norm_min = float(self.log_norm.min())
         self.tree = LowerBoundTree(
             means,
-            scale=torch.exp(-log_sigma.double().max(0).values),
+            scale=torch.exp(-log_sigma.max(0).values.double()),
             extra=torch.sqrt(2.0 * (self.log_norm - self.log_norm_min)),
         )
 
@@ -149,10 +151,10 @@ class GaussianKernelIndex:
     def form(self) -> InnerProductForm:
         """f_y(q) = <[q^2, q], [p_y / 2, -p_y m_y]> + 1/2 sum_k p_yk m_yk^2 + C_y, with p = s^-2."""
         psi, b = [], []
-        for start in range(0, len(self.means), _BUILD_ROWS):
-            rows = slice(start, start + _BUILD_ROWS)
-            m = _float64_rows(self.means, rows)
-            p = torch.exp(-2.0 * _float64_rows(self.log_sigma, rows))
+        for start in range(0, len(self.means), BUILD_ROWS):
+            rows = slice(start, start + BUILD_ROWS)
+            m = self.means[rows].double()
+            p = torch.exp(-2.0 * self.log_sigma[rows].double())
             psi.append(torch.cat([0.5 * p, -p * m], dim=1).float())
             b.append(0.5 * (p * m * m).sum(1) + self.log_norm[rows])
         return InnerProductForm(torch.cat(psi), torch.cat(b))
@@ -162,7 +164,10 @@ class GaussianKernelIndex:
         q = queries.double()
 
         def pair_value(i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-            return gaussian_nll(q[i], self.means[j].double(), self.log_sigma[j].double())
+            # gaussian_nll with its normalising constant taken from the per-kernel log_norm.
+            residual = q[i] - self.means[j].double()
+            precision = torch.exp(-2.0 * self.log_sigma[j].double())
+            return 0.5 * (residual * residual * precision).sum(-1) + self.log_norm[j]
 
         search = SearchQueries(
             embedding=self.tree.embed(queries),

@@ -111,19 +111,20 @@ class ReferenceSet:
         """
         device = torch.device(device) if device is not None else next(vae.parameters()).device
         vae = vae.to(device).eval()
-        raw = raw_samples if torch.is_tensor(raw_samples) else torch.from_numpy(np.asarray(raw_samples, dtype=np.float32))
+        raw = raw_samples if torch.is_tensor(raw_samples) else torch.from_numpy(np.asarray(raw_samples, np.float32))
         if raw.ndim != 2 or raw.shape[1] != vae.in_channels or len(raw) == 0:
             raise ValueError(f"reference samples must have shape (M > 0, {vae.in_channels}); got {tuple(raw.shape)}")
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in _FIELDS}
+        widths = (vae.in_channels, vae.latent_size, vae.latent_size, vae.in_channels, vae.in_channels)
+        # Filled in place, so building needs no second copy of the outputs.
+        out = [torch.empty(len(raw), width, device=device) for width in widths]
         starts = range(0, len(raw), batch_size)
         for start in tqdm(starts, desc="reference set", unit="batch", disable=not progress):
             x = vae.standardize(raw[start : start + batch_size].to(device=device, dtype=torch.float32))
             mu, logvar = vae.encode(x)
-            recon_mean, recon_log_sigma = vae.decode(mu)
-            for name, value in zip(_FIELDS, (x, mu, logvar, recon_mean, recon_log_sigma), strict=True):
-                parts[name].append(value)
+            for tensor, value in zip(out, (x, mu, logvar, *vae.decode(mu)), strict=True):
+                tensor[start : start + len(x)] = value
         logger.info("reference set: %d samples, %d features, latent size %d", len(raw), raw.shape[1], vae.latent_size)
-        return cls(*(torch.cat(parts[name]) for name in _FIELDS))
+        return cls(*out)
 
     def save(self, path: str | Path) -> None:
         """Write the tensors (on the CPU) to ``path`` atomically; the search indexes are not saved."""
@@ -172,10 +173,8 @@ class ReferenceSet:
         probe = self.x[:n_probe]
         mu, logvar = vae.encode(probe)
         recon_mean, _ = vae.decode(mu)
-        close = all(
-            torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3)
-            for a, b in ((mu, self.mu[:n_probe]), (logvar, self.logvar[:n_probe]), (recon_mean, self.recon_mean[:n_probe]))
-        )
+        pairs = ((mu, self.mu), (logvar, self.logvar), (recon_mean, self.recon_mean))
+        close = all(torch.allclose(new.float(), old[:n_probe].float(), rtol=1e-3, atol=1e-3) for new, old in pairs)
         if not close:
             raise ValueError("the reference set was built with a different model; rebuild it with ReferenceSet.build")
 
