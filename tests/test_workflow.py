@@ -38,8 +38,8 @@ def run(tmp_path_factory) -> Path:
         "demo": {"n_controls": N_CONTROLS, "n_patients": N_PATIENTS, "voxel_size": 6.0, "scheme": "3shell",
                  "seed": 3},
         "training": {"max_epochs": 4, "patience": 2},
-        # A small reference set keeps the reference-based scores quick on a tiny cohort.
-        "scoring": {"n_samples": 4, "reference_size": 2000},
+        # Every registered score, end to end; a small reference set keeps them quick.
+        "scoring": {"scores": "all", "n_samples": 4, "reference_size": 2000},
     }))
     result = snakemake("--cores", "2", "--configfile", str(configfile))
     assert result.returncode == 0, result.stderr[-4000:]

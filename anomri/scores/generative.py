@@ -72,7 +72,7 @@ class LatentSearch:
     race_iterations: int = 5
     memory: int = 6
     max_iterations: int = 300
-    tolerance: float = 1e-4
+    tolerance: float = 1e-5
     chunk_elements: int = 1 << 24
 
 
@@ -84,9 +84,10 @@ class SquaredError:
     """Objective ||x - m(z)||^2."""
 
     @staticmethod
-    def value(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-        """The objective in float64, (P,)."""
-        residual = (x - mean).double()
+    def value(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor,
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The objective, (P,) (in float64 unless asked otherwise)."""
+        residual = (x - mean).to(dtype)
         return (residual * residual).sum(-1)
 
     @staticmethod
@@ -102,9 +103,10 @@ class NegativeLogLikelihood:
     """Objective -log p(x|z) = sum_d log s_d(z) + 1/2 log 2 pi + 1/2 ((x_d - m_d(z)) / s_d(z))^2."""
 
     @staticmethod
-    def value(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
-        """The objective in float64, (P,)."""
-        return gaussian_nll(x.double(), mean.double(), log_sigma.double())
+    def value(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor,
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The objective, (P,) (in float64 unless asked otherwise)."""
+        return gaussian_nll(x.to(dtype), mean.to(dtype), log_sigma.to(dtype))
 
     @staticmethod
     def derivatives(x: torch.Tensor, mean: torch.Tensor, log_sigma: torch.Tensor, jac_mean: torch.Tensor,
@@ -240,10 +242,10 @@ def minimise_over_latents(
 ) -> torch.Tensor:
     """min over z of ``objective.value(x, *model.decode(z))`` for every row of ``x``, from every start.
 
-    All starts descend together for ``search.race_iterations`` iterations; then
-    only each sample's leading start (lowest objective so far) continues to
-    convergence. The Gauss-Newton matrix at the first start (mu(x)) is every
-    start's initial inverse Hessian.
+    All starts descend together for ``search.race_iterations`` iterations, each
+    from the inverse Gauss-Newton matrix at the first start (mu(x)); then only
+    each sample's leading start (lowest objective so far) continues to
+    convergence, from the inverse Gauss-Newton matrix at its own position.
 
     Parameters
     ----------
@@ -262,7 +264,8 @@ def minimise_over_latents(
         The best objective over starts and iterations, float64 (N,).
     """
     n_starts, n, latent = starts.shape
-    h0 = _inverse_curvature(model, objective, x, starts[0], max(1, search.chunk_elements // (2 * x.shape[1] * latent)))
+    per_chunk = max(1, search.chunk_elements // (2 * x.shape[1] * latent))
+    h0 = _inverse_curvature(model, objective, x, starts[0], per_chunk)
     race = min(search.race_iterations, search.max_iterations) if n_starts > 1 else 0
     z, value, converged = _lbfgs(model, objective, x.repeat(n_starts, 1), starts.reshape(-1, latent),
                                  h0.repeat(n_starts, 1, 1), search, race)
@@ -272,6 +275,9 @@ def minimise_over_latents(
     todo = torch.nonzero(~converged).squeeze(1)
     if todo.numel():
         left = search.max_iterations - race
+        if race:  # the leader has moved: its own Gauss-Newton matrix scales the refinement
+            h0 = h0.clone()
+            h0[todo] = _inverse_curvature(model, objective, x[todo], z[todo], per_chunk)
         _, refined, finished = _lbfgs(model, objective, x[todo], z[todo], h0[todo], search, left)
         value[todo] = torch.minimum(value[todo], refined)
         if not finished.all():
@@ -286,9 +292,12 @@ def _starts(ctx: ScoreContext, objective: Objective, search: LatentSearch) -> to
     candidates, each with its own objective.
     """
     n, latent = ctx.mu.shape
+    if search.restarts == 0:
+        return ctx.mu[None]
     draws = ctx.stream_randn("generative-draws", search.restarts * search.screened_draws, n, latent)
     rows = max(1, search.chunk_elements // (2 * ctx.x.shape[1] * n))
-    values = torch.cat([objective.value(ctx.x, *ctx.model.decode(draws[k : k + rows]))
+    # float32 is enough to rank the draws.
+    values = torch.cat([objective.value(ctx.x, *ctx.model.decode(draws[k : k + rows]), dtype=ctx.x.dtype)
                         for k in range(0, len(draws), rows)])
     best = values.view(search.restarts, search.screened_draws, n).argmin(1)
     picked = draws.view(search.restarts, search.screened_draws, n, latent).gather(
