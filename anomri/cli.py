@@ -49,9 +49,12 @@ def run_preprocess(args: argparse.Namespace) -> None:
     from anomri.dmri.scan import preprocess_scan
     from anomri.io.derivatives import ScanDerivatives
 
+    if args.context_radius < 1:
+        raise InputError("--context-radius", f"must be positive; got {args.context_radius}")
     preprocess_scan(args.dwi, args.bval, args.bvec, ScanDerivatives(args.output_dir, args.prefix),
                     mask=args.mask, lesion_mask=args.lesion_mask, b0_threshold=args.b0_threshold,
-                    denoising=args.denoise, representation=args.features)
+                    denoising=args.denoise, representation=args.features, context=args.context,
+                    context_radius=args.context_radius)
 
 
 @command("pool")
@@ -129,47 +132,76 @@ def run_score(args: argparse.Namespace) -> None:
 def run_calibrate(args: argparse.Namespace) -> None:
     from anomri.io.derivatives import ScanDerivatives
     from anomri.maps.postprocess import PostProcessing
-    from anomri.maps.probability import EmpiricalNull
+    from anomri.maps.probability import HealthyNull
     from anomri.maps.writing import postprocessed_scores
 
-    post = PostProcessing(args.erosion_voxels, args.smoothing_fwhm_mm)
+    post = PostProcessing(args.erosion_voxels, args.median_filter_voxels, args.smoothing_fwhm_mm)
     scans = [ScanDerivatives(args.derivatives_dir, p) for p in args.scans]
     null = {}
     for score in args.scores:
         processed = [postprocessed_scores(scan, score, post) for scan in scans]
         null[score] = np.concatenate([volume[mask] for volume, mask, _ in processed])
-    EmpiricalNull(null, post).save(args.out)
-    logger.info("calibration null from %d voxels of %d held-out controls", len(next(iter(null.values()))),
-                len(scans))
+    HealthyNull(null, post, args.tail_fraction, args.combination, args.scans).save(args.out)
+    logger.info("calibration null of %s from %d voxels of %d held-out controls", "+".join(args.scores),
+                len(next(iter(null.values()))), len(scans))
 
 
 @command("probability")
 def run_probability(args: argparse.Namespace) -> None:
     from anomri.io.derivatives import ScanDerivatives
-    from anomri.maps.probability import EmpiricalNull
+    from anomri.maps.probability import HealthyNull
     from anomri.maps.writing import write_probability_map
 
-    write_probability_map(ScanDerivatives(args.derivatives_dir, args.prefix), EmpiricalNull.load(args.null),
-                          args.score, args.null)
+    if not all(0.0 < level < 1.0 for level in args.levels):
+        raise InputError("--levels", f"false-positive levels must lie in (0, 1); got {args.levels}")
+    write_probability_map(ScanDerivatives(args.derivatives_dir, args.prefix), HealthyNull.load(args.null),
+                          args.null, tuple(args.levels), args.min_component_voxels)
 
 
 @command("evaluate")
 def run_evaluate(args: argparse.Namespace) -> None:
-    from anomri.evaluate.table import evaluate_maps, write_table
-    from anomri.io.derivatives import ScanDerivatives
-    from anomri.io.nifti import load_mask
-    from anomri.io.voxels import load_masked
+    from anomri.evaluate import table
+    from anomri.io.atomic import write_json
 
-    rows = []
-    for prefix, lesion_path in args.scan:
-        scan = ScanDerivatives(args.derivatives_dir, prefix)
-        maps = {s: load_masked(scan.novelty(s), scan.mask)[0] for s in args.scores}
-        maps["lesion-probability"], mask, img = load_masked(scan.probseg, scan.mask)
-        lesion = load_mask(lesion_path, img, scan.probseg)[mask]
-        participant, _, session = prefix.partition("_")
-        rows += evaluate_maps(participant, session or None, maps, lesion)
-    write_table(args.out, rows)
-    logger.info("evaluated %d patients", len(args.scan))
+    if not 0.0 < args.fpr < 1.0:
+        raise InputError("--fpr", f"must lie in (0, 1); got {args.fpr}")
+    if args.bootstrap < 1:
+        raise InputError("--bootstrap", f"must be positive; got {args.bootstrap}")
+    map_ids = [*args.scores, table.PROBABILITY]
+    thresholds = {m: table.calibration_threshold(args.derivatives_dir, args.calibration, m, args.fpr)
+                  for m in map_ids}
+    patients = [table.load_patient(args.derivatives_dir, prefix, lesion) for prefix, lesion in args.scan]
+    rows, curves = table.evaluate_cohort(patients, map_ids, thresholds)
+    table.write_table(args.out, rows, table.COLUMNS, table.column_descriptions())
+    table.write_table(args.summary, table.summarise(rows, args.bootstrap, seed=args.seed), table.summary_columns(),
+                      table.summary_descriptions())
+    write_json(args.curves, {"fpr": args.fpr, "calibration": args.calibration, "maps": curves})
+    logger.info("evaluated %d maps of %d patients at the %g healthy-FPR thresholds of %d calibration controls",
+                len(map_ids), len(patients), args.fpr, len(args.calibration))
+
+
+@command("plot-curves")
+def run_plot_curves(args: argparse.Namespace) -> None:
+    from anomri.report.figures import FigurePaths, plot_curves
+
+    written = plot_curves(args.curves, FigurePaths(Path(args.figures_dir)))
+    logger.info("wrote %d ROC/PR figures", len(written))
+
+
+@command("plot-overlay")
+def run_plot_overlay(args: argparse.Namespace) -> None:
+    from anomri.report.figures import plot_overlay
+
+    if args.n_lesions < 1:
+        raise InputError("--n-lesions", f"must be positive; got {args.n_lesions}")
+    plot_overlay(args.derivatives_dir, args.prefix, args.lesion_mask, args.evaluation, args.out, args.n_lesions)
+
+
+@command("plot-training")
+def run_plot_training(args: argparse.Namespace) -> None:
+    from anomri.report.figures import plot_training
+
+    plot_training(args.history, args.out)
 
 
 @command("dataset-description")
@@ -323,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b0-threshold", type=float, default=50.0)
     p.add_argument("--denoise", default="none", choices=["none", "mppca", "patch2self"])
     p.add_argument("--features", default="raw", choices=["raw", "sh-invariant"], help="feature representation")
+    p.add_argument("--context", default="none", choices=["none", "stats"],
+                   help="spatial context: append the in-mask neighbourhood mean and std of every feature")
+    p.add_argument("--context-radius", type=int, default=1, help="neighbourhood half-width, voxels (1: 3x3x3)")
 
     p = sub.add_parser("pool", help="pool healthy training voxels")
     _add_scans(p)
@@ -361,19 +396,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", nargs="+", required=True)
     p.add_argument("--out", required=True, help=".npz file")
     p.add_argument("--erosion-voxels", type=int, default=0, help="brain-mask erosion before calibration")
+    p.add_argument("--median-filter-voxels", type=int, default=0, help="side of an in-mask median filter (odd; 0 = off)")
     p.add_argument("--smoothing-fwhm-mm", type=float, default=0.0, help="Gaussian smoothing within the mask")
+    p.add_argument("--tail-fraction", type=float, default=0.01,
+                   help="fraction of the healthy null modelled by the generalised Pareto tail")
+    p.add_argument("--combination", choices=["fisher", "tippett"], default="fisher",
+                   help="how several scores' tail probabilities combine")
 
     p = sub.add_parser("probability", help="lesion probability map of one scan")
     p.add_argument("--derivatives-dir", required=True)
     p.add_argument("--prefix", required=True)
     p.add_argument("--null", required=True)
-    p.add_argument("--score", required=True)
+    p.add_argument("--levels", type=float, nargs="+", default=[0.01, 0.001],
+                   help="healthy false-positive rates of the lesion masks")
+    p.add_argument("--min-component-voxels", type=int, default=1, help="drop smaller lesion-mask components")
 
     p = sub.add_parser("evaluate", help="score every map against lesion masks")
     p.add_argument("--derivatives-dir", required=True)
     p.add_argument("--scan", nargs=2, action="append", required=True, metavar=("PREFIX", "LESION_MASK"))
     p.add_argument("--scores", nargs="+", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--calibration", nargs="+", required=True, metavar="PREFIX",
+                   help="calibration controls: their maps set each map kind's healthy-FPR threshold")
+    p.add_argument("--fpr", type=float, default=0.01, help="fraction of calibration brain voxels flagged")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the cohort summary")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--out", required=True, help="per-patient and pooled table (.tsv)")
+    p.add_argument("--summary", required=True, help="cohort summary table (.tsv)")
+    p.add_argument("--curves", required=True, help="ROC and PR points for the figures (.json)")
+
+    p = sub.add_parser("plot-curves", help="ROC and PR curves of every map kind, from the evaluation")
+    p.add_argument("--curves", required=True, help="evaluation_curves.json from evaluate")
+    p.add_argument("--figures-dir", required=True, help="writes score-<id>_curves.png here")
+
+    p = sub.add_parser("plot-overlay", help="lesion probability and lesion contour over the b0 of one patient")
+    p.add_argument("--derivatives-dir", required=True)
+    p.add_argument("--prefix", required=True)
+    p.add_argument("--lesion-mask", required=True)
+    p.add_argument("--evaluation", required=True, help="evaluation.tsv (the probability map's threshold)")
+    p.add_argument("--n-lesions", type=int, default=2, help="slice through this many of the largest lesions")
+    p.add_argument("--out", required=True, help=".png file")
+
+    p = sub.add_parser("plot-training", help="training curves of the VAE")
+    p.add_argument("--history", required=True, help="training_history.tsv from train")
+    p.add_argument("--out", required=True, help=".png file")
 
     p = sub.add_parser("dataset-description", help="write dataset_description.json")
     p.add_argument("--derivatives-dir", required=True)

@@ -156,6 +156,40 @@ def test_retina_band_crop_keeps_the_bright_rows() -> None:
     np.testing.assert_allclose(restored[row1:], band.min())
 
 
+def _curved_band(height: int = 90, width: int = 120) -> tuple[np.ndarray, np.ndarray]:
+    """A speckled B-scan whose bright layer follows a curve; returns the image (1, H, W) and the curve."""
+    rng = np.random.default_rng(3)
+    columns = np.arange(width)
+    curve = np.round(45 + 18 * np.sin(2 * np.pi * columns / width)).astype(int)
+    rows = np.arange(height)[:, None]
+    image = 0.1 + 0.3 * (np.abs(rows - curve - 6) <= 8) + 0.5 * (np.abs(rows - curve) <= 2)
+    image = image * rng.gamma(8.0, 1 / 8.0, image.shape)  # multiplicative speckle
+    return np.clip(image, 0, 1).astype(np.float32)[None], curve
+
+
+def test_band_flattening_straightens_a_curved_band_and_maps_go_back() -> None:
+    image, curve = _curved_band()
+    geometry = ImageGeometry(mode="tile", size=16, tile_overlap=0.5, band="flatten")
+    assert np.abs(geometry.band_curve(image) - curve).max() <= 2  # smoothing rounds the ends a little
+    tiles, placement = geometry.to_inputs(image)
+    # The flattened band is straight: its brightest layer sits on one row in every column.
+    straight = np.zeros(placement.padded_shape)
+    for tile, (r, c) in zip(tiles[:, 0], placement.origins):
+        straight[r:r + 16, c:c + 16] = tile
+    flat_curve = ImageGeometry.band_curve(straight[None, : placement.working_shape[0]])
+    assert flat_curve.max() - flat_curve.min() <= 1
+    # The crop after flattening is tighter than the curved band's full row range.
+    assert placement.band[1] - placement.band[0] < curve.max() - curve.min() + 17
+    # A map equal to the inputs themselves comes back as the image, in its original (curved) geometry.
+    restored = geometry.to_original(tiles[:, 0], placement)
+    assert restored.shape == image.shape[1:]
+    # Exactly so at every pixel that the shifted crop kept; the bright layer is among them.
+    flat_rows = np.arange(image.shape[1])[:, None] - np.array(placement.column_shifts)
+    kept = (flat_rows >= placement.band[0]) & (flat_rows < placement.band[1])
+    assert kept[np.abs(np.arange(image.shape[1])[:, None] - curve) <= 2].all()
+    np.testing.assert_allclose(restored[kept], image[0][kept], atol=1e-6)
+
+
 def test_load_model_inputs_tracks_owners(tiny_mvtec: Path) -> None:
     records = scan_mvtec(tiny_mvtec).train
     inputs = load_model_inputs(records, ImageGeometry(mode="tile", size=16, tile_overlap=0.0), 1, progress=False)

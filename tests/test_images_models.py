@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from anomri.errors import InputError
+from anomri.images.scoring import AUTO_SEARCH_CHUNK, anogan_search_chunk
 from anomri.images.settings import SLOW_IMAGE_SCORES, ImageSettings
 from anomri.images.training import load_image_model, save_image_model, train_image_model
 from anomri.models.anogan import DCGAN, latent_search
@@ -191,3 +193,12 @@ def test_training_resumes_to_the_same_weights_and_checkpoints_round_trip(kind: s
     assert metadata["note"] == "test" and not loaded.training
     for a, b in zip(resumed.state_dict().values(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_anogan_search_chunk_follows_the_device_unless_set() -> None:
+    assert anogan_search_chunk("auto", torch.device("cpu")) == AUTO_SEARCH_CHUNK["cpu"]
+    assert anogan_search_chunk("auto", torch.device("cuda")) == AUTO_SEARCH_CHUNK["cuda"]
+    assert anogan_search_chunk(7, torch.device("cpu")) == 7
+    for bad in (0, "large"):
+        with pytest.raises(InputError):
+            ImageSettings(anogan_search_batch_size=bad)

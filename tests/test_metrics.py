@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from anomri.evaluate.metrics import auprc, auroc, best_dice, bootstrap_ci, dice, lesion_wise, threshold_at_fpr
+from anomri.evaluate.metrics import (
+    auprc, auroc, best_dice, bootstrap_ci, dice, lesion_wise, pr_points, roc_points, threshold_at_fpr,
+)
 
 # ---------------------------------------------------------------- AUROC
 
@@ -202,3 +204,40 @@ def test_bootstrap_coverage_on_normal_data():
         _, low, high = bootstrap_ci(rng.normal(size=30), n_boot=2000, seed=seed)
         hits.append(low <= 0.0 <= high)
     assert 0.88 <= np.mean(hits) <= 0.99
+
+
+# ---------------------------------------------------------------- ROC and PR points
+
+
+def test_roc_points_hand_example():
+    # Scores 0.9 (L), 0.8 (H), 0.7 (L), 0.6 (H), 0.5 (H): 2 lesion, 3 healthy voxels. Corners
+    # (FPR, TPR): (0, 0), (0, 1/2) at 0.9, (1/3, 1/2) at 0.8, (1/3, 1) at 0.7, then (1, 1) at 0.5;
+    # (2/3, 1) at 0.6 lies on a straight stretch and is dropped.
+    fpr, tpr = roc_points(np.array([0.9, 0.8, 0.7, 0.6, 0.5]), np.array([1, 0, 1, 0, 0]))
+    np.testing.assert_allclose(fpr, [0, 0, 1 / 3, 1 / 3, 1])
+    np.testing.assert_allclose(tpr, [0, 1 / 2, 1 / 2, 1, 1])
+    assert roc_points(np.array([0.1, 0.2]), np.array([0, 0]))[0].size == 0
+
+
+def test_pr_points_hand_example():
+    # Same example, increasing recall: (R, P) = (0, 1) end point, (1/2, 1) at 0.9, (1/2, 1/2) at 0.8,
+    # (1, 2/3) at 0.7, (1, 1/2) at 0.6, (1, 2/5) at 0.5.
+    recall, precision = pr_points(np.array([0.9, 0.8, 0.7, 0.6, 0.5]), np.array([1, 0, 1, 0, 0]))
+    np.testing.assert_allclose(recall, [0, 1 / 2, 1 / 2, 1, 1, 1])
+    np.testing.assert_allclose(precision, [1, 1, 1 / 2, 2 / 3, 1 / 2, 2 / 5])
+    assert pr_points(np.array([0.1, 0.2]), np.array([0, 0]))[0].size == 0
+
+
+def test_curve_points_are_thinned_but_keep_ends_and_shape():
+    rng = np.random.default_rng(0)
+    labels = rng.random(20000) < 0.05
+    scores = rng.normal(size=20000) + 2 * labels
+    fpr, tpr = roc_points(scores, labels, max_points=100)
+    assert fpr.size <= 160 and (fpr[0], tpr[0]) == (0, 0) and (fpr[-1], tpr[-1]) == (1, 1)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    # The thinned curve's area is the full one's (trapezoids between corners).
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auroc(scores, labels), abs=2e-3)
+    # Log-spaced anchors keep low-FPR corners that even spacing alone would skip.
+    assert np.sum(fpr[fpr > 0] < 1e-3) >= 3
+    recall, precision = pr_points(scores, labels, max_points=100)
+    assert recall.size <= 160 and recall[0] == 0 and recall[-1] == 1 and np.all(np.diff(recall) >= 0)

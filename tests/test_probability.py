@@ -6,37 +6,113 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from anomri.maps.postprocess import FWHM_TO_SIGMA, PostProcessing
-from anomri.maps.probability import EmpiricalNull
+from anomri.maps.postprocess import masked_median
+from anomri.maps.probability import HealthyNull, TailModel, fisher_statistic
+from anomri.maps.writing import remove_small_components
 
 
-def test_cdf_matches_brute_force_count(tmp_path) -> None:
+def test_tail_probability_matches_brute_force_count_in_the_body(tmp_path) -> None:
     rng = np.random.default_rng(0)
     null = rng.normal(size=5000)
     null[:100] = 0.5  # ties
-    scores = np.concatenate([rng.normal(size=300), [0.5, -10.0, 10.0]])
-    model = EmpiricalNull({"s": null})
-    expected = np.array([(null <= s).mean() for s in scores])
-    np.testing.assert_allclose(model.cdf("s", scores), expected, atol=1e-7)
+    model = HealthyNull({"s": null})
+    tail = model.models["s"]
+    scores = np.concatenate([rng.normal(size=300), [0.5, -10.0]])
+    scores = scores[scores <= tail.threshold]
+    expected = np.array([(1 + (null >= s).sum()) / (len(null) + 1) for s in scores])
+    np.testing.assert_allclose(model.tail_probability({"s": scores}), expected, rtol=1e-12)
     path = tmp_path / "null.npz"
     model.save(path)
-    np.testing.assert_allclose(EmpiricalNull.load(path).cdf("s", scores), expected, atol=1e-7)
+    np.testing.assert_allclose(HealthyNull.load(path).tail_probability({"s": scores}), expected, rtol=1e-6)
+
+
+def test_pareto_tail_extrapolates_an_exponential_null() -> None:
+    # Exp(1): P(X >= s) = exp(-s) exactly; the fitted tail must follow it far past the healthy maximum,
+    # where an empirical CDF would give every score the same value.
+    null = np.random.default_rng(3).exponential(size=200_000)
+    tail = TailModel.fit(null)
+    scores = np.array([null.max() + 1.0, 16.0, 20.0])
+    p = tail.survival(scores)
+    np.testing.assert_allclose(np.log(p), -scores, rtol=0.08)
+    assert np.all(np.diff(p) < 0)
+
+
+def test_a_bounded_tail_falls_back_to_the_exponential_and_never_reaches_zero() -> None:
+    null = np.random.default_rng(4).uniform(size=50_000)  # generalised Pareto shape -1
+    tail = TailModel.fit(null)
+    assert tail.shape == 0.0
+    log_p = tail.log_survival(np.array([1.5, 3.0, 10.0, 1e4]))
+    assert np.all(np.isfinite(log_p)) and np.all(np.diff(log_p) < 0)
+
+
+def test_quantile_inverts_the_tail_probability() -> None:
+    tail = TailModel.fit(np.random.default_rng(5).gamma(2.0, size=100_000))
+    for level in (0.2, 0.05, 0.01, 1e-3, 1e-6):
+        threshold = tail.quantile(level)
+        assert tail.survival(np.array([threshold]))[0] <= level * (1 + 1e-9)
+        # ... and it is the smallest such score, up to one null step.
+        assert tail.survival(np.array([threshold - 1e-3 * tail.scale]))[0] > level * 0.98
 
 
 def test_healthy_voxels_flagged_at_the_nominal_rate() -> None:
     rng = np.random.default_rng(1)
     calibration, new_healthy = rng.gamma(2.0, size=200_000), rng.gamma(2.0, size=200_000)
-    probability = EmpiricalNull({"s": calibration}).cdf("s", new_healthy)
+    p = HealthyNull({"s": calibration}).tail_probability({"s": new_healthy})
     for level in (0.01, 0.001):
-        flagged = (probability > 1 - level).mean()
+        flagged = (p <= level).mean()
         # Binomial standard error on 200k voxels is ~2e-4 at 1 % and ~7e-5 at 0.1 %.
         assert abs(flagged - level) < 4 * np.sqrt(level * (1 - level) / len(new_healthy)) + 1e-4
 
 
+def test_fisher_combination_of_correlated_scores_is_recalibrated() -> None:
+    # Two strongly correlated healthy scores: the chi-squared law of Fisher's statistic would
+    # flag far too many voxels; the recalibrated combination flags the nominal fraction.
+    rng = np.random.default_rng(6)
+
+    def healthy(n: int) -> dict[str, np.ndarray]:
+        shared = rng.normal(size=n)
+        return {"a": shared + 0.3 * rng.normal(size=n), "b": np.exp(shared + 0.3 * rng.normal(size=n))}
+
+    null = HealthyNull(healthy(200_000))
+    new = healthy(200_000)
+    p = null.tail_probability(new)
+    from scipy import stats
+    naive = stats.chi2.sf(2 * fisher_statistic([null.models[k].log_survival(v) for k, v in new.items()]), df=4)
+    for level in (0.01, 0.001):
+        assert abs((p <= level).mean() - level) < 4 * np.sqrt(level / len(p)) + 1e-4
+    assert (naive <= 0.01).mean() > 0.015  # why the recalibration is needed
+
+
+def test_masked_median_matches_a_loop_and_ignores_outside_values() -> None:
+    rng = np.random.default_rng(7)
+    mask = rng.random((9, 8, 7)) < 0.7
+    volume = rng.normal(size=mask.shape).astype(np.float32)
+    got = masked_median(volume, mask, 3)
+    expected = []
+    for x, y, z in zip(*np.nonzero(mask), strict=True):
+        box = tuple(slice(max(c - 1, 0), c + 2) for c in (x, y, z))
+        expected.append(np.median(volume[box][mask[box]]))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    other = np.where(mask, volume, 1e6).astype(np.float32)
+    np.testing.assert_array_equal(masked_median(other, mask, 3), got)
+
+
+def test_small_components_are_removed_with_26_connectivity() -> None:
+    mask = np.zeros((10, 10, 10), bool)
+    mask[1, 1, 1] = mask[2, 2, 2] = True  # diagonal neighbours: one component of 2
+    mask[6:8, 6:8, 6:8] = True  # 8 voxels
+    mask[0, 9, 0] = True  # single voxel
+    out = remove_small_components(mask, 2)
+    assert out[1, 1, 1] and out[2, 2, 2] and out[6:8, 6:8, 6:8].all() and not out[0, 9, 0]
+    assert not remove_small_components(mask, 9).any()
+    np.testing.assert_array_equal(remove_small_components(mask, 1), mask)
+
+
 def test_postprocessing_round_trips_through_the_null_file(tmp_path) -> None:
-    post = PostProcessing(erosion_voxels=2, smoothing_fwhm_mm=5.0)
+    post = PostProcessing(erosion_voxels=2, median_filter_voxels=3, smoothing_fwhm_mm=5.0)
     path = tmp_path / "null.npz"
-    EmpiricalNull({"a": np.arange(3.0)}, post).save(path)
-    assert EmpiricalNull.load(path).postprocessing == post
+    HealthyNull({"a": np.arange(300.0)}, post).save(path)
+    assert HealthyNull.load(path).postprocessing == post
 
 
 def test_smoothing_never_leaks_across_the_mask() -> None:
@@ -73,3 +149,44 @@ def test_erosion_peels_the_brain_edge() -> None:
     assert eroded.sum() == 4**3
     assert eroded[3:7, 3:7, 3:7].all()
     assert out[2, 4, 4] == 0 and out[4, 4, 4] == 1
+
+
+def test_probability_map_and_lesion_masks_of_a_scan(tmp_path) -> None:
+    import json
+
+    import nibabel as nib
+
+    from anomri.io.derivatives import ScanDerivatives, sidecar_path
+    from anomri.io.nifti import save_volume
+    from anomri.maps.writing import write_probability_map
+
+    rng = np.random.default_rng(8)
+    reference = nib.Nifti1Image(np.zeros((12, 12, 12), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    scan = ScanDerivatives(tmp_path, "sub-P01")
+    scan.dir.mkdir(parents=True)
+    mask = np.zeros((12, 12, 12), bool)
+    mask[1:11, 1:11, 1:11] = True
+    save_volume(scan.mask, mask, reference, dtype=np.uint8)
+    volume = rng.normal(size=mask.shape).astype(np.float32)
+    volume[5:7, 5:7, 5:7] = 50.0  # an 8-voxel lesion far above the healthy null
+    volume[1:4, 1:4, 1:4] = 0.0
+    volume[2, 2, 2] = 50.0  # and an isolated voxel
+    save_volume(scan.novelty("s"), np.where(mask, volume, 0), reference)
+    null = HealthyNull({"s": rng.normal(size=20_000)})
+    null_path = tmp_path / "null.npz"
+    null.save(null_path)
+
+    write_probability_map(scan, HealthyNull.load(null_path), null_path, levels=(0.01,), min_component_voxels=2)
+    prob = np.asarray(nib.load(scan.probseg).dataobj)
+    p = null.tail_probability({"s": volume[mask]})
+    np.testing.assert_allclose(prob[mask], (1 - p).astype(np.float32))
+    assert np.all(prob[~mask] == 0)
+    lesions = np.asarray(nib.load(scan.lesion_mask(0.01)).dataobj)
+    assert lesions.dtype == np.uint8 and scan.lesion_mask(0.01).name.endswith("label-L_desc-p01_mask.nii.gz")
+    expected = np.zeros(mask.shape, bool)
+    expected[mask] = p <= 0.01
+    expected = remove_small_components(expected, 2)
+    np.testing.assert_array_equal(lesions > 0, expected)
+    assert lesions[5:7, 5:7, 5:7].all() and not lesions[2, 2, 2]
+    sidecar = json.loads(sidecar_path(scan.lesion_mask(0.01)).read_text())
+    assert abs(null.final.survival(np.array([sidecar["Threshold"]]))[0] - 0.01) < 1e-3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from anomri.errors import InputError
 from anomri.models.checkpoint import load_vae, save_vae
@@ -78,3 +79,22 @@ def test_corrupt_checkpoint_is_an_input_error(tmp_path) -> None:
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match="vae.pt"):
         load_vae(path)
+
+
+@pytest.mark.parametrize("cap", [0.5, 0.0])
+def test_gradient_norm_is_capped(samples: np.ndarray, cap: float) -> None:
+    norms: list[float] = []
+
+    def record(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        train_vae(samples, TrainingConfig(max_epochs=2, batch_size=64, grad_clip_norm=cap), progress=False)
+    finally:
+        handle.remove()
+    if cap > 0:
+        assert max(norms) <= cap * (1 + 1e-5)
+    else:  # uncapped, the same training does take larger steps: the cap above really acts
+        assert max(norms) > 0.5

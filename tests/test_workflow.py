@@ -72,17 +72,68 @@ def test_every_map_written_and_viewable(run: Path) -> None:
         assert sidecar["Formula"] and len(sidecar["Model"]["SHA256"]) == 64
 
 
+def test_lesion_masks_flag_the_nominal_fraction_of_calibration_voxels(run: Path) -> None:
+    from anomri.maps.probability import HealthyNull
+
+    null = HealthyNull.load(run / "calibration" / "healthy_null.npz")
+    n_null = len(next(iter(null.values.values())))
+    flagged = 0
+    for pid, group in demo_participants(N_CONTROLS, N_PATIENTS):
+        scan = ScanDerivatives(run, pid)
+        prob = np.asarray(nib.load(scan.probseg).dataobj)
+        lesions = np.asarray(nib.load(scan.lesion_mask(0.01)).dataobj)
+        assert nib.load(scan.lesion_mask(0.01)).get_data_dtype() == np.uint8
+        assert set(np.unique(lesions)) <= {0, 1}
+        # The mask is the probability map thresholded at the level (min_component_voxels is 1 here),
+        # up to the float32 rounding of the map.
+        assert np.all(prob[lesions > 0] >= 0.99 - 1e-6)
+        assert np.all(lesions[prob > 0.99 + 1e-6] == 1)
+        if pid in json.loads(sidecar_path(scan.probseg).read_text())["Calibration"]["scans"]:
+            flagged += int(lesions.sum())
+    sidecar = json.loads(sidecar_path(ScanDerivatives(run, "sub-C01").lesion_mask(0.01)).read_text())
+    assert sidecar["FalsePositiveLevel"] == 0.01
+    # On the calibration controls themselves, p <= 0.01 holds for at most ~1 % of their voxels.
+    assert flagged <= 0.01 * n_null + 3 * np.sqrt(0.01 * n_null) + 1
+
+
 def test_evaluation_table(run: Path) -> None:
     with open(run / "evaluation.tsv") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
     assert set(rows[0]) >= {"participant_id", "score", "auroc", "auprc", "best_dice", "n_lesion_voxels"}
+    assert set(rows[0]) >= {"threshold", "dice_at_fpr", "healthy_fpr", "lesion_sensitivity", "n_fp_components",
+                            "volume_error_ml", "relative_volume_error"}
     patients = [pid for pid, group in demo_participants(N_CONTROLS, N_PATIENTS) if group == "patient"]
-    assert sorted({r["participant_id"] for r in rows}) == patients
-    assert len(rows) == len(patients) * (len(score_ids()) + 1)
+    assert sorted({r["participant_id"] for r in rows}) == sorted(patients + ["pooled"])
+    maps = score_ids() + ["lesion-probability"]
+    assert len(rows) == (len(patients) + 1) * len(maps)
     for row in rows:
         assert 0.0 <= float(row["auroc"]) <= 1.0
         assert 0.0 < float(row["auprc"]) <= 1.0
         assert int(row["n_lesion_voxels"]) > 0
+        assert 0.0 <= float(row["dice_at_fpr"]) <= 1.0 and 0.0 <= float(row["lesion_sensitivity"]) <= 1.0
+        # One threshold per map kind, set on the calibration controls.
+        assert row["threshold"] == next(r["threshold"] for r in rows if r["score"] == row["score"])
+    with open(run / "evaluation_summary.tsv") as fh:
+        summary = list(csv.DictReader(fh, delimiter="\t"))
+    assert [r["score"] for r in summary] == maps
+    for row in summary:
+        assert row["n_patients"] == str(len(patients))
+        assert float(row["auroc_ci_low"]) <= float(row["auroc"]) <= float(row["auroc_ci_high"])
+
+
+def test_report_figures_and_html(run: Path) -> None:
+    figures = run / "figures"
+    expected = [f"score-{m}_curves.png" for m in score_ids() + ["lesion-probability"]]
+    expected += [f"{pid}_overlay.png" for pid, group in demo_participants(N_CONTROLS, N_PATIENTS)
+                 if group == "patient"]
+    expected.append("training_curves.png")
+    assert sorted(p.name for p in figures.iterdir()) == sorted(expected)
+    report = run.parent / "report.html"
+    result = snakemake("--cores", "1", "--configfile", str(run.parent / "tiny.yaml"), "--report", str(report))
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = report.read_text()
+    for name in expected + ["evaluation_summary.tsv", "evaluation.tsv", "training_history.tsv"]:
+        assert name in html, name
 
 
 def test_rerun_has_nothing_to_do(run: Path) -> None:

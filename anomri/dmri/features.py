@@ -35,16 +35,23 @@ class FeatureSet:
     representation : str
     scheme : dict
         What the features depend on in the acquisition (see :func:`check_compatible`).
+    context : dict, optional
+        Spatial-context settings when neighbourhood features were appended
+        (:func:`anomri.dmri.context.add_context`); None for per-voxel features.
     """
 
     data: np.ndarray
     names: list[str]
     representation: str
     scheme: dict = field(default_factory=dict)
+    context: dict | None = None
 
     def description(self) -> dict:
         """The JSON-ready part of the sidecar."""
-        return {"Representation": self.representation, "FeatureNames": self.names, "Scheme": self.scheme}
+        # Per-voxel features leave "Context" out, so their sidecars read as before.
+        context = {"Context": self.context} if self.context is not None else {}
+        return {"Representation": self.representation, "FeatureNames": self.names, "Scheme": self.scheme,
+                **context}
 
 
 def raw_signal_features(norm: NormalizedDWI, gtab: GradientTable) -> FeatureSet:
@@ -84,10 +91,14 @@ def check_compatible(expected: dict, actual: dict, path: str | Path) -> None:
 
     ``expected`` and ``actual`` are :meth:`FeatureSet.description` dictionaries.
     Raw signals must come from the same b-values (within 5 %) and directions
-    (up to sign, which diffusion cannot tell apart).
+    (up to sign, which diffusion cannot tell apart); the spatial context
+    settings must match too.
     """
     if expected["Representation"] != actual["Representation"]:
         raise InputError(path, f"features are '{actual['Representation']}', expected '{expected['Representation']}'")
+    if expected.get("Context") != actual.get("Context"):
+        raise InputError(path, f"spatial context {actual.get('Context')} differs from the training features' "
+                               f"{expected.get('Context')}")
     if expected["Representation"] != "raw":
         if expected["FeatureNames"] != actual["FeatureNames"]:
             raise InputError(path, "feature names differ from the training features (different shells?)")

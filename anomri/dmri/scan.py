@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from anomri import __version__
+from anomri.dmri.context import add_context
 from anomri.dmri.features import FeatureSet, compute_features
 from anomri.dmri.gradients import load_gradient_table
 from anomri.dmri.preprocess import brain_mask, denoise, normalize_by_b0
@@ -35,11 +36,15 @@ def preprocess_scan(
     b0_threshold: float = 50.0,
     denoising: str = "none",
     representation: str = "raw",
+    context: str = "none",
+    context_radius: int = 1,
 ) -> FeatureSet:
     """Validate and preprocess one scan, writing ``outputs``.
 
     Everything is checked before anything is written, so bad input leaves no
-    partial outputs; each output is written atomically.
+    partial outputs; each output is written atomically. ``context`` and
+    ``context_radius`` optionally append in-mask neighbourhood statistics
+    (:func:`anomri.dmri.context.add_context`).
 
     Raises
     ------
@@ -62,7 +67,7 @@ def preprocess_scan(
     norm = normalize_by_b0(data, gtab, brain)
     if not norm.mask.any():
         raise InputError(dwi, "no brain voxel has a usable b0 signal")
-    features = compute_features(norm, gtab, representation)
+    features = add_context(compute_features(norm, gtab, representation), norm.mask, context, context_radius)
 
     save_volume(outputs.mask, norm.mask, img, dtype=np.uint8)
     save_volume(outputs.b0, norm.mean_b0, img)

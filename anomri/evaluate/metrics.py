@@ -3,7 +3,9 @@
 Voxel metrics take 1-D arrays over brain-mask voxels: ``scores`` (float,
 higher = more lesion-like) and ``labels`` (bool, True = lesion voxel).
 :func:`lesion_wise` takes 3-D volumes, because lesions are connected
-components. :func:`bootstrap_ci` summarises one metric over patients.
+components. :func:`roc_points` and :func:`pr_points` give the curves behind
+AUROC and AUPRC, thinned for plotting. :func:`bootstrap_ci` summarises one
+metric over patients.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import logging
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["auroc", "auprc", "best_dice", "dice", "threshold_at_fpr", "lesion_wise", "bootstrap_ci"]
+__all__ = [
+    "auroc", "auprc", "best_dice", "dice", "threshold_at_fpr", "lesion_wise", "roc_points", "pr_points",
+    "bootstrap_ci",
+]
 
 # scipy's ``generate_binary_structure(3, c)`` connectivity for each neighbourhood size.
 _NEIGHBOURHOOD_TO_SCIPY = {6: 1, 18: 2, 26: 3}
@@ -217,6 +222,63 @@ def lesion_wise(
         "volume_error_mm3": error * voxel_volume_mm3 if voxel_volume_mm3 is not None else float("nan"),
         "relative_volume_error": error / true_volume if true_volume else float("nan"),
     }
+
+
+def _thin(n: int, anchors: np.ndarray, max_points: int) -> np.ndarray:
+    """Indices of at most ~``max_points`` of ``n`` curve points, both ends kept.
+
+    Half are evenly spaced along the curve, half are the given ``anchors``
+    (indices where the curve first reaches a grid of x values), so that
+    stretches dense in points but short in the plot do not crowd out the rest.
+    """
+    if n <= max_points:
+        return np.arange(n)
+    even = np.linspace(0, n - 1, max(2, max_points // 2)).round().astype(int)
+    return np.unique(np.concatenate([even, np.clip(anchors, 0, n - 1), [0, n - 1]]))
+
+
+def roc_points(scores: np.ndarray, labels: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Corners of the ROC curve (``sklearn.metrics.roc_curve``), thinned to about ``max_points``.
+
+    The thinned points keep the corners nearest a log-spaced grid of
+    false-positive rates, so the curve stays faithful on a logarithmic FPR
+    axis, where a rare-lesion detector's useful range lies.
+
+    Returns
+    -------
+    fpr, tpr : ndarray
+        Non-decreasing, from (0, 0) to (1, 1); empty when ``labels`` holds one class.
+    """
+    scores, labels = _scores_and_labels(scores, labels)
+    if labels.all() or not labels.any():
+        return np.empty(0), np.empty(0)
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=True)
+    grid = np.geomspace(max(fpr[fpr > 0].min(), 1e-6), 1.0, max(2, max_points // 2))
+    keep = _thin(fpr.size, np.searchsorted(fpr, grid), max_points)
+    return fpr[keep], tpr[keep]
+
+
+def pr_points(scores: np.ndarray, labels: np.ndarray, max_points: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Precision–recall points, one per distinct threshold, thinned to about ``max_points``.
+
+    The points behind :func:`auprc` (``sklearn.metrics.precision_recall_curve``),
+    in increasing recall, ending with sklearn's (recall 0, precision 1). The
+    thinned points keep the first point reaching each of an even grid of recalls.
+
+    Returns
+    -------
+    recall, precision : ndarray
+        Empty when there is no lesion voxel.
+    """
+    scores, labels = _scores_and_labels(scores, labels)
+    if not labels.any():
+        return np.empty(0), np.empty(0)
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    # sklearn orders by decreasing recall; reverse so that recall increases.
+    precision, recall = precision[::-1], recall[::-1]
+    grid = np.linspace(0.0, 1.0, max(2, max_points // 2))
+    keep = _thin(recall.size, np.searchsorted(recall, grid), max_points)
+    return recall[keep], precision[keep]
 
 
 def bootstrap_ci(

@@ -12,7 +12,8 @@ Methods (output folder names) and what they compute on each model input:
     reconstruction error).
 ``vae-projection``
     Conv VAE + iterative energy-based projection; map
-    :func:`~anomri.models.projection.projection_map`; score ``map-sum``.
+    :func:`~anomri.models.projection.projection_map`; score ``map-sum``, the sum of
+    the map (primary: ``map-top``, below).
 ``anogan``
     DCGAN + batched latent search; map |x - G(z)|; scores ``anomaly-score``
     A(x), ``residual`` R(x), ``discrimination`` D(x).
@@ -20,14 +21,26 @@ Methods (output folder names) and what they compute on each model input:
     Multiple-hypotheses VAE; map: best hypothesis's squared residual; score
     ``wta``.
 
-Every method also gets ``map-max``, the maximum of its smoothed map at the
-image's original size. Maps are smoothed with a Gaussian of ``map_sigma``
-model pixels, stitched to the original size, and saved as float32 ``.npy``.
-In tile mode an image's model score is the maximum over its tiles.
+Every method also gets two scores from its map:
+
+``map-max``
+    the maximum of the saved map;
+``map-top``
+    the mean of the highest ``top_fraction`` of the map's pixels after
+    ``score_normalization`` (by default each pixel as a z-score against the
+    normal validation maps at that place, see
+    :mod:`anomri.images.normalization`), so errors every normal image has
+    (edges, borders) do not count.
+
+Maps are smoothed with a Gaussian of ``map_sigma`` model pixels, normalised
+as ``map_normalization`` says (none by default), stitched to the original size
+and saved as float32 ``.npy``. In tile mode an image's model score is the
+maximum over its tiles.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -40,10 +53,11 @@ from tqdm.auto import tqdm
 
 from anomri.evaluate.image_metrics import normal_threshold
 from anomri.evaluate.table import write_table
+from anomri.images.normalization import NormalMapStatistics, top_fraction_mean
 from anomri.images.outputs import SCORE_COLUMNS, map_path
 from anomri.images.settings import MODEL_OF_METHOD, PRIMARY_SCORE, ImageSettings
 from anomri.io.atomic import atomic_path, write_json
-from anomri.io.images import ImageRecord, load_model_inputs, scan_mvtec, split_validation
+from anomri.io.images import ImageGeometry, ImageRecord, ModelInputs, load_model_inputs, scan_mvtec, split_validation
 from anomri.models.anogan import DCGAN, latent_search
 from anomri.models.conv_vae import PIXELWISE_SCORES, ConvVAE, FlatImageVAE, PixelwiseContext
 from anomri.models.mhp_vae import MultiHypothesisVAE
@@ -54,7 +68,7 @@ from anomri.scores.registry import NoveltyScore, get_scores
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["method_outputs", "score_folder"]
+__all__ = ["AUTO_SEARCH_CHUNK", "anogan_search_chunk", "method_outputs", "score_folder"]
 
 
 Outputs = tuple[dict[str, np.ndarray], np.ndarray]
@@ -111,14 +125,28 @@ def _projection_outputs(model: ConvVAE, raw: torch.Tensor, s: ImageSettings, pro
     return {"map-sum": pixel_maps.reshape(len(pixel_maps), -1).sum(-1)}, pixel_maps
 
 
+#: ``anogan_search_batch_size: auto``: images searched at once on each kind of device. On a CPU a
+#: 128 px image already keeps a core busy and large batches only add memory traffic (16 was fastest,
+#: benchmarks/README.md); an accelerator gains from large batches, and 512 bounds their memory.
+AUTO_SEARCH_CHUNK = {"cpu": 16, "cuda": 512}
+
+
+def anogan_search_chunk(setting: str | int, device: torch.device) -> int:
+    """Images per AnoGAN latent search: ``setting``, or for ``"auto"`` the :data:`AUTO_SEARCH_CHUNK` of ``device``."""
+    if setting != "auto":
+        return int(setting)
+    return AUTO_SEARCH_CHUNK.get(device.type, AUTO_SEARCH_CHUNK["cuda"])
+
+
 def _anogan_outputs(model: DCGAN, raw: torch.Tensor, s: ImageSettings, progress: bool,
                     reference_images: np.ndarray | None = None) -> Outputs:
-    # One search over every input at once (chunked only to bound memory).
+    # Batched searches; the chunk size is the device's (see AUTO_SEARCH_CHUNK).
     generator = torch.Generator(device=raw.device).manual_seed(s.seed)
     parts: dict[str, list[torch.Tensor]] = {"anomaly-score": [], "residual": [], "discrimination": []}
     maps = []
-    for first in _batches(len(raw), s.anogan_search_batch_size):
-        x = model.scale(raw[first:first + s.anogan_search_batch_size])
+    chunk = anogan_search_chunk(s.anogan_search_batch_size, raw.device)
+    for first in _batches(len(raw), chunk):
+        x = model.scale(raw[first:first + chunk])
         result = latent_search(model, x, s.anogan_search_steps, s.anogan_search_weight,
                                s.anogan_search_learning_rate, generator=generator, progress=progress)
         parts["anomaly-score"].append(result.score)
@@ -160,21 +188,52 @@ def method_outputs(method: str, model: nn.Module, raw: np.ndarray, settings: Ima
     return {k: v.astype(np.float64) for k, v in scores.items()}, maps.astype(np.float32)
 
 
+@dataclasses.dataclass
+class _Scored:
+    """A method's outputs for a list of images, maps still in model-input coordinates."""
+
+    inputs: ModelInputs
+    scores: dict[str, np.ndarray]
+    input_maps: np.ndarray
+
+    def to_original(self, geometry: ImageGeometry, input_maps: np.ndarray) -> list[np.ndarray]:
+        """Per-image maps at the original size from per-input maps (P, S, S)."""
+        return [geometry.to_original(m, p) for m, p in zip(self.inputs.per_image(input_maps), self.inputs.placements)]
+
+
 def _score_records(method: str, model: nn.Module, records: list[ImageRecord], settings: ImageSettings,
-                   channels: int, progress: bool, reference_images: np.ndarray | None
-                   ) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
-    """Per-image scores {id: (n_images,)} and maps at original size for ``records``."""
-    geometry = settings.image_geometry
-    inputs = load_model_inputs(records, geometry, channels, progress)
+                   channels: int, progress: bool, reference_images: np.ndarray | None) -> _Scored:
+    """Per-image model scores {id: (n_images,)} and smoothed per-input maps of ``records``."""
+    inputs = load_model_inputs(records, settings.image_geometry, channels, progress)
     if not records:
-        return {}, []
+        return _Scored(inputs, {}, np.zeros((0, settings.image_size, settings.image_size), np.float32))
     input_scores, input_maps = method_outputs(method, model, inputs.inputs, settings, progress, reference_images)
     if settings.map_sigma > 0:
         input_maps = np.stack([ndimage.gaussian_filter(m, settings.map_sigma, mode="nearest") for m in input_maps])
-    maps = [geometry.to_original(m, p) for m, p in zip(inputs.per_image(input_maps), inputs.placements)]
+    # In tile mode an image is as anomalous as its worst tile.
     scores = {k: np.array([v.max() for v in inputs.per_image(values)]) for k, values in input_scores.items()}
-    scores["map-max"] = np.array([m.max() for m in maps], np.float64)
-    return scores, maps
+    return _Scored(inputs, scores, input_maps)
+
+
+def _finish(part: _Scored, statistics: NormalMapStatistics | None, settings: ImageSettings, fitted: bool
+            ) -> list[np.ndarray]:
+    """Add the map scores ``map-max`` and ``map-top`` to ``part.scores``; return its maps at original size.
+
+    ``fitted``: ``part`` holds the validation maps ``statistics`` came from
+    (each is then normalised leaving itself out).
+    """
+    def normalized(kind: str) -> list[np.ndarray]:
+        maps = part.input_maps
+        if kind == "zscore":
+            maps = statistics.normalize_left_out(maps) if fitted else statistics.normalize(maps)
+        return part.to_original(settings.image_geometry, maps)
+
+    saved = normalized(settings.map_normalization)
+    for_score = saved if settings.score_normalization == settings.map_normalization else normalized(
+        settings.score_normalization)
+    part.scores["map-max"] = np.array([m.max() for m in saved], np.float64)
+    part.scores["map-top"] = np.array([top_fraction_mean(m, settings.top_fraction) for m in for_score], np.float64)
+    return saved
 
 
 def score_folder(
@@ -194,7 +253,10 @@ def score_folder(
     original size, higher = more anomalous); ``scores_path``, a TSV with
     columns :data:`SCORE_COLUMNS` for the held-out normal validation images
     (split ``val``) and the test images; and ``thresholds_path``, JSON with
-    the pixel threshold from the validation maps.
+    the pixel threshold from the validation maps and the normalisation
+    settings. The normal validation maps also provide the per-pixel
+    statistics of the normalisation; each of them is normalised by the
+    statistics of the others.
     """
     if MODEL_OF_METHOD[method] != model.kind:
         raise ValueError(f"method {method} needs a {MODEL_OF_METHOD[method]} model, not {model.kind}")
@@ -208,11 +270,21 @@ def score_folder(
             keep = np.random.default_rng(settings.seed).choice(len(reference_images), settings.vae_reference_size,
                                                                replace=False)
             reference_images = reference_images[np.sort(keep)]
+    val = _score_records(method, model, validation, settings, channels, progress, reference_images)
+    test = _score_records(method, model, folder.test, settings, channels, progress, reference_images)
+    statistics = None
+    if "zscore" in (settings.map_normalization, settings.score_normalization):
+        if len(val.input_maps) < 2:
+            # Too few normal maps for per-pixel statistics (a tiny folder): score unnormalised, and say so.
+            logger.warning("%s: %d normal validation input(s), fewer than the 2 that map normalisation needs: "
+                           "maps and map-top are not normalised", method, len(val.input_maps))
+            settings = dataclasses.replace(settings, map_normalization="none", score_normalization="none")
+        else:
+            statistics = NormalMapStatistics.fit(val.input_maps, settings.normalization_floor)
+    val_maps = _finish(val, statistics, settings, fitted=True)
+    test_maps = _finish(test, statistics, settings, fitted=False)
     rows = []
-    val_scores, val_maps = _score_records(method, model, validation, settings, channels, progress, reference_images)
-    test_scores, test_maps = _score_records(method, model, folder.test, settings, channels, progress,
-                                            reference_images)
-    for split, records, scores in (("val", validation, val_scores), ("test", folder.test, test_scores)):
+    for split, records, scores in (("val", validation, val.scores), ("test", folder.test, test.scores)):
         for score_id, values in scores.items():
             rows += [{"method": method, "split": split, "label": r.label, "stem": r.stem, "score": score_id,
                       "value": f"{v:.10g}"} for r, v in zip(records, values)]
@@ -225,6 +297,8 @@ def score_folder(
     write_json(thresholds_path, {
         "method": method, "primary_score": PRIMARY_SCORE[method], "pixel_threshold": pixel_threshold,
         "threshold_percentile": settings.threshold_percentile, "n_validation_images": len(validation),
+        "map_normalization": settings.map_normalization, "score_normalization": settings.score_normalization,
+        "normalization_floor": settings.normalization_floor, "top_fraction": settings.top_fraction,
         "validation_images": [str(r.path) for r in validation], "model": model_metadata,
     })
     logger.info("%s: scored %d validation and %d test images", method, len(validation), len(folder.test))

@@ -15,15 +15,18 @@ from anomri.errors import InputError
 if TYPE_CHECKING:
     from anomri.io.images import ImageGeometry
 
-__all__ = ["ImageSettings", "METHODS", "MODEL_OF_METHOD", "PRIMARY_SCORE", "SLOW_IMAGE_SCORES"]
+__all__ = ["ImageSettings", "MAP_NORMALIZATIONS", "METHODS", "MODEL_OF_METHOD", "PRIMARY_SCORE", "SLOW_IMAGE_SCORES"]
 
 #: Method id (output folder) -> the trained model it needs.
 MODEL_OF_METHOD = {"vae": "conv-vae", "vae-projection": "conv-vae", "anogan": "anogan", "mhp-vae": "mhp-vae"}
 METHODS = tuple(MODEL_OF_METHOD)
 #: Registry scores that optimise over z for every image (minutes per 128 px image on a CPU).
 SLOW_IMAGE_SCORES = ("closest-generated", "max-generated-lik")
+#: Per-pixel normalisations of anomaly maps (:mod:`anomri.images.normalization`).
+MAP_NORMALIZATIONS = ("none", "zscore")
 #: The score each method's paper defines; the one the report ranks methods by.
-PRIMARY_SCORE = {"vae": "det-rec-err", "vae-projection": "map-sum", "anogan": "anomaly-score", "mhp-vae": "wta"}
+#: Dehaene et al. evaluate projection maps only; its image score is the robust top of its normalised map.
+PRIMARY_SCORE = {"vae": "det-rec-err", "vae-projection": "map-top", "anogan": "anomaly-score", "mhp-vae": "wta"}
 
 
 @dataclass
@@ -66,7 +69,7 @@ class ImageSettings:
     anogan_search_steps: int = 300
     anogan_search_weight: float = 0.1
     anogan_search_learning_rate: float = 0.02
-    anogan_search_batch_size: int = 512
+    anogan_search_batch_size: str | int = "auto"
     # multiple-hypotheses VAE
     mhp_hypotheses: int = 4
     mhp_latent_size: int = 128
@@ -77,9 +80,25 @@ class ImageSettings:
     mhp_adversarial_weight: float = 10.0
     mhp_wta_epsilon: float = 0.05
     # maps and evaluation
-    map_sigma: float = 2.0
+    map_sigma: float = 1.0
+    map_normalization: str = "none"
+    score_normalization: str = "zscore"
+    normalization_floor: float = 0.1
+    top_fraction: float = 0.001
     threshold_percentile: float = 99.0
     aupro_fpr_limit: float = 0.3
+
+    def __post_init__(self) -> None:
+        # The command line takes settings as JSON, past the config schema: check what scoring branches on.
+        for name in ("map_normalization", "score_normalization"):
+            if getattr(self, name) not in MAP_NORMALIZATIONS:
+                raise InputError("--settings", f"{name} must be one of {MAP_NORMALIZATIONS}; got {getattr(self, name)!r}")
+        if self.anogan_search_batch_size != "auto" and not (
+                isinstance(self.anogan_search_batch_size, int) and self.anogan_search_batch_size >= 1):
+            raise InputError("--settings", "anogan_search_batch_size must be 'auto' or a positive integer; "
+                                           f"got {self.anogan_search_batch_size!r}")
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise InputError("--settings", f"top_fraction must lie in (0, 1]; got {self.top_fraction}")
 
     @classmethod
     def from_json(cls, text: str) -> ImageSettings:

@@ -9,6 +9,8 @@ Per scan, in ``<output_dir>/sub-<label>[/ses-<label>]/dwi/`` with
 ``<prefix>_space-dwi_desc-qspace_features.nii.gz``      q-space features (4-D) + ``.json``
 ``<prefix>_space-dwi_desc-<score>_novelty.nii.gz``      novelty map per score + ``.json``
 ``<prefix>_space-dwi_label-L_probseg.nii.gz``           lesion probability + ``.json``
+``<prefix>_space-dwi_label-L_desc-<level>_mask.nii.gz`` lesions at a healthy false-positive
+                                                        rate, e.g. ``p01`` = 1 % (uint8) + ``.json``
 ======================================================  ==================================
 """
 
@@ -64,6 +66,16 @@ class ScanDerivatives:
     @property
     def probseg(self) -> Path:
         return self._file("label-L_probseg.nii.gz")
+
+    def lesion_mask(self, level: float) -> Path:
+        return self._file(f"label-L_desc-{level_label(level)}_mask.nii.gz")
+
+
+def level_label(level: float) -> str:
+    """BIDS ``desc`` label of a false-positive level: 0.01 → ``p01``, 0.001 → ``p001``."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"a false-positive level lies in (0, 1); got {level}")
+    return "p" + f"{level:.10f}".rstrip("0").split(".")[1]
 
 
 def write_dataset_description(output_dir: str | Path, source: str | Path) -> None:

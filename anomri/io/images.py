@@ -220,6 +220,9 @@ class Placement:
         ``working_shape`` padded up to at least one tile.
     origins : list of (row, col)
         Top-left corner of each tile in the padded image.
+    column_shifts : tuple of int
+        Band flattening: column c of the flattened image holds rows
+        ``r + column_shifts[c]`` of the original (empty without flattening).
     """
 
     original_shape: tuple[int, int]
@@ -227,6 +230,7 @@ class Placement:
     working_shape: tuple[int, int]
     padded_shape: tuple[int, int]
     origins: tuple[tuple[int, int], ...]
+    column_shifts: tuple[int, ...] = ()
 
 
 def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -236,6 +240,13 @@ def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     size = (int(shape[1]), int(shape[0]))  # PIL sizes are (width, height)
     return np.stack([np.asarray(Image.fromarray(np.asarray(c, np.float32), mode="F").resize(size, Image.BILINEAR))
                      for c in array])
+
+
+def _shift_columns(array: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """``out[..., r, c] = array[..., r + shifts[c], c]``, rows clamped to the image (edge values repeat)."""
+    height, width = array.shape[-2:]
+    rows = np.clip(np.arange(height)[:, None] + np.asarray(shifts, int)[None, :], 0, height - 1)
+    return np.ascontiguousarray(array[..., rows, np.arange(width)[None, :]])
 
 
 def _tile_starts(length: int, size: int, stride: int) -> list[int]:
@@ -265,11 +276,16 @@ class ImageGeometry:
         Fraction of a tile shared with its neighbour, in [0, 1).
     tile_scale : float
         Rescale factor applied before tiling (1 keeps the native resolution).
-    band : {"none", "crop"}
+    band : {"none", "crop", "flatten"}
         ``crop`` keeps only the rows of the bright retina band of an OCT
         B-scan (plus ``band_margin``), so the model does not spend capacity on
         the empty vitreous and choroid; outside the band a map takes its
-        lowest value inside it (nothing there was scored).
+        lowest value inside it (nothing there was scored). ``flatten`` first
+        straightens the band (:meth:`band_curve`): each column is shifted
+        vertically so that the band's brightest layer lies on one row, the
+        usual OCT flattening, which removes the retina's curvature and tilt
+        from what the model must learn; then it crops as ``crop``. Maps are
+        shifted back to the original geometry.
     band_threshold : float
         A row belongs to the band when its smoothed mean intensity exceeds
         ``min + band_threshold * (max - min)`` of the row profile.
@@ -288,8 +304,8 @@ class ImageGeometry:
     def __post_init__(self) -> None:
         if self.mode not in ("resize", "tile"):
             raise ValueError(f"geometry mode must be 'resize' or 'tile'; got {self.mode!r}")
-        if self.band not in ("none", "crop"):
-            raise ValueError(f"band must be 'none' or 'crop'; got {self.band!r}")
+        if self.band not in ("none", "crop", "flatten"):
+            raise ValueError(f"band must be 'none', 'crop' or 'flatten'; got {self.band!r}")
         if not 0.0 <= self.tile_overlap < 1.0:
             raise ValueError(f"tile_overlap must lie in [0, 1); got {self.tile_overlap}")
         if self.size < 4 or self.tile_scale <= 0:
@@ -308,9 +324,33 @@ class ImageGeometry:
         margin = int(round(self.band_margin * (rows[-1] + 1 - rows[0])))
         return max(0, int(rows[0]) - margin), min(height, int(rows[-1]) + 1 + margin)
 
+    @staticmethod
+    def band_curve(image: np.ndarray) -> np.ndarray:
+        """Row of the brightest layer in each column of a (C, H, W) image, as int (W,).
+
+        The argmax of each column after Gaussian smoothing (speckle averages
+        out), then a running median and a Gaussian along the columns, so
+        that a few columns where a lesion or shadow wins the argmax do not
+        bend the curve.
+        """
+        height, width = image.shape[1:]
+        smoothed = ndimage.gaussian_filter(image.mean(axis=0), (max(1.0, height / 50), max(1.0, width / 100)))
+        peak = smoothed.argmax(axis=0).astype(np.float64)
+        median_width = max(1, width // 10) | 1  # odd
+        curve = ndimage.gaussian_filter1d(ndimage.median_filter(peak, median_width, mode="nearest"),
+                                          max(1.0, width / 50), mode="nearest")
+        return np.round(curve).astype(int)
+
     def to_inputs(self, image: np.ndarray) -> tuple[np.ndarray, Placement]:
         """Cut a (C, H, W) image into model inputs (P, C, size, size) and remember where they came from."""
         original = (int(image.shape[1]), int(image.shape[2]))
+        shifts: tuple[int, ...] = ()
+        if self.band == "flatten":
+            curve = self.band_curve(image)
+            # Straighten onto the curve's median row: the smallest total shift.
+            shift_array = curve - int(np.median(curve))
+            image = _shift_columns(image, shift_array)
+            shifts = tuple(int(s) for s in shift_array)
         row0, row1 = self.band_rows(image)
         work = np.ascontiguousarray(image[:, row0:row1], np.float32)
         if self.mode == "resize":
@@ -328,7 +368,7 @@ class ImageGeometry:
         origins = tuple((r, c) for r in _tile_starts(padded[0], self.size, stride)
                         for c in _tile_starts(padded[1], self.size, stride))
         tiles = np.stack([work[:, r:r + self.size, c:c + self.size] for r, c in origins])
-        return tiles, Placement(original, (row0, row1), working, padded, origins)
+        return tiles, Placement(original, (row0, row1), working, padded, origins, shifts)
 
     def to_original(self, maps: np.ndarray, placement: Placement) -> np.ndarray:
         """Stitch per-input maps (P, size, size) back to one float32 map at the original (H, W)."""
@@ -343,11 +383,11 @@ class ImageGeometry:
         stitched = (total / count)[: placement.working_shape[0], : placement.working_shape[1]]
         row0, row1 = placement.band
         band = _resize(stitched.astype(np.float32)[None], (row1 - row0, placement.original_shape[1]))[0]
-        if (row0, row1) == (0, placement.original_shape[0]):
-            return np.ascontiguousarray(band, np.float32)
         # Outside the band nothing was scored: give it the least anomalous value seen.
         full = np.full(placement.original_shape, band.min(), np.float32)
         full[row0:row1] = band
+        if placement.column_shifts:
+            full = _shift_columns(full, -np.asarray(placement.column_shifts))
         return full
 
 

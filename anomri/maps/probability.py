@@ -1,50 +1,239 @@
-"""Lesion probability from novelty scores, calibrated on healthy controls never seen in training."""
+"""Calibrated tail probabilities of novelty scores, from healthy controls never seen in training.
+
+A patient voxel's score s is compared with the same score over the voxels of
+held-out healthy *calibration* controls, post-processed the same way. Its
+tail probability
+
+    p(s) = P(a healthy voxel scores >= s)
+
+is the voxel's p-value under "this voxel is healthy": thresholding at p <= a
+flags a fraction a of healthy voxels (the false-positive control of issue #4).
+The lesion probability map is 1 - p.
+
+Two details make p usable far into the tail:
+
+* The body is the conformal estimate (1 + #{null >= s}) / (n + 1), never 0.
+* Above the top ``tail_fraction`` of the null, an empirical CDF runs out of
+  data and would give every voxel above the healthy maximum the same value.
+  There the tail is a generalised Pareto distribution fitted to the
+  exceedances (peaks over threshold, the standard extreme-value model of a
+  tail), with shape >= 0: a bounded healthy tail (shape < 0) would give
+  p = 0 at a finite score, so it is replaced by the exponential tail, which
+  is more conservative. p keeps decreasing, so lesions stay ranked.
+
+Several scores combine into one statistic T of their log p_i, Fisher's
+-sum_i log p_i or Tippett's -min_i log p_i. The scores are correlated, so T
+follows no textbook law; its own tail probability is calibrated on the
+calibration voxels exactly like a single score's.
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 
+from anomri.errors import InputError
 from anomri.io.atomic import atomic_path
 from anomri.maps.postprocess import PostProcessing
 
+#: Key of the combined statistic's tail model in a :class:`HealthyNull`.
+COMBINED = "combined"
 
-class EmpiricalNull:
-    """Empirical distribution of each score over healthy calibration voxels.
+
+@dataclass(frozen=True)
+class TailModel:
+    """Calibrated tail probability of one statistic over healthy voxels.
+
+    Attributes
+    ----------
+    null : ndarray
+        Sorted healthy values (float64).
+    threshold : float
+        u, the value above which the generalised Pareto tail takes over.
+    shape, scale : float
+        Generalised Pareto shape xi >= 0 and scale beta > 0 of s - u given s > u.
+    tail_mass : float
+        p(u+), the conformal tail probability just above u.
+    """
+
+    null: np.ndarray
+    threshold: float
+    shape: float
+    scale: float
+    tail_mass: float
+
+    @classmethod
+    def fit(cls, values: np.ndarray, tail_fraction: float = 0.01, min_tail: int = 50) -> TailModel:
+        """Fit the tail of ``values`` (the healthy null of one statistic)."""
+        null = np.sort(np.asarray(values, np.float64).ravel())
+        null = null[np.isfinite(null)]
+        n = len(null)
+        if n < 2 * min_tail:
+            raise ValueError(f"a healthy null needs at least {2 * min_tail} voxels; got {n}")
+        k = max(min_tail, int(round(tail_fraction * n)))
+        threshold = float(null[n - k - 1])
+        excess = null[n - k :] - threshold
+        excess = excess[excess > 0]
+        scale = float(excess.mean()) if len(excess) else 1.0
+        shape = 0.0
+        if len(excess) >= min_tail and np.ptp(excess) > 0:
+            xi, _, beta = stats.genpareto.fit(excess, floc=0.0)
+            if xi > 0:
+                shape, scale = float(xi), float(beta)
+        tail_mass = (np.count_nonzero(null > threshold) + 1.0) / (n + 1.0)
+        return cls(null, threshold, shape, max(scale, 1e-12), tail_mass)
+
+    def log_survival(self, scores: np.ndarray) -> np.ndarray:
+        """log p(s) of every score (float64); finite however far into the tail."""
+        s = np.asarray(scores, np.float64)
+        n = len(self.null)
+        body = np.log((n - np.searchsorted(self.null, s, side="left") + 1.0) / (n + 1.0))
+        excess = np.maximum(s - self.threshold, 0.0)
+        if self.shape > 0:
+            tail = -np.log1p(self.shape * excess / self.scale) / self.shape
+        else:
+            tail = -excess / self.scale
+        return np.where(s > self.threshold, np.log(self.tail_mass) + tail, body)
+
+    def survival(self, scores: np.ndarray) -> np.ndarray:
+        """Tail probability p(s) in [0, 1] of every score (float64; may underflow to 0 far out)."""
+        return np.exp(self.log_survival(scores))
+
+    def quantile(self, level: float) -> float:
+        """The score at which p = ``level``: healthy voxels exceed it with probability ``level``."""
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"level must lie in (0, 1); got {level}")
+        if level >= self.tail_mass:
+            n = len(self.null)
+            # Smallest null value v with (#{null >= v} + 1) / (n + 1) <= level.
+            count = int(np.floor(level * (n + 1.0) - 1.0))
+            return float(self.null[n - max(count, 1)])
+        q = level / self.tail_mass
+        if self.shape > 0:
+            return self.threshold + self.scale / self.shape * (q ** (-self.shape) - 1.0)
+        return self.threshold - self.scale * np.log(q)
+
+    def record(self) -> dict:
+        """Fitted parameters, for JSON sidecars."""
+        return {"n_null_voxels": int(len(self.null)), "tail_threshold": self.threshold,
+                "tail_shape": self.shape, "tail_scale": self.scale, "tail_mass": self.tail_mass}
+
+
+def fisher_statistic(log_tail_probabilities: list[np.ndarray]) -> np.ndarray:
+    """Fisher's T = -sum_i log p_i from the log p_i; higher = more novel."""
+    return -np.sum(log_tail_probabilities, axis=0)
+
+
+def tippett_statistic(log_tail_probabilities: list[np.ndarray]) -> np.ndarray:
+    """Tippett's T = -min_i log p_i: a voxel is as novel as its most significant score.
+
+    Unlike Fisher's sum, a score that carries no lesion signal cannot dilute
+    one that does; it only adds its own (calibrated) healthy tail.
+    """
+    return -np.min(log_tail_probabilities, axis=0)
+
+
+#: Ways of combining several scores' tail probabilities.
+COMBINATIONS = {"fisher": fisher_statistic, "tippett": tippett_statistic}
+
+
+class HealthyNull:
+    """Healthy null distributions of the scores that make the lesion probability.
 
     Parameters
     ----------
     values : dict of str to ndarray
-        Score id to the healthy voxels' scores.
+        Score id to the post-processed scores of the calibration controls'
+        voxels; every array lists the same voxels in the same order (needed
+        to calibrate their combination).
     postprocessing : PostProcessing
-        The spatial post-processing the scores went through; patients' maps
-        must go through the same before :meth:`cdf`.
+        What the scores went through; patients' maps go through the same.
+    tail_fraction : float
+        Fraction of the null modelled by the generalised Pareto tail.
+    combination : {"fisher", "tippett"}
+        How several scores' tail probabilities combine (see :data:`COMBINATIONS`).
+    scans : list of str, optional
+        The calibration scans, for provenance.
     """
 
-    def __init__(self, values: dict[str, np.ndarray], postprocessing: PostProcessing = PostProcessing()) -> None:
-        self.sorted = {k: np.sort(np.asarray(v, np.float64).ravel()) for k, v in values.items()}
+    def __init__(self, values: dict[str, np.ndarray], postprocessing: PostProcessing = PostProcessing(),
+                 tail_fraction: float = 0.01, combination: str = "fisher", scans: list[str] | None = None) -> None:
+        if combination not in COMBINATIONS:
+            raise ValueError(f"unknown combination {combination!r}; choose from {sorted(COMBINATIONS)}")
+        if not values:
+            raise ValueError("a healthy null needs at least one score")
+        lengths = {len(np.ravel(v)) for v in values.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"every score's null must list the same voxels; got lengths {sorted(lengths)}")
+        self.values = {k: np.asarray(v, np.float32).ravel() for k, v in values.items()}
         self.postprocessing = postprocessing
+        self.tail_fraction = tail_fraction
+        self.combination = combination
+        self.scans = list(scans or [])
+        self.models = {k: TailModel.fit(v, tail_fraction) for k, v in self.values.items()}
+        if len(self.values) > 1:
+            # In-sample p-values of the calibration voxels stand in for out-of-sample ones: with
+            # tens of thousands of voxels a voxel's own contribution to its rank is negligible.
+            combined = self._combine({k: self.models[k].log_survival(v) for k, v in self.values.items()})
+            self.models[COMBINED] = TailModel.fit(combined, tail_fraction)
 
-    def cdf(self, score_id: str, scores: np.ndarray) -> np.ndarray:
-        """F(s) = #{healthy voxels with score <= s} / #{healthy voxels}, in [0, 1].
+    @property
+    def scores(self) -> list[str]:
+        """The score ids, in order."""
+        return list(self.values)
 
-        A voxel scoring above every healthy voxel gets 1; with higher = more
-        novel, 1 - F(s) is the empirical tail probability of a healthy voxel
-        scoring at least as high.
+    def tail_probability(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """p of each voxel: of its one score, or of the combination of all scores.
+
+        Parameters
+        ----------
+        scores : dict of str to ndarray
+            Post-processed scores of the voxels, one array per score of the null.
         """
-        null = self.sorted[score_id]
-        return (np.searchsorted(null, scores, side="right") / len(null)).astype(np.float32)
+        missing = set(self.values) - set(scores)
+        if missing:
+            raise ValueError(f"scores {sorted(missing)} are calibrated but were not given")
+        if len(self.values) == 1:
+            (score_id,) = self.values
+            return self.models[score_id].survival(scores[score_id])
+        combined = self._combine({k: self.models[k].log_survival(scores[k]) for k in self.values})
+        return self.models[COMBINED].survival(combined)
+
+    def _combine(self, log_tail_probabilities: dict[str, np.ndarray]) -> np.ndarray:
+        return COMBINATIONS[self.combination]([log_tail_probabilities[k] for k in self.values])
+
+    @property
+    def final(self) -> TailModel:
+        """The tail model whose p is the lesion probability's (the combination if several)."""
+        return self.models[COMBINED] if len(self.values) > 1 else self.models[self.scores[0]]
+
+    def record(self) -> dict:
+        """Settings and fits, for JSON sidecars."""
+        return {"scans": self.scans, "scores": self.scores,
+                "combination": self.combination if len(self.values) > 1 else "none",
+                "tail_fraction": self.tail_fraction, "postprocessing": self.postprocessing.record(),
+                "tails": {k: m.record() for k, m in self.models.items()}}
 
     def save(self, path: str | Path) -> None:
-        """Write the sorted null values to an ``.npz`` file atomically."""
-        arrays = {f"score/{k}": v.astype(np.float32) for k, v in self.sorted.items()}
+        """Write the null values and settings to an ``.npz`` file atomically."""
+        arrays = {f"score/{k}": v for k, v in self.values.items()}
+        settings = {"postprocessing": self.postprocessing.record(), "tail_fraction": self.tail_fraction,
+                    "combination": self.combination, "scans": self.scans}
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez_compressed(fh, postprocessing=json.dumps(self.postprocessing.record()), **arrays)
+            np.savez_compressed(fh, settings=json.dumps(settings), **arrays)
 
     @classmethod
-    def load(cls, path: str | Path) -> EmpiricalNull:
-        with np.load(path) as data:
-            values = {k.removeprefix("score/"): data[k] for k in data.files if k.startswith("score/")}
-            return cls(values, PostProcessing(**json.loads(str(data["postprocessing"]))))
+    def load(cls, path: str | Path) -> HealthyNull:
+        """Read a null written by :meth:`save`; the tails are refitted (deterministic)."""
+        try:
+            with np.load(path) as data:
+                settings = json.loads(str(data["settings"]))
+                values = {k.removeprefix("score/"): data[k] for k in data.files if k.startswith("score/")}
+        except (OSError, KeyError, ValueError) as exc:
+            raise InputError(path, f"not a healthy-null file written by `anomri calibrate` ({exc})") from exc
+        return cls(values, PostProcessing(**settings["postprocessing"]), settings["tail_fraction"],
+                   settings["combination"], settings["scans"])

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from anomri import __version__
 from anomri.io.atomic import write_json
@@ -13,7 +14,7 @@ from anomri.io.derivatives import ScanDerivatives, sidecar_path
 from anomri.io.nifti import load_mask, load_nifti, read_data, save_volume
 from anomri.maps.novelty import NoveltyModel
 from anomri.maps.postprocess import PostProcessing
-from anomri.maps.probability import EmpiricalNull
+from anomri.maps.probability import HealthyNull
 from anomri.models.checkpoint import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -53,20 +54,62 @@ def postprocessed_scores(scan: ScanDerivatives, score_id: str, postprocessing: P
     return volume, mask, img
 
 
-def write_probability_map(scan: ScanDerivatives, null: EmpiricalNull, score_id: str, null_path: str | Path) -> None:
-    """Lesion probability = empirical CDF of the post-processed ``score_id`` among healthy calibration voxels."""
-    volume, mask, img = postprocessed_scores(scan, score_id, null.postprocessing)
+def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: str | Path,
+                          levels: tuple[float, ...] = (0.01, 0.001), min_component_voxels: int = 1) -> None:
+    """Write the lesion probability map 1 - p and a lesion mask per false-positive level.
+
+    p is the calibrated tail probability of the post-processed score(s) among
+    healthy calibration voxels (:class:`~anomri.maps.probability.HealthyNull`).
+    The mask at level a holds the voxels with p <= a, so a fraction a of
+    healthy voxels is flagged, less any connected component (26-connectivity)
+    smaller than ``min_component_voxels``.
+    """
+    processed = {k: postprocessed_scores(scan, k, null.postprocessing) for k in null.scores}
+    _, mask, img = processed[null.scores[0]]
+    p = null.tail_probability({k: volume[mask] for k, (volume, _, _) in processed.items()})
     probability = np.zeros(mask.shape, np.float32)
-    probability[mask] = null.cdf(score_id, volume[mask])
+    probability[mask] = 1.0 - p
     save_volume(scan.probseg, probability, img)
+    calibration = {"Path": str(null_path), "SHA256": file_sha256(null_path)} | null.record()
+    sources = [str(scan.novelty(k)) for k in null.scores] + [str(scan.mask)]
     write_json(sidecar_path(scan.probseg), {
-        "Description": "Lesion probability: the empirical CDF of the post-processed novelty score among "
-                       "voxels of healthy calibration controls that the model never saw (0 outside the "
-                       "post-processed brain mask).",
-        "Score": score_id,
-        "PostProcessing": null.postprocessing.record(),
-        "Calibration": {"Path": str(null_path), "SHA256": file_sha256(null_path),
-                        "n_null_voxels": int(len(null.sorted[score_id]))},
-        "Sources": [str(scan.novelty(score_id)), str(scan.mask)],
+        "Description": "Lesion probability 1 - p, with p the tail probability of the post-processed novelty "
+                       "score among voxels of healthy calibration controls that the model never saw "
+                       "(several scores are combined and the combination recalibrated; generalised Pareto "
+                       "tail beyond the top of the healthy null; 0 outside the post-processed brain mask). "
+                       "Thresholding at 1 - a flags a fraction a of healthy voxels.",
+        "Calibration": calibration,
+        "Sources": sources,
         "GeneratedBy": _generated_by(),
     })
+    for level in levels:
+        lesions = np.zeros(mask.shape, bool)
+        lesions[mask] = p <= level
+        lesions = remove_small_components(lesions, min_component_voxels)
+        save_volume(scan.lesion_mask(level), lesions, img, dtype=np.uint8)
+        write_json(sidecar_path(scan.lesion_mask(level)), {
+            "Description": f"Voxels whose lesion probability exceeds 1 - {level:g}: a fraction {level:g} of "
+                           "healthy calibration voxels is flagged at this level.",
+            "FalsePositiveLevel": level,
+            # The threshold on the single score, or on the combined statistic of several.
+            "Threshold": null.final.quantile(level),
+            "ThresholdOn": null.scores[0] if len(null.scores) == 1 else f"{null.combination} statistic",
+            "MinComponentVoxels": min_component_voxels,
+            "Connectivity": 26,
+            "Calibration": {"Path": str(null_path), "SHA256": calibration["SHA256"]},
+            "Sources": [str(scan.probseg)],
+            "GeneratedBy": _generated_by(),
+        })
+    logger.info("%s: lesion probability from %s; %s", scan.prefix, "+".join(null.scores),
+                ", ".join(f"{int((p <= a).sum())} voxels at p <= {a:g}" for a in levels))
+
+
+def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """``mask`` without its 26-connected components of fewer than ``min_voxels`` voxels."""
+    if min_voxels <= 1:
+        return mask
+    labels, _ = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]

@@ -26,7 +26,7 @@ from anomri.models.vae import gaussian_nll, kl_to_standard_normal
 from anomri.scores.context import ScoreContext
 
 __all__ = [
-    "ChannelStandardizer", "ConvVAE", "FlatImageVAE", "PixelwiseContext", "PIXELWISE_SCORES",
+    "ChannelStandardizer", "ConvEncoderModel", "ConvVAE", "FlatImageVAE", "PixelwiseContext", "PIXELWISE_SCORES",
     "conv_encoder", "conv_decoder", "check_image_shape",
 ]
 
@@ -83,8 +83,8 @@ class ChannelStandardizer(nn.Module):
         return (images - self.channel_mean) / self.channel_std
 
 
-class ConvVAE(nn.Module):
-    """Convolutional VAE with Gaussian encoder and per-pixel Gaussian decoder.
+class ConvEncoderModel(nn.Module):
+    """What the image VAEs share: input standardisation and the Gaussian encoder q(z|x).
 
     Parameters
     ----------
@@ -93,7 +93,37 @@ class ConvVAE(nn.Module):
     latent_size : int
         Dimension of z.
     channels : sequence of int
-        Encoder widths, one stride-2 level each; the decoder mirrors them.
+        Encoder widths, one stride-2 level each; decoders mirror them.
+    """
+
+    def __init__(self, in_shape: Sequence[int], latent_size: int, channels: Sequence[int]) -> None:
+        super().__init__()
+        self.in_shape = tuple(int(s) for s in in_shape)
+        self.latent_size = int(latent_size)
+        self.channels = tuple(int(c) for c in channels)
+        self.standardizer = ChannelStandardizer(self.in_shape[0])
+        self.encoder = conv_encoder(self.in_shape, 2 * self.latent_size, self.channels)
+
+    def standardize(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw images (N, C, H, W) in [0, 1] to the model's standardised space."""
+        return self.standardizer(images)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q(z|x), each (N, L), for standardised images (N, C, H, W)."""
+        return self.encoder(x).chunk(2, dim=-1)
+
+    def hparams(self) -> dict:
+        """Constructor arguments, for rebuilding the model from a checkpoint."""
+        return {"in_shape": list(self.in_shape), "latent_size": self.latent_size, "channels": list(self.channels)}
+
+
+class ConvVAE(ConvEncoderModel):
+    """Convolutional VAE with Gaussian encoder and per-pixel Gaussian decoder.
+
+    Parameters
+    ----------
+    in_shape, latent_size, channels
+        As :class:`ConvEncoderModel`.
     min_log_sigma : float
         Smooth lower bound of the decoder's log s (standardised units), so the
         likelihood cannot diverge on pixels reproduced exactly.
@@ -103,23 +133,9 @@ class ConvVAE(nn.Module):
 
     def __init__(self, in_shape: Sequence[int], latent_size: int = 128, channels: Sequence[int] = (32, 64, 128, 256),
                  min_log_sigma: float = -3.0) -> None:
-        super().__init__()
-        self.in_shape = tuple(int(s) for s in in_shape)
-        self.latent_size = int(latent_size)
-        self.channels = tuple(int(c) for c in channels)
+        super().__init__(in_shape, latent_size, channels)
         self.min_log_sigma = float(min_log_sigma)
-        n_channels = self.in_shape[0]
-        self.standardizer = ChannelStandardizer(n_channels)
-        self.encoder = conv_encoder(self.in_shape, 2 * self.latent_size, self.channels)
-        self.decoder = conv_decoder(self.latent_size, (2 * n_channels, *self.in_shape[1:]), self.channels)
-
-    def standardize(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw images (N, C, H, W) in [0, 1] to the model's standardised space."""
-        return self.standardizer(images)
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, logvar) of q(z|x), each (N, L), for standardised images (N, C, H, W)."""
-        return self.encoder(x).chunk(2, dim=-1)
+        self.decoder = conv_decoder(self.latent_size, (2 * self.in_shape[0], *self.in_shape[1:]), self.channels)
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(m, log s) of p(x|z), each (N, C, H, W), for ``z`` of shape (N, L)."""
@@ -152,9 +168,7 @@ class ConvVAE(nn.Module):
         return mean, loss
 
     def hparams(self) -> dict:
-        """Constructor arguments, for rebuilding the model from a checkpoint."""
-        return {"in_shape": list(self.in_shape), "latent_size": self.latent_size, "channels": list(self.channels),
-                "min_log_sigma": self.min_log_sigma}
+        return super().hparams() | {"min_log_sigma": self.min_log_sigma}
 
 
 class FlatImageVAE(nn.Module):

@@ -29,7 +29,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 from torch.nn import functional as F
 
-from anomri.models.conv_vae import ChannelStandardizer, conv_decoder, conv_encoder
+from anomri.models.conv_vae import ConvEncoderModel, conv_decoder, conv_encoder
 from anomri.models.vae import kl_to_standard_normal
 
 __all__ = ["MultiHypothesisVAE", "WTAResult", "winner_takes_all"]
@@ -70,17 +70,14 @@ def winner_takes_all(x: torch.Tensor, hypotheses: torch.Tensor, epsilon: float =
     return WTAResult((weights * errors).sum(-1), best_error, winner)
 
 
-class MultiHypothesisVAE(nn.Module):
+class MultiHypothesisVAE(ConvEncoderModel):
     """Conv VAE with ``n_hypotheses`` decoder heads and a discriminator.
 
     Parameters
     ----------
-    in_shape : (C, H, W)
-        Image shape; square, side divisible by ``2 ** len(channels)``.
-    latent_size : int
-        Dimension of z.
-    channels : sequence of int
-        Encoder and discriminator widths; the decoder trunk mirrors them.
+    in_shape, latent_size, channels
+        As :class:`~anomri.models.conv_vae.ConvEncoderModel`; ``channels`` are
+        also the discriminator's widths.
     n_hypotheses : int
         H, the number of heads.
     """
@@ -89,28 +86,15 @@ class MultiHypothesisVAE(nn.Module):
 
     def __init__(self, in_shape: Sequence[int], latent_size: int = 128, channels: Sequence[int] = (32, 64, 128, 256),
                  n_hypotheses: int = 4) -> None:
-        super().__init__()
-        self.in_shape = tuple(int(s) for s in in_shape)
-        self.latent_size = int(latent_size)
-        self.channels = tuple(int(c) for c in channels)
+        super().__init__(in_shape, latent_size, channels)
         self.n_hypotheses = int(n_hypotheses)
         n_channels, width = self.in_shape[0], self.channels[0]
-        self.standardizer = ChannelStandardizer(n_channels)
-        self.encoder = conv_encoder(self.in_shape, 2 * self.latent_size, self.channels)
         self.trunk = conv_decoder(self.latent_size, (width, *self.in_shape[1:]), self.channels)
         self.heads = nn.ModuleList(
             nn.Sequential(nn.LeakyReLU(), Convolution(2, width, n_channels, kernel_size=3, conv_only=True))
             for _ in range(self.n_hypotheses)
         )
         self.discriminator = conv_encoder(self.in_shape, 1, self.channels)
-
-    def standardize(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw images (N, C, H, W) to the model's standardised space."""
-        return self.standardizer(images)
-
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, logvar) of q(z|x), each (N, L)."""
-        return self.encoder(x).chunk(2, dim=-1)
 
     def hypotheses(self, z: torch.Tensor) -> torch.Tensor:
         """All heads' images for ``z`` (N, L): (N, H, C, S, S)."""
@@ -181,6 +165,4 @@ class MultiHypothesisVAE(nn.Module):
         return wta.best_error, ((x - best) ** 2).sum(1)
 
     def hparams(self) -> dict:
-        """Constructor arguments, for rebuilding the model from a checkpoint."""
-        return {"in_shape": list(self.in_shape), "latent_size": self.latent_size, "channels": list(self.channels),
-                "n_hypotheses": self.n_hypotheses}
+        return super().hparams() | {"n_hypotheses": self.n_hypotheses}

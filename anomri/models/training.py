@@ -31,6 +31,10 @@ class TrainingConfig:
     patience: int = 8
     validation_fraction: float = 0.1
     seed: int = 0
+    # The Gaussian decoder's variance floor makes the likelihood's gradient up to
+    # exp(-2 * min_log_sigma) times larger for well-fitted voxels; without a cap a
+    # single such batch can throw the weights (and the KL) off by orders of magnitude.
+    grad_clip_norm: float = 5.0
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -139,6 +143,8 @@ def train_vae(
             loss, rec, kl = model.loss(batch, config.kl_weight, config.n_latent_samples, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if config.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
             optimizer.step()
             sums += np.array([loss.item(), rec.item(), kl.item()]) * len(batch)
         train_loss, train_rec, train_kl = (float(v) for v in sums / len(x_train))

@@ -24,10 +24,13 @@ k-nearest-neighbour queries, so memory never depends on how large a ball is.
 **GEMM screen, exact refine.** When a ball holds a sizeable fraction of Y (the
 embedding cannot separate noisy high-dimensional points), f written as
 ``<Phi(x), Psi(y)> + a(x) + b(y)`` is evaluated in float32 matrix products,
-chunk by chunk. With a rounding-error bound e(x) on those values, every y with
-f <= min f + band has float32 value <= (running float32 minimum) + band + 2 e(x);
-those survivors are recomputed in float64. Where f has no such form
-(Bhattacharyya) the rare huge balls are evaluated against every y.
+chunk by chunk. With a rounding-error bound e(x) on those values, every y
+attaining min f has float32 value <= (running float32 minimum) + 2 e(x); those
+survivors are recomputed in float64. A log-sum-exp band holds so many points
+that the dense queries of a log-sum-exp get every f in float64 matrix products
+instead, summed by a streaming log-sum-exp. Where f has no such form
+(Bhattacharyya) the rare huge balls are evaluated against every y; there the
+search is split over subsets of Y with tighter bounds (:func:`lower_min`).
 
 Peak memory is bounded by the block sizes below, never by |X| |Y|.
 """
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -52,6 +55,9 @@ __all__ = [
     "InnerProductForm",
     "SearchQueries",
     "exact_min",
+    "lower_min",
+    "candidate_upper_bound",
+    "on_subsets",
     "exact_logsumexp",
     "kernel_sum_band",
 ]
@@ -72,6 +78,10 @@ _BLOCK_QUERIES = 64
 #: Entries of one float32 screening block (|X chunk| x |Y chunk|), and queries screened together.
 _SCREEN_ELEMENTS = 1 << 23
 _SCREEN_QUERIES = 2048
+#: Reference rows of one exact float64 block of a log-sum-exp, and queries sharing the blocks: blocks
+#: that no query's ball reaches are skipped, so both are small enough for the bounding boxes to be tight.
+_EXACT_ROWS = 1024
+_EXACT_QUERIES = 512
 #: A query whose ball holds more than |Y| / _DENSE_FRACTION points is screened
 #: instead: around there one GEMM pass over Y costs less than the tree search
 #: and the exact evaluation of that many points (measured on a 2-core CPU).
@@ -131,13 +141,7 @@ class LowerBoundTree:
         self.scale = None if scale is None else scale.detach().double().cpu()
         blocks = range(0, len(points), BUILD_ROWS)
         self.center = sum(self._scaled(points[s : s + BUILD_ROWS]).sum(0) for s in blocks) / len(points)
-        centred = (self._scaled(points[s : s + BUILD_ROWS]) - self.center for s in blocks)
-        scatter = sum(c.T @ c for c in centred)
-        eigvals, eigvecs = torch.linalg.eigh(scatter)
-        eigvals, eigvecs = eigvals.flip(0).clamp_min(0.0), eigvecs.flip(1)
-        left = 1.0 - eigvals.cumsum(0) / eigvals.sum().clamp_min(1e-300)
-        n_axes = int((left > residual_variance).sum()) + 1
-        self.basis = eigvecs[:, : min(n_axes, max_components, points.shape[1])].contiguous()
+        self.basis = self._principal_axes(points, max_components, residual_variance)
         embedding = np.concatenate([self._embed_scaled(self._scaled(points[s : s + BUILD_ROWS]) - self.center)
                                     for s in blocks])
         if extra is not None:
@@ -146,6 +150,30 @@ class LowerBoundTree:
         self.n = len(embedding)
         self.tree = cKDTree(embedding, leafsize=leafsize)
         self.sample_tree = cKDTree(embedding[::_SAMPLE_STRIDE], leafsize=leafsize)
+
+    def _principal_axes(self, points: torch.Tensor, max_components: int, residual_variance: float) -> torch.Tensor:
+        """Orthonormal leading principal axes of the scaled, centred points, (D, n_axes) float64.
+
+        The smaller of the two eigenproblems with the same nonzero spectrum is
+        solved: the D x D scatter C^T C when D <= M, else the M x M Gram matrix
+        C C^T, whose eigenvectors u give the axes C^T u (images: D pixels, M
+        reference images). The axes are orthonormalised by QR, since the bound
+        needs P^T P = I exactly, not up to the eigensolver's error.
+        """
+        blocks = range(0, len(points), BUILD_ROWS)
+        centred = (self._scaled(points[s : s + BUILD_ROWS]) - self.center for s in blocks)
+        if points.shape[1] <= len(points):
+            eigvals, eigvecs = torch.linalg.eigh(sum(c.T @ c for c in centred))
+        else:
+            # At most M x D values, fewer than the D x D scatter would hold.
+            stacked = torch.cat(list(centred))
+            eigvals, eigvecs = torch.linalg.eigh(stacked @ stacked.T)
+            eigvecs = stacked.T @ eigvecs
+        eigvals, eigvecs = eigvals.flip(0).clamp_min(0.0), eigvecs.flip(1)
+        left = 1.0 - eigvals.cumsum(0) / eigvals.sum().clamp_min(1e-300)
+        # Axes without variance add nothing to the bound (and have no direction in the Gram case).
+        n_axes = min(int((left > residual_variance).sum()) + 1, max_components, int((eigvals > 0).sum()))
+        return torch.linalg.qr(eigvecs[:, :n_axes]).Q.contiguous()
 
     def _scaled(self, points: torch.Tensor) -> torch.Tensor:
         points = points.detach().double().cpu()
@@ -168,24 +196,55 @@ class LowerBoundTree:
         """Number of tree coordinates."""
         return self.tree.m
 
+    def block_boxes(self, order: np.ndarray | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Bounding boxes of the embedded points taken ``rows`` at a time in ``order`` (default: as given).
+
+        Returns the lower and upper corners, each (blocks, dims).
+        """
+        data = self.tree.data if order is None else self.tree.data[order]
+        starts = np.arange(0, self.n, rows)
+        return np.minimum.reduceat(data, starts), np.maximum.reduceat(data, starts)
+
 
 class InnerProductForm:
-    """f(x, y) = <Phi(x), Psi(y)> + a(x) + b(y), for screening in float32 matrix products.
+    """f(x, y) = <Phi(x), Psi(y)> + a(x) + b(y), evaluated in matrix products.
+
+    Two uses: a float32 screen (:meth:`screen`) that lists the candidates of a
+    minimum, and exact float64 blocks (:meth:`exact_blocks`) for a log-sum-exp
+    over so many points that listing them costs more than evaluating them all.
 
     Parameters
     ----------
     psi : Tensor
-        Psi(Y), shape (M, K), kept in float32 (the error bound allows for the rounding).
+        Psi(Y), shape (M, K), kept in its own dtype: pass float64 unless the values
+        are exactly representable in float32, since the exact blocks read it.
     b : Tensor
-        b(Y), shape (M,).
+        b(Y), shape (M,), kept in float64.
+    order : ndarray, optional
+        Store the rows in this order, e.g. a tree's leaf order
+        (``LowerBoundTree.tree.indices``), so that consecutive rows lie close
+        together and an exact block far from every query can be skipped whole.
     """
 
-    def __init__(self, psi: torch.Tensor, b: torch.Tensor) -> None:
-        self.psi = psi.float().contiguous()
-        self.b = b.float()
+    def __init__(self, psi: torch.Tensor, b: torch.Tensor, order: np.ndarray | None = None) -> None:
+        self.order = order
+        rows = slice(None) if order is None else torch.as_tensor(order, device=psi.device)
+        self.psi = psi[rows].contiguous()
+        self.b = b[rows].double()
         self.psi_norm_max = max(float(torch.linalg.vector_norm(self.psi[s : s + BUILD_ROWS].double(), dim=1).max())
                                 for s in range(0, len(self.psi), BUILD_ROWS))
-        self.b_abs_max = float(b.double().abs().max())
+        self.b_abs_max = float(self.b.abs().max())
+
+    def exact_blocks(self, phi: torch.Tensor, a: torch.Tensor, blocks: np.ndarray) -> Iterator[torch.Tensor]:
+        """f of the queries against stored rows [_EXACT_ROWS k, _EXACT_ROWS (k + 1)), k in ``blocks``, float64.
+
+        The float64 products carry a rounding error of order 1e-16 times the
+        largest term, the float64 rounding the exact refine has as well.
+        """
+        phi, a = phi.double(), a.double()
+        for k in blocks:
+            rows = slice(int(k) * _EXACT_ROWS, (int(k) + 1) * _EXACT_ROWS)
+            yield torch.addmm(self.b[rows], phi, self.psi[rows].double().T).add_(a[:, None])
 
     def error_bound(self, phi: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Bound on |float32 f - f| per query.
@@ -199,29 +258,60 @@ class InnerProductForm:
         phi_norm = torch.linalg.vector_norm(phi.double(), dim=1)
         return gamma * (phi_norm * self.psi_norm_max + a.double().abs() + self.b_abs_max)
 
-    def screen(self, phi: torch.Tensor, a: torch.Tensor, band: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(query, reference) index pairs holding every y with f <= min_y f + band, per query.
+    def screen(self, phi: torch.Tensor, a: torch.Tensor, consume: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+        """Pass ``consume(query rows, reference rows)`` pairs covering every y that attains min_y f.
+
+        Candidates are kept while their float32 value is within twice the error
+        bound of the running float32 minimum, and handed over in pieces of at
+        most about ``_SCREEN_ELEMENTS`` pairs, so memory stays bounded even when
+        many points tie within the error bound. A piece may hold pairs that a
+        later, lower minimum would have excluded: harmless for a minimum.
 
         Parameters
         ----------
         phi, a : Tensor
             Phi(x) (Q, K) and a(x) (Q,) of the queries, float64.
-        band : float
-            0 for a minimum; the kept width for a log-sum-exp.
+        consume : callable
+            Receives (query rows, reference rows) index tensors.
         """
-        margin = (band + 2.0 * self.error_bound(phi, a)).float()
-        phi32, a32 = phi.float(), a.float()
+        margin = (2.0 * self.error_bound(phi, a)).float()
+        phi32, a32, b32 = phi.float(), a.float(), self.b.float()
         running = torch.full((len(phi),), math.inf, device=phi.device)
         rows = max(1, _SCREEN_ELEMENTS // max(len(phi), 1))
-        kept_q, kept_r = [], []
+        kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        n_kept = 0
+        # One buffer for every full chunk: reallocating tens of MB per chunk fragments the C heap,
+        # which then holds gigabytes.
+        buffer = torch.empty(len(phi), rows, device=phi.device)
+        mask = torch.empty(len(phi), rows, dtype=torch.bool, device=phi.device)
         for start in range(0, len(self.psi), rows):
-            values = torch.addmm(self.b[start : start + rows], phi32, self.psi[start : start + rows].T)
+            psi, b = self.psi[start : start + rows].float(), b32[start : start + rows]
+            full = len(psi) == rows
+            values = torch.addmm(b, phi32, psi.T, out=buffer) if full else torch.addmm(b, phi32, psi.T)
             values += a32[:, None]
             running = torch.minimum(running, values.min(1).values)
-            q, r = torch.nonzero(values <= (running + margin)[:, None], as_tuple=True)
-            kept_q.append(q)
-            kept_r.append(r + start)
-        return torch.cat(kept_q), torch.cat(kept_r)
+            limit = (running + margin)[:, None]
+            below = torch.le(values, limit, out=mask) if full else values <= limit
+            q, r = torch.nonzero(below, as_tuple=True)
+            refs = r + start if self.order is None else torch.as_tensor(self.order, device=r.device)[r + start]
+            kept.append((q, refs, values[q, r]))
+            n_kept += len(q)
+            if n_kept > _SCREEN_ELEMENTS:  # a lower running minimum has ruled many of them out since
+                kept = [_below(kept, running + margin)]
+                n_kept = len(kept[0][0])
+                if n_kept > _SCREEN_ELEMENTS // 2:
+                    consume(*kept[0][:2])
+                    kept, n_kept = [], 0
+        if kept:
+            consume(*_below(kept, running + margin)[:2])
+
+
+def _below(kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+           limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The (query, reference, value) triples whose value is at most the query's limit."""
+    q, r, v = (torch.cat(parts) for parts in zip(*kept, strict=True))
+    keep = v <= limit[q]
+    return q[keep], r[keep], v[keep]
 
 
 @dataclass
@@ -283,7 +373,7 @@ def _workers() -> int:
 
 def _nearest_upper_bound(tree: LowerBoundTree, queries: SearchQueries, k: int,
                          width: int) -> tuple[torch.Tensor, np.ndarray]:
-    """min of exact f over the k tree-nearest points, and the k-th tree distance squared."""
+    """min of exact f over the k tree-nearest points (an upper bound on min_y f), and the k-th tree distance squared."""
     k = min(k, tree.n)
     order = np.argsort(queries.rank)
     dist, idx = np.empty((len(queries), k)), np.empty((len(queries), k), dtype=np.int64)
@@ -304,14 +394,19 @@ def _refine(
 ) -> None:
     """Exact f over every y in the balls of the ``todo`` queries, passed to ``reduce(query ids, values)``.
 
+    ``values`` is either paired with the query ids, or, from the dense path of a
+    log-sum-exp (``band`` > 0), a (len(ids), R) block of distinct queries against
+    R reference points.
+
     ``radius`` holds every query's ball radius (inclusive). Balls are listed by
     capped k-nearest-neighbour queries: small blocks of neighbouring queries share
     a distance bound, and a query whose k-th neighbour still lies in its ball is
     asked again with 4k, so memory stays bounded by block size times k. Queries
     whose ball holds more than |Y| / _DENSE_FRACTION points (estimated on a
     subsample first, then confirmed by the capped queries) go to the GEMM
-    screen; without a GEMM form, those holding more than |Y| / _BRUTE_FRACTION
-    points are evaluated against every y.
+    screen (a minimum) or exact GEMM blocks (a log-sum-exp); without a GEMM
+    form, those holding more than |Y| / _BRUTE_FRACTION points are evaluated
+    against every y.
     """
     cap = max(tree.n // (_DENSE_FRACTION if queries.gemm is not None else _BRUTE_FRACTION), 1)
     # Ball sizes estimated on a subsample send the clearly large balls straight to the screen.
@@ -320,7 +415,7 @@ def _refine(
     large = estimate > cap
     if large.any():
         logger.debug("%d of %d queries screened densely", int(large.sum()), len(todo))
-        _refine_dense(queries, todo[large], band, width, tree.n, reduce)
+        _refine_dense(tree, queries, todo[large], radius, band, width, reduce)
     todo = todo[~large]
     # Neighbouring queries have similar radii, so small blocks in locality order share a tight bound.
     pending = todo[np.argsort(queries.rank[todo])]
@@ -342,20 +437,22 @@ def _refine(
             saturated.append(block[full])
         pending = np.concatenate(saturated)
         if pending.size and k >= min(cap, tree.n):
-            _refine_dense(queries, pending, band, width, tree.n, reduce)
+            _refine_dense(tree, queries, pending, radius, band, width, reduce)
             return
         k = min(4 * k, cap, tree.n)
 
 
 def _refine_dense(
+    tree: LowerBoundTree,
     queries: SearchQueries,
     todo: np.ndarray,
+    radius: np.ndarray,
     band: float,
     width: int,
-    n_reference: int,
     reduce: Callable[[np.ndarray, torch.Tensor], None],
 ) -> None:
-    """Exact f for the ``todo`` queries against the candidates of a GEMM screen, or all of Y."""
+    """Exact f for the ``todo`` queries against the candidates of a GEMM screen, exact blocks, or all of Y."""
+    n_reference = tree.n
     if queries.gemm is None:
         per_block = max(1, _PAIR_ELEMENTS // max(width * n_reference, 1))
         for start in range(0, len(todo), per_block):
@@ -365,12 +462,60 @@ def _refine_dense(
             reduce(q, _evaluate(queries, q, r, width))
         return
     form, phi, a = queries.gemm()
+    if band > 0.0:
+        # A log-sum-exp: its band holds a large share of Y (a sixth of it on the demo), so f in float64
+        # products costs less than listing the candidates and evaluating them pair by pair. Blocks of
+        # neighbouring queries skip the reference blocks whose bounding box no query's ball reaches.
+        lower, upper = tree.block_boxes(form.order, _EXACT_ROWS)
+        todo = todo[np.argsort(queries.rank[todo])]
+        for start in range(0, len(todo), _EXACT_QUERIES):
+            ids = todo[start : start + _EXACT_QUERIES]
+            point = queries.embedding[ids][:, None]
+            gap = np.maximum(lower[None] - point, 0.0) + np.maximum(point - upper[None], 0.0)
+            reached = np.flatnonzero(((gap * gap).sum(-1) <= radius[ids, None] ** 2).any(0))
+            rows = torch.as_tensor(ids, device=phi.device)
+            for block in form.exact_blocks(phi[rows], a[rows], reached):
+                reduce(ids, block)
+        return
     for start in range(0, len(todo), _SCREEN_QUERIES):
         ids = todo[start : start + _SCREEN_QUERIES]
         rows = torch.as_tensor(ids, device=phi.device)
-        local_q, refs = form.screen(phi[rows], a[rows], band)
-        query_ids = ids[local_q.cpu().numpy()]
-        reduce(query_ids, _evaluate(queries, query_ids, refs, width))
+
+        def consume(local_q: torch.Tensor, refs: torch.Tensor, ids: np.ndarray = ids) -> None:
+            query_ids = ids[local_q.cpu().numpy()]
+            reduce(query_ids, _evaluate(queries, query_ids, refs, width))
+
+        form.screen(phi[rows], a[rows], consume)
+
+
+def on_subsets(pair_value: PairFunction, rows: torch.Tensor, reference_rows: torch.Tensor) -> PairFunction:
+    """``pair_value`` for indices into ``rows`` of the queries and ``reference_rows`` of Y."""
+    return lambda i, j: pair_value(rows[i], reference_rows[j])
+
+
+def candidate_upper_bound(tree: LowerBoundTree, points: torch.Tensor, pair_value: PairFunction, width: int,
+                          k: int = 4) -> torch.Tensor:
+    """min of exact f over the k points of ``tree`` nearest each query point: an upper bound on min_y f.
+
+    Only the tree's neighbours are used, not its lower bound, so any tree over
+    the reference points serves: e.g. one on the means alone, where the tree of
+    the bound has coordinates (variances, normalisers) that make its
+    nearest-neighbour queries slow or its neighbours poor candidates.
+
+    Parameters
+    ----------
+    tree : LowerBoundTree
+        Over the reference points, rows in the order ``pair_value`` indexes.
+    points : Tensor
+        Query points (N, D) in the space of the tree's points.
+    pair_value : PairFunction
+        Exact f on paired (query, reference) indices.
+    width : int
+        Features read per pair by ``pair_value``.
+    """
+    device = points.device
+    queries = SearchQueries(tree.embed(points), np.ones(len(points)), np.zeros(len(points)), pair_value, None, device)
+    return _nearest_upper_bound(tree, queries, k, width)[0]
 
 
 def exact_min(tree: LowerBoundTree, queries: SearchQueries, width: int, k: int = 4) -> torch.Tensor:
@@ -392,43 +537,77 @@ def exact_min(tree: LowerBoundTree, queries: SearchQueries, width: int, k: int =
         float64, shape (N,), on ``queries.device``.
     """
     best, kth = _nearest_upper_bound(tree, queries, k, width)
-    best_np = best.cpu().numpy()
-    radius_sq = np.maximum(best_np - queries.offset, 0.0) / queries.rho
-    todo = np.flatnonzero(kth < radius_sq * (1.0 - _SLACK))
+    # Where the k tree-nearest points already fill the ball, no other point can beat them.
+    _lower(tree, queries, best, width, covered=lambda radius_sq: kth >= radius_sq * (1.0 - _SLACK))
+    return best
+
+
+def lower_min(tree: LowerBoundTree, queries: SearchQueries, best: torch.Tensor, width: int) -> None:
+    """Lower ``best`` in place to min(best, min over the tree's points of f(x, y)), exactly.
+
+    ``best`` (float64, (N,), on ``queries.device``) holds an upper bound per
+    query, e.g. f at some point of another set; only points that can beat it
+    are evaluated, so a set whose lower bound ``offset`` is already above it
+    costs nothing. Chaining this over disjoint sets gives the exact minimum
+    over their union.
+    """
+    _lower(tree, queries, best, width, covered=lambda radius_sq: radius_sq <= 0.0)
+
+
+def _lower(tree: LowerBoundTree, queries: SearchQueries, best: torch.Tensor, width: int,
+           covered: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Refine ``best`` over the balls of the queries that ``covered(radius_sq)`` does not rule out."""
+    radius_sq = np.maximum(best.cpu().numpy() - queries.offset, 0.0) / queries.rho
+    todo = np.flatnonzero(~covered(radius_sq))
     if todo.size:
 
         def keep_min(q: np.ndarray, values: torch.Tensor) -> None:
             best.scatter_reduce_(0, torch.as_tensor(q, device=best.device), values, reduce="amin")
 
         _refine(tree, queries, todo, np.sqrt(radius_sq) * (1.0 + _SLACK), 0.0, width, keep_min)
-    return best
 
 
-def exact_logsumexp(tree: LowerBoundTree, queries: SearchQueries, width: int, k: int = 4) -> torch.Tensor:
+def exact_logsumexp(tree: LowerBoundTree, queries: SearchQueries, width: int, upper: torch.Tensor,
+                    band: float) -> torch.Tensor:
     """log sum_y exp(-f(x, y)) over the reference set for every query.
 
-    Kernels more than :func:`kernel_sum_band` nats below the largest are left
-    out; their total is below exp(-20) of the sum (see the module docstring).
+    Terms exp(-f) with f > upper + band are left out; with ``band`` from
+    :func:`kernel_sum_band` their total is below exp(-20) of the sum (see the
+    module docstring). A query with no term within the band gets -inf.
+
+    Parameters
+    ----------
+    tree, queries, width
+        As for :func:`exact_min`.
+    upper : Tensor
+        f at some reference point per query (float64, (N,)), e.g. from
+        :func:`candidate_upper_bound`: it sets the balls' radii.
+    band : float
+        :func:`kernel_sum_band` of the whole reference set, also when ``tree``
+        holds part of it (the sums of the parts then add up to the whole's).
 
     Returns
     -------
     Tensor
         float64, shape (N,), on ``queries.device``.
     """
-    band = kernel_sum_band(tree.n)
-    upper, _ = _nearest_upper_bound(tree, queries, k, width)
     radius_sq = np.maximum(upper.cpu().numpy() + band - queries.offset, 0.0) / queries.rho
-    smallest = torch.full_like(upper, math.inf)
-    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+    # Streaming log-sum-exp: total = sum exp(shift - f) with shift the smallest f so far, so every
+    # exponent is <= 0; when shift drops, the total is rescaled. ``upper`` is a finite start.
+    shift, total = upper.clone(), torch.zeros_like(upper)
 
-    def collect(q: np.ndarray, values: torch.Tensor) -> None:
+    def accumulate(q: np.ndarray, values: torch.Tensor) -> None:
         q = torch.as_tensor(q, device=values.device)
-        smallest.scatter_reduce_(0, q, values, reduce="amin")
-        pieces.append((q, values))
+        if values.ndim == 2:  # a dense block of distinct queries, overwritten here to save its copies
+            lower = torch.minimum(shift[q], values.min(1).values)
+            terms = values.neg_().add_(lower[:, None]).exp_().sum(1)
+            total[q] = total[q] * torch.exp(lower - shift[q]) + terms
+            shift[q] = lower
+            return
+        lower = shift.clone().scatter_reduce_(0, q, values, reduce="amin")
+        total.mul_(torch.exp(lower - shift))
+        shift.copy_(lower)
+        total.index_add_(0, q, torch.exp(shift[q] - values))
 
-    _refine(tree, queries, np.arange(len(queries)), np.sqrt(radius_sq) * (1.0 + _SLACK), band, width, collect)
-    # Shift by the smallest f of each query so every exponent is <= 0.
-    total = torch.zeros_like(upper)
-    for q, values in pieces:
-        total.index_add_(0, q, torch.exp(smallest[q] - values))
-    return torch.log(total) - smallest
+    _refine(tree, queries, np.arange(len(queries)), np.sqrt(radius_sq) * (1.0 + _SLACK), band, width, accumulate)
+    return torch.log(total) - shift

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from anomri.errors import InputError
 from anomri.io.cohort import plan_from_config
-from anomri.io.derivatives import ScanDerivatives
+from anomri.io.derivatives import ScanDerivatives, level_label
 from anomri.scores import get_scores
 
 # The interpreter running Snakemake has anomri installed; calling it directly
@@ -25,9 +25,10 @@ except (KeyError, ValueError) as exc:
     sys.exit(f"anomri: error: config: {exc}")
 SCORES = [s.id for s in SELECTED_SCORES]
 NEEDS_REFERENCE = any(s.needs_reference for s in SELECTED_SCORES)
-if config["probability"]["score"] not in SCORES:
-    sys.exit(f"anomri: error: config: probability.score {config['probability']['score']!r} "
-             f"is not among the computed scores {SCORES}")
+PROBABILITY_SCORES = config["probability"]["scores"]
+_missing = [s for s in PROBABILITY_SCORES if s not in SCORES]
+if _missing:
+    sys.exit(f"anomri: error: config: probability.scores {_missing} are not among the computed scores {SCORES}")
 
 SCANS = {scan.prefix: scan for scan in PLAN.scans}
 

@@ -3,11 +3,18 @@
 
 rule evaluate:
     input:
-        [novelty_maps(s.prefix) for s in PLAN.evaluable],
-        [derivatives(s.prefix).probseg for s in PLAN.evaluable],
+        [novelty_maps(s.prefix) for s in PLAN.evaluable + PLAN.calibration],
+        [derivatives(s.prefix).probseg for s in PLAN.evaluable + PLAN.calibration],
+        [derivatives(s.prefix).mask for s in PLAN.evaluable + PLAN.calibration],
         [s.lesion_mask for s in PLAN.evaluable],
     output:
-        report(OUT / "evaluation.tsv", category="Evaluation"),
+        table=report(OUT / "evaluation.tsv", caption="../report/dmri_evaluation.rst", category="Evaluation",
+                     subcategory="Tables"),
+        sidecar=OUT / "evaluation.json",
+        summary=report(OUT / "evaluation_summary.tsv", caption="../report/dmri_summary.rst",
+                       category="Evaluation", subcategory="Tables"),
+        summary_sidecar=OUT / "evaluation_summary.json",
+        curves=OUT / "evaluation_curves.json",
     log:
         LOGS / "evaluate.log",
     threads: 1
@@ -16,10 +23,13 @@ rule evaluate:
         runtime=20,
     params:
         scans=" ".join(f"--scan {s.prefix} {s.lesion_mask}" for s in PLAN.evaluable),
+        calibration=prefixes(PLAN.calibration),
         scores=" ".join(SCORES),
+        ev=config["evaluation"],
     shell:
-        "{ANOMRI} --log {log} evaluate --derivatives-dir {OUT} {params.scans} --scores {params.scores}"
-        " --out {output}"
+        "{ANOMRI} --log {log} evaluate --derivatives-dir {OUT} {params.scans} --calibration {params.calibration}"
+        " --scores {params.scores} --fpr {params.ev[fpr]} --bootstrap {params.ev[bootstrap]} --seed {params.ev[seed]}"
+        " --out {output.table} --summary {output.summary} --curves {output.curves}"
 
 
 rule dataset_description:

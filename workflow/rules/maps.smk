@@ -52,7 +52,7 @@ rule score:
 
 rule calibrate:
     input:
-        [novelty_maps(s.prefix) for s in PLAN.calibration],
+        [derivatives(s.prefix).novelty(k) for s in PLAN.calibration for k in PROBABILITY_SCORES],
         [derivatives(s.prefix).mask for s in PLAN.calibration],
     output:
         OUT / "calibration" / "healthy_null.npz",
@@ -64,22 +64,25 @@ rule calibrate:
         runtime=20,
     params:
         scans=prefixes(PLAN.calibration),
-        scores=" ".join(SCORES),
+        scores=" ".join(PROBABILITY_SCORES),
         pp=config["probability"],
     shell:
         "{ANOMRI} --log {log} calibrate --derivatives-dir {OUT} --scans {params.scans}"
         " --scores {params.scores} --out {output} --erosion-voxels {params.pp[erosion_voxels]}"
-        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]}"
+        " --median-filter-voxels {params.pp[median_filter_voxels]}"
+        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]} --tail-fraction {params.pp[tail_fraction]}"
+        " --combination {params.pp[combination]}"
 
 
 rule probability:
     input:
         null=OUT / "calibration" / "healthy_null.npz",
-        map=scan_pattern(f"desc-{config['probability']['score']}_novelty.nii.gz"),
+        maps=[scan_pattern(f"desc-{k}_novelty.nii.gz") for k in PROBABILITY_SCORES],
         mask=scan_pattern("desc-brain_mask.nii.gz"),
     output:
         probseg=scan_pattern("label-L_probseg.nii.gz"),
         sidecar=scan_pattern("label-L_probseg.json"),
+        masks=[scan_pattern(f"label-L_desc-{level_label(a)}_mask.nii.gz") for a in config["probability"]["levels"]],
     log:
         LOGS / "probability" / "{subdir}" / "{prefix}.log",
     threads: 1
@@ -87,7 +90,9 @@ rule probability:
         mem_mb=2000,
         runtime=10,
     params:
-        score=config["probability"]["score"],
+        pp=config["probability"],
+        levels=" ".join(str(a) for a in config["probability"]["levels"]),
     shell:
         "{ANOMRI} --log {log} probability --derivatives-dir {OUT} --prefix {wildcards.prefix}"
-        " --null {input.null} --score {params.score}"
+        " --null {input.null} --levels {params.levels}"
+        " --min-component-voxels {params.pp[min_component_voxels]}"

@@ -33,4 +33,5 @@ rule preprocess:
         "{ANOMRI} --log {log} preprocess --dwi {input.dwi} --bval {input.bval} --bvec {input.bvec}"
         " --output-dir {OUT} --prefix {wildcards.prefix} {params.mask} {params.lesion}"
         " --b0-threshold {params.pre[b0_threshold]} --denoise {params.pre[denoise]}"
-        " --features {params.pre[features]}"
+        " --features {params.pre[features]} --context {params.pre[context]}"
+        " --context-radius {params.pre[context_radius]}"

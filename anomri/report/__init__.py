@@ -1,0 +1,1 @@
+"""Report figures (matplotlib): shared plotting helpers and the dMRI workflow's figures."""

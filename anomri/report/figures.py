@@ -1,0 +1,257 @@
+"""Figures of the dMRI workflow's report: ROC and PR curves, lesion overlays, training curves."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+from scipy import ndimage
+
+from anomri.errors import InputError
+from anomri.evaluate.table import CONNECTIVITY, POOLED, PROBABILITY, read_table
+from anomri.io.derivatives import ScanDerivatives
+from anomri.io.nifti import load_mask, load_nifti, read_data
+from anomri.report.plotting import display_range, pr_axes, roc_axes, save_figure
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FigurePaths", "plot_curves", "plot_overlay", "plot_training"]
+
+#: Colour map of the flagged probabilities over the b0: red to yellow, no dark end to vanish in the grey.
+OVERLAY_COLORMAP = "autumn"
+#: Colour of the ground-truth lesion contour: stands out from the overlay's colours and the grey b0.
+LESION_COLOUR = "cyan"
+#: (name, axis fixed) of the three orthogonal slices, in RAS voxel axes.
+_VIEWS = (("sagittal", 0), ("coronal", 1), ("axial", 2))
+
+
+@dataclass(frozen=True)
+class FigurePaths:
+    """Report figures below ``<output_dir>/figures``."""
+
+    root: Path
+
+    def curves(self, map_id: str) -> Path:
+        return Path(self.root) / f"score-{map_id}_curves.png"
+
+    def overlay(self, prefix: str) -> Path:
+        return Path(self.root) / f"{prefix}_overlay.png"
+
+    @property
+    def training(self) -> Path:
+        return Path(self.root) / "training_curves.png"
+
+
+# --------------------------------------------------------------------------- ROC and PR curves
+
+
+def plot_curves(curves_path: str | Path, paths: FigurePaths) -> list[Path]:
+    """One figure per map kind of ``evaluation_curves.json``: ROC (log FPR) and PR panels.
+
+    Each panel shows every patient as a thin line and all patients' voxels
+    pooled as a thick one, with the operating point at the healthy-FPR
+    threshold set on the calibration controls.
+
+    Returns
+    -------
+    list of Path
+        The figures written.
+    """
+    content = json.loads(Path(curves_path).read_text())
+    written = []
+    for map_id, by_patient in content["maps"].items():
+        patients = {k: v for k, v in by_patient.items() if k != POOLED}
+        pooled = by_patient[POOLED]
+        fig = Figure(figsize=(10, 4.4), layout="constrained")
+        roc, pr = fig.subplots(1, 2)
+        point = pooled["operating_point"]
+        # Left of where the curves rise (and of the operating point) every curve is flat at TPR 0.
+        lowest = min(_rise_fpr(by_patient.values()), point["fpr"] or 1.0)
+        roc_axes(roc, log_fpr=True, min_fpr=10.0 ** np.floor(np.log10(lowest)))
+        pr_axes(pr, pooled.get("prevalence"))
+        for entry in patients.values():
+            roc.plot(entry["roc"]["fpr"], entry["roc"]["tpr"], color="tab:blue", lw=0.7, alpha=0.45)
+            pr.plot(entry["pr"]["recall"], entry["pr"]["precision"], color="tab:blue", lw=0.7, alpha=0.45)
+        roc.plot(pooled["roc"]["fpr"], pooled["roc"]["tpr"], color="black", lw=2.0,
+                 label=f"pooled: AUROC {_fmt(pooled['auroc'])}")
+        pr.plot(pooled["pr"]["recall"], pooled["pr"]["precision"], color="black", lw=2.0,
+                label=f"pooled: AUPRC {_fmt(pooled['auprc'])}")
+        level = f"{content['fpr']:.3g} calibration-FPR threshold"
+        # None (undefined) plots as nothing.
+        roc.plot([_nan(point["fpr"])], [_nan(point["tpr"])], "o", color="tab:red", label=level)
+        pr.plot([_nan(point["tpr"])], [_nan(point["precision"])], "o", color="tab:red", label=level)
+        for ax in (roc, pr):
+            ax.plot([], [], color="tab:blue", lw=0.7, label=f"{len(patients)} patients")
+            # The corners a good detector leaves empty.
+            ax.legend(fontsize=7, loc="lower right" if ax is roc else "lower left")
+        roc.set_title("ROC (voxels)", fontsize=9)
+        pr.set_title("precision–recall (voxels)", fontsize=9)
+        fig.suptitle(map_id, fontsize=10)
+        save_figure(fig, paths.curves(map_id))
+        written.append(paths.curves(map_id))
+    return written
+
+
+def _rise_fpr(curves: Iterable[dict]) -> float:
+    """The smallest positive FPR at which any ROC curve has a positive TPR (1e-4 without one)."""
+    rises = [fpr[(fpr > 0) & (tpr > 0)].min() for fpr, tpr in
+             ((np.array(c["roc"]["fpr"]), np.array(c["roc"]["tpr"])) for c in curves)
+             if np.any((fpr > 0) & (tpr > 0))]
+    return min(rises, default=1e-4)
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
+
+
+def _fmt(value: float | str | None) -> str:
+    """Three decimals, or ``n/a`` (JSON null, a TSV's ``n/a``, NaN)."""
+    if value is None or value == "n/a" or not np.isfinite(float(value)):
+        return "n/a"
+    return f"{float(value):.3f}"
+
+
+# --------------------------------------------------------------------------- overlays
+
+
+def _canonical(img: nib.Nifti1Image, data: np.ndarray) -> np.ndarray:
+    """``data`` (on ``img``'s grid) reoriented to the closest RAS voxel axes, so slices are true views."""
+    orientation = nib.orientations.io_orientation(img.affine)
+    return nib.orientations.apply_orientation(data, orientation)
+
+
+def _canonical_zooms(img: nib.Nifti1Image) -> np.ndarray:
+    """Voxel sizes (mm) along the axes of :func:`_canonical`."""
+    zooms = np.empty(3)
+    zooms[nib.orientations.io_orientation(img.affine)[:, 0].astype(int)] = img.header.get_zooms()[:3]
+    return zooms
+
+
+def _slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """The slice ``index`` across ``axis``, transposed for ``imshow(origin="lower")``: anterior/superior up."""
+    return np.take(volume, index, axis=axis).T
+
+
+def lesion_centres(lesion: np.ndarray, n: int) -> list[tuple[tuple[int, int, int], int]]:
+    """Centre voxels and sizes of the ``n`` largest lesions (26-connected components), largest first.
+
+    The centre is the lesion voxel nearest the lesion's centroid: a
+    non-convex lesion's centroid may lie outside it, and slices through it
+    would miss the lesion.
+    """
+    structure = ndimage.generate_binary_structure(3, 3 if CONNECTIVITY == 26 else 1)
+    labels, count = ndimage.label(lesion, structure)
+    if count == 0:
+        return []
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    centres = []
+    for index in np.argsort(-sizes, kind="stable")[:n]:
+        voxels = np.argwhere(labels == index + 1)
+        nearest = voxels[np.argmin(((voxels - voxels.mean(0)) ** 2).sum(1))]
+        centres.append((tuple(int(v) for v in nearest), int(sizes[index])))
+    return centres
+
+
+def _patient_row(evaluation: list[dict[str, str]], prefix: str) -> dict[str, str]:
+    participant, _, session = prefix.partition("_")
+    for row in evaluation:
+        if row["participant_id"] == participant and row["session"] == (session or "n/a") \
+                and row["score"] == PROBABILITY:
+            return row
+    raise InputError(prefix, f"no '{PROBABILITY}' row for this scan in the evaluation table")
+
+
+def plot_overlay(derivatives_dir: str | Path, prefix: str, lesion_path: str | Path, evaluation_path: str | Path,
+                 out: str | Path, n_lesions: int = 2) -> None:
+    """Lesion probability and lesion contour over the mean b0, three orthogonal slices per lesion.
+
+    One row per lesion among the ``n_lesions`` largest (through the voxel
+    nearest its centroid; through the most probable voxel when the mask is
+    empty): sagittal, coronal and axial slices in RAS orientation, millimetre
+    aspect. The probability is drawn where it reaches the healthy-FPR
+    threshold of the evaluation table (the voxels flagged), transparent
+    elsewhere; the lesion mask is the cyan contour.
+    """
+    scan = ScanDerivatives(Path(derivatives_dir), prefix)
+    b0_img = load_nifti(scan.b0, ndim=3)
+    prob_img = load_nifti(scan.probseg, ndim=3)
+    if prob_img.shape != b0_img.shape:
+        raise InputError(scan.probseg, f"shape {prob_img.shape} differs from {scan.b0.name} {b0_img.shape}")
+    lesion = _canonical(b0_img, load_mask(lesion_path, b0_img, scan.b0))
+    b0 = _canonical(b0_img, read_data(b0_img, scan.b0))
+    prob = _canonical(b0_img, read_data(prob_img, scan.probseg))
+    brain = _canonical(b0_img, load_mask(scan.mask, b0_img, scan.b0))
+    zooms = _canonical_zooms(b0_img)
+    row = _patient_row(read_table(evaluation_path), prefix)
+    threshold = float(row["threshold"])
+    centres = lesion_centres(lesion, n_lesions) or [
+        (tuple(int(v) for v in np.unravel_index(np.argmax(np.where(brain, prob, -np.inf)), prob.shape)), 0)]
+    grey = display_range([b0[brain]], 0.5, 99.5) if brain.any() else display_range([b0])
+    top = max(float(prob[brain].max()) if brain.any() else threshold, threshold + 1e-6)
+
+    fig = Figure(figsize=(10, 3.4 * len(centres) + 0.6), layout="constrained")
+    axes = fig.subplots(len(centres), 3, squeeze=False)
+    image = None
+    for r, (centre, size) in enumerate(centres):
+        for c, (view, axis) in enumerate(_VIEWS):
+            ax = axes[r, c]
+            shown = [a for a in range(3) if a != axis]
+            # Extent in mm: anisotropic voxels keep their true aspect.
+            extent = (0, b0.shape[shown[0]] * zooms[shown[0]], 0, b0.shape[shown[1]] * zooms[shown[1]])
+            ax.imshow(_slice(b0, axis, centre[axis]), cmap="gray", vmin=grey[0], vmax=grey[1], origin="lower",
+                      extent=extent, interpolation="nearest")
+            flagged = np.ma.masked_less(_slice(np.where(brain, prob, -np.inf), axis, centre[axis]), threshold)
+            image = ax.imshow(flagged, cmap=OVERLAY_COLORMAP, vmin=threshold, vmax=top, origin="lower", extent=extent,
+                              interpolation="nearest", alpha=0.85)
+            outline = _slice(lesion, axis, centre[axis])
+            if outline.any():
+                ax.contour(outline.astype(float), levels=[0.5], colors=LESION_COLOUR, linewidths=1.0,
+                           origin="lower", extent=extent)
+            what = f"lesion {r + 1} ({size} voxels)" if size else "most probable voxel"
+            ax.set_title(f"{what}: {view} {'xyz'[axis]}={centre[axis]}", fontsize=8)
+            ax.set_axis_off()
+    fig.colorbar(image, ax=axes, shrink=0.8, label="lesion probability (≥ threshold)")
+    axes[0, 0].legend(handles=[Line2D([], [], color=LESION_COLOUR, lw=1.0, label="lesion mask")], fontsize=7,
+                      loc="lower left")
+    fig.suptitle(f"{prefix}: {PROBABILITY} ≥ {threshold:.4g}, flagging {_fmt(row['healthy_fpr'])} of healthy brain; "
+                 f"AUROC {_fmt(row['auroc'])}, AUPRC {_fmt(row['auprc'])}, Dice {_fmt(row['dice_at_fpr'])}",
+                 fontsize=9)
+    save_figure(fig, out, dpi=110)
+
+
+# --------------------------------------------------------------------------- training curves
+
+
+def plot_training(history_path: str | Path, out: str | Path) -> None:
+    """Training curves of ``training_history.tsv``: the losses, and the other logged terms.
+
+    Left panel: every ``*_loss`` column (training and validation objective);
+    right panel: every other column (e.g. the reconstruction and KL terms).
+    ``n/a`` entries are gaps.
+    """
+    rows = read_table(history_path)
+    if not rows or "epoch" not in rows[0]:
+        raise InputError(history_path, "expected a TSV with an 'epoch' column and at least one row")
+    epoch = np.array([float(r["epoch"]) for r in rows])
+    columns = [c for c in rows[0] if c != "epoch"]
+    values = {c: np.array([np.nan if r[c] in ("", "n/a") else float(r[c]) for r in rows]) for c in columns}
+    losses = [c for c in columns if c.endswith("_loss")]
+    others = [c for c in columns if c not in losses]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    panels = fig.subplots(1, 2 if others else 1, squeeze=False)[0]
+    for ax, group, title in zip(panels, (losses, others), ("objective (negative ELBO)", "terms")):
+        for column in group:
+            ax.plot(epoch, values[column], marker="o", ms=3, label=column)
+        ax.set(xlabel="epoch", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    fig.suptitle(f"VAE training ({len(rows)} epochs)", fontsize=10)
+    save_figure(fig, out)

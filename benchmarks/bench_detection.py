@@ -1,0 +1,237 @@
+"""Detection baselines against the VAE maps of a finished anomri run (issue #4).
+
+A script, not a test. On the run's own features and calibration it fits three
+classical novelty detectors on exactly the pooled healthy voxels the VAE was
+trained on (``<output_dir>/models/training_voxels.npz``), after the same
+per-feature standardisation the VAE applies:
+
+* kNN distance: mean Euclidean distance to the ``k`` nearest training voxels
+  (scikit-learn ``NearestNeighbors``);
+* IsolationForest: minus scikit-learn's ``score_samples``;
+* PCA reconstruction error: squared distance to the principal subspace that
+  keeps ``--pca-variance`` of the training variance.
+
+Every patient's and every calibration control's brain voxels are scored. Each
+map (a baseline's, or a VAE novelty map read from the run's NIfTI outputs) is
+reported twice: raw, and as a calibrated lesion probability 1 - p built the way
+``anomri calibrate`` / ``anomri probability`` build it: the post-processing of
+the config's ``probability`` section (or ``--erosion-voxels``,
+``--median-filter-voxels``, ``--smoothing-fwhm-mm``), then the tail
+probability p among the calibration controls' post-processed voxels
+(:class:`anomri.maps.probability.HealthyNull`, same tail fraction). The run's
+own probability map (``label-L_probseg``) is read as well and, as a check, is
+recomputed from its novelty maps with the config's scores and combination.
+
+One table is printed: mean per-patient voxel AUROC, AUPRC and best Dice, each
+computed over the brain mask as ``anomri evaluate`` does. Deterministic for a
+given ``--seed``.
+
+Usage::
+
+    python benchmarks/bench_detection.py                          # results/anomri, config.yaml
+    python benchmarks/bench_detection.py --output-dir /tmp/heldout_out --bids-dir /tmp/heldout --knn-k 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import yaml
+from sklearn.decomposition import PCA
+from sklearn.ensemble import IsolationForest
+from sklearn.neighbors import NearestNeighbors
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from anomri.dmri.features import check_compatible  # noqa: E402
+from anomri.evaluate.metrics import auprc, auroc, best_dice  # noqa: E402
+from anomri.io.cohort import plan_from_config  # noqa: E402
+from anomri.io.derivatives import ScanDerivatives  # noqa: E402
+from anomri.io.nifti import load_mask, load_nifti, read_data  # noqa: E402
+from anomri.io.voxels import read_feature_description  # noqa: E402
+from anomri.maps.postprocess import PostProcessing  # noqa: E402
+from anomri.maps.probability import HealthyNull  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+#: Voxels scored per call, bounding the kNN distance matrices.
+CHUNK = 50_000
+
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+#: Floor of the features before a log (SH powers can be 0 at a lone voxel's neighbourhood std).
+LOG_FLOOR = 1e-6
+SCALINGS = ("standard", "log-standard")
+
+
+def fit_baselines(train: np.ndarray, k: int, pca_variance: float, n_trees: int, seed: int,
+                  scaling: str = "standard") -> dict[str, Scorer]:
+    """Fit every baseline on scaled training voxels; return name -> scorer (higher = more novel).
+
+    ``scaling`` is ``"standard"`` (each feature minus its training mean, over
+    its training std: what the VAE sees) or ``"log-standard"`` (the same on
+    log features: SH powers are positive and right-skewed over decades, and
+    the log makes relative changes comparable across tissues).
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"unknown scaling {scaling!r}; choose one of {SCALINGS}")
+
+    def transform(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        return np.log(np.maximum(x, LOG_FLOOR)) if scaling == "log-standard" else x
+
+    # Standardising with the training mean and std, as the VAE does, keeps
+    # any feature from dominating the distances by its scale alone.
+    t = transform(train)
+    mean, std = t.mean(0), np.where(t.std(0) > 0, t.std(0), 1.0)
+
+    def standardise(x: np.ndarray) -> np.ndarray:
+        return (transform(x) - mean) / std
+
+    z = standardise(train)
+    knn = NearestNeighbors(n_neighbors=k).fit(z)
+    forest = IsolationForest(n_estimators=n_trees, random_state=seed).fit(z)
+    pca = PCA(n_components=pca_variance, svd_solver="full").fit(z)
+
+    def knn_score(x: np.ndarray) -> np.ndarray:
+        return knn.kneighbors(standardise(x))[0].mean(1)
+
+    def forest_score(x: np.ndarray) -> np.ndarray:
+        return -forest.score_samples(standardise(x))
+
+    def pca_score(x: np.ndarray) -> np.ndarray:
+        zx = standardise(x)
+        return ((zx - pca.inverse_transform(pca.transform(zx))) ** 2).sum(1)
+
+    print(f"PCA keeps {pca.n_components_} of {train.shape[1]} components ({pca_variance:.0%} of the variance)")
+    return {f"kNN (k={k}, {scaling})": knn_score, f"IsolationForest ({scaling})": forest_score,
+            f"PCA ({pca.n_components_} comp., {scaling})": pca_score}
+
+
+def score_volume(scorer: Scorer, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """A scorer's map of one scan: float32, 0 outside ``mask``."""
+    x = features[mask]
+    values = np.concatenate([scorer(x[i:i + CHUNK]) for i in range(0, len(x), CHUNK)])
+    volume = np.zeros(mask.shape, np.float32)
+    volume[mask] = values
+    return volume
+
+
+def patient_metrics(volume: np.ndarray, mask: np.ndarray, lesion: np.ndarray) -> tuple[float, float, float]:
+    """AUROC, AUPRC and best Dice of one map over the brain mask (as ``anomri evaluate``)."""
+    x, y = volume[mask], lesion[mask]
+    return auroc(x, y), auprc(x, y), best_dice(x, y)[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(REPO / "config.yaml"), help="workflow config of the run")
+    p.add_argument("--output-dir", help="finished anomri run (default: the config's output_dir)")
+    p.add_argument("--bids-dir", help="its input dataset (default: from the run's dataset_description.json)")
+    p.add_argument("--knn-k", type=int, default=5)
+    p.add_argument("--pca-variance", type=float, default=0.95, help="training variance the PCA subspace keeps")
+    p.add_argument("--n-trees", type=int, default=200, help="IsolationForest trees")
+    p.add_argument("--scaling", choices=SCALINGS, default="standard", help="feature scaling of the baselines")
+    p.add_argument("--erosion-voxels", type=int, help="default: the config's probability section")
+    p.add_argument("--median-filter-voxels", type=int, help="default: the config's probability section")
+    p.add_argument("--smoothing-fwhm-mm", type=float, help="default: the config's probability section")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    config = yaml.safe_load(Path(args.config).read_text())
+    out = Path(args.output_dir or config["output_dir"])
+    if args.bids_dir:
+        config["bids_dir"] = args.bids_dir
+    else:
+        source = json.loads((out / "dataset_description.json").read_text())["SourceDatasets"][0]["URL"]
+        config["bids_dir"] = urlparse(source).path
+        if Path(config["bids_dir"]) == (out / "sourcedata" / "demo").resolve():
+            config["bids_dir"] = "demo"  # the demo's plan is built from its settings
+    config["output_dir"] = str(out)
+    plan = plan_from_config(config)
+
+    with np.load(out / "models" / "training_voxels.npz") as pool:
+        train, pooled_scans = pool["samples"], pool["scans"].tolist()
+        description = json.loads(str(pool["description"]))
+    if pooled_scans != [s.prefix for s in plan.training]:
+        raise SystemExit(f"the run trained on {pooled_scans}, the config's split gives "
+                         f"{[s.prefix for s in plan.training]}: pass the run's --config")
+    prob = config["probability"]
+    post = PostProcessing(*(prob[k] if getattr(args, k) is None else getattr(args, k)
+                            for k in ("erosion_voxels", "median_filter_voxels", "smoothing_fwhm_mm")))
+    first = ScanDerivatives(out, plan.calibration[0].prefix)
+    vae_scores = sorted(path.name.removeprefix(f"{first.prefix}_space-dwi_desc-").removesuffix("_novelty.nii.gz")
+                        for path in first.dir.glob("*_novelty.nii.gz"))
+    print(f"run {out}: {len(train)} training voxels x {train.shape[1]} features from {pooled_scans}; "
+          f"calibration {[s.prefix for s in plan.calibration]}; patients {[s.prefix for s in plan.evaluable]}; "
+          f"post-processing {post.record()}, tail fraction {prob['tail_fraction']}")
+
+    t0 = time.perf_counter()
+    scorers = fit_baselines(train, args.knn_k, args.pca_variance, args.n_trees, args.seed, args.scaling)
+    print(f"fitted baselines in {time.perf_counter() - t0:.0f} s")
+
+    def maps(scan: ScanDerivatives) -> tuple[dict[str, np.ndarray], np.ndarray, tuple]:
+        """Every method's raw map of one scan, its brain mask and voxel size."""
+        check_compatible(description, read_feature_description(scan.features), scan.features)
+        img = load_nifti(scan.features, ndim=4)
+        mask = load_mask(scan.mask, img, scan.features)
+        features = read_data(img, scan.features)
+        volumes = {name: score_volume(f, features, mask) for name, f in scorers.items()}
+        for score in vae_scores:
+            volumes[f"VAE {score}"] = read_data(load_nifti(scan.novelty(score), ndim=3), scan.novelty(score))
+        return volumes, mask, img.header.get_zooms()[:3]
+
+    # The healthy null of every method, from the calibration controls' post-processed maps.
+    null_values: dict[str, list[np.ndarray]] = {}
+    for scan in plan.calibration:
+        volumes, mask, zooms = maps(ScanDerivatives(out, scan.prefix))
+        for name, volume in volumes.items():
+            processed, valid = post.apply(volume, mask, zooms)
+            null_values.setdefault(name, []).append(processed[valid])
+    nulls = {k: HealthyNull({k: np.concatenate(v)}, post, prob["tail_fraction"]) for k, v in null_values.items()}
+    # The run's lesion probability, recomputed: same scores and combination as the config.
+    run_null = HealthyNull({k: np.concatenate(null_values[f"VAE {k}"]) for k in prob["scores"]}, post,
+                           prob["tail_fraction"], prob["combination"])
+
+    def probability(null: HealthyNull, processed: dict[str, np.ndarray], valid: np.ndarray) -> np.ndarray:
+        """1 - p inside the post-processed mask, 0 outside (as ``label-L_probseg``)."""
+        volume = np.zeros(valid.shape, np.float32)
+        volume[valid] = 1.0 - null.tail_probability({k: v[valid] for k, v in processed.items()})
+        return volume
+
+    rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    max_probseg_diff = 0.0
+    for scan in plan.evaluable:
+        derivatives = ScanDerivatives(out, scan.prefix)
+        volumes, mask, zooms = maps(derivatives)
+        lesion = load_mask(scan.lesion_mask, load_nifti(derivatives.mask, ndim=3), derivatives.mask)
+        processed = {}
+        for name, volume in volumes.items():
+            # Every map of a scan comes back with the same post-processed mask, ``valid``.
+            processed[name], valid = post.apply(volume, mask, zooms)
+            rows.setdefault((name, "raw score"), []).append(patient_metrics(volume, mask, lesion))
+            rows.setdefault((name, "probability"), []).append(
+                patient_metrics(probability(nulls[name], {name: processed[name]}, valid), mask, lesion))
+        written = read_data(load_nifti(derivatives.probseg, ndim=3), derivatives.probseg)
+        recomputed = probability(run_null, {k: processed[f"VAE {k}"] for k in prob["scores"]}, valid)
+        max_probseg_diff = max(max_probseg_diff, float(np.abs(written - recomputed).max()))
+        rows.setdefault(("VAE run's label-L_probseg", "+".join(prob["scores"])), []).append(
+            patient_metrics(written, mask, lesion))
+
+    print(f"\n{len(plan.evaluable)} patients; max |run's label-L_probseg - recomputed| = {max_probseg_diff:.2g} "
+          "(0 when the config matches the run)\n")
+    print("| method | map | AUROC | AUPRC | best Dice |\n|---|---|---|---|---|")
+    for (name, kind), values in rows.items():
+        a, p_, d = np.mean(values, axis=0)
+        print(f"| {name} | {kind} | {a:.4f} | {p_:.3f} | {d:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

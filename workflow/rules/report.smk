@@ -1,0 +1,70 @@
+# Figures of the HTML report (snakemake --report report.html): ROC/PR curves per score, one overlay
+# per patient, training curves. They are part of the default target, so the report finds them.
+# Thin rules only: each calls one `anomri` command.
+from anomri.evaluate.table import PROBABILITY
+from anomri.report.figures import FigurePaths
+
+FIGURES = FigurePaths(OUT / "figures")
+EVALUATED_MAPS = SCORES + [PROBABILITY]
+
+
+def report_figures():
+    """Every report figure the default target builds."""
+    figures = [FIGURES.training]
+    if PLAN.evaluable:
+        figures += [FIGURES.curves(m) for m in EVALUATED_MAPS]
+        figures += [FIGURES.overlay(s.prefix) for s in PLAN.evaluable]
+    return figures
+
+
+rule plot_curves:
+    input:
+        OUT / "evaluation_curves.json",
+    output:
+        [report(FIGURES.curves(m), caption="../report/dmri_curves.rst", category="Evaluation",
+                subcategory="ROC and PR curves", labels={"score": m}) for m in EVALUATED_MAPS],
+    log:
+        LOGS / "figures" / "curves.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "{ANOMRI} --log {log} plot-curves --curves {input} --figures-dir {FIGURES.root}"
+
+
+rule plot_overlay:
+    input:
+        lesion=lambda wc: SCANS[wc.prefix].lesion_mask,
+        evaluation=OUT / "evaluation.tsv",
+        b0=lambda wc: derivatives(wc.prefix).b0,
+        mask=lambda wc: derivatives(wc.prefix).mask,
+        probseg=lambda wc: derivatives(wc.prefix).probseg,
+    output:
+        report(FIGURES.overlay("{prefix}"), caption="../report/dmri_overlay.rst", category="Patients",
+               subcategory="Overlays", labels={"scan": "{prefix}"}),
+    log:
+        LOGS / "figures" / "overlay_{prefix}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "{ANOMRI} --log {log} plot-overlay --derivatives-dir {OUT} --prefix {wildcards.prefix}"
+        " --lesion-mask {input.lesion} --evaluation {input.evaluation} --out {output}"
+
+
+rule plot_training:
+    input:
+        OUT / "models" / "training_history.tsv",
+    output:
+        report(FIGURES.training, caption="../report/dmri_training.rst", category="Training",
+               subcategory="Curves"),
+    log:
+        LOGS / "figures" / "training.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "{ANOMRI} --log {log} plot-training --history {input} --out {output}"
