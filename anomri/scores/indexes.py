@@ -220,12 +220,53 @@ class _KernelStratum:
         )
 
     @cached_property
-    def form(self) -> InnerProductForm:
-        """f_y(q) = <[q^2, q], [p_y / 2, -p_y m_y]> + 1/2 sum_k p_yk m_yk^2 + C_y, with p = s^-2, in leaf order."""
-        m = self._means[self.rows].double()
-        p = torch.exp(-2.0 * self._log_sigma[self.rows].double())
-        b = 0.5 * (p * m * m).sum(1) + self._log_norm[self.rows].to(m.device)
-        return InnerProductForm(torch.cat([0.5 * p, -p * m], dim=1), b, order=self.tree.tree.indices)
+    def form(self) -> _KernelForm:
+        """f_y(q) as an inner product, in leaf order (:class:`_KernelForm`)."""
+        order = torch.as_tensor(self.tree.tree.indices, device=self.rows.device)
+        return _KernelForm(self._means, self._log_sigma, self._log_norm, self.rows[order], self.tree.tree.indices)
+
+
+class _KernelForm(InnerProductForm):
+    """f_y(q) = <[q^2, q], [p_y / 2, -p_y m_y]> + 1/2 sum_k p_yk m_yk^2 + C_y, with p = s^-2.
+
+    Psi is expanded in float64 block by block from the float32 means and
+    log-sigmas rather than stored: stored, it would take 2 K x 8 bytes per
+    reference kernel (720 MB for 500k kernels of 90 features), the largest
+    part of the peak memory. Each block gets the same float64 values a stored
+    Psi would hold.
+
+    Parameters
+    ----------
+    means, log_sigma : Tensor
+        The reference kernels, (M, K) (all of Y, not copied).
+    log_norm : Tensor
+        C_y, (M,) float64.
+    rows : Tensor
+        The rows of Y the form covers, in stored order.
+    order : ndarray
+        Their positions in the stratum (what :meth:`screen` reports).
+    """
+
+    def __init__(self, means: torch.Tensor, log_sigma: torch.Tensor, log_norm: torch.Tensor, rows: torch.Tensor,
+                 order: np.ndarray) -> None:
+        self.order, self._means, self._log_sigma, self._rows = order, means, log_sigma, rows
+        blocks = range(0, len(rows), BUILD_ROWS)
+        b = torch.cat([self._offsets(rows[s : s + BUILD_ROWS]) for s in blocks]) + log_norm[rows].to(means.device)
+        self._set_offsets(b, 2 * means.shape[1])
+
+    def _kernels(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """m_y and p_y = s_y^-2 of Y's rows ``rows``, float64."""
+        return self._means[rows].double(), torch.exp(-2.0 * self._log_sigma[rows].double())
+
+    def _offsets(self, rows: torch.Tensor) -> torch.Tensor:
+        """1/2 sum_k p_yk m_yk^2 of Y's rows ``rows``."""
+        m, p = self._kernels(rows)
+        return 0.5 * (p * m * m).sum(1)
+
+    def psi_rows(self, start: int, stop: int) -> torch.Tensor:
+        """[p_y / 2, -p_y m_y] of the stored rows [start, stop), float64."""
+        m, p = self._kernels(self._rows[start:stop])
+        return torch.cat([0.5 * p, -p * m], dim=1)
 
 
 class GaussianKernelIndex:

@@ -224,16 +224,28 @@ class InnerProductForm:
         Store the rows in this order, e.g. a tree's leaf order
         (``LowerBoundTree.tree.indices``), so that consecutive rows lie close
         together and an exact block far from every query can be skipped whole.
+
+    A subclass may compute Psi block by block instead of storing it, by
+    overriding :meth:`psi_rows` and calling ``_set_offsets`` from its constructor.
     """
 
     def __init__(self, psi: torch.Tensor, b: torch.Tensor, order: np.ndarray | None = None) -> None:
         self.order = order
         rows = slice(None) if order is None else torch.as_tensor(order, device=psi.device)
         self.psi = psi[rows].contiguous()
-        self.b = b[rows].double()
-        self.psi_norm_max = max(float(torch.linalg.vector_norm(self.psi[s : s + BUILD_ROWS].double(), dim=1).max())
-                                for s in range(0, len(self.psi), BUILD_ROWS))
+        self._set_offsets(b[rows], psi.shape[1])
+
+    def _set_offsets(self, b: torch.Tensor, width: int) -> None:
+        """Store b (in stored row order) and the norms the float32 error bound needs; Psi is read by psi_rows."""
+        self.width = width
+        self.b = b.double()
+        self.psi_norm_max = max(float(torch.linalg.vector_norm(self.psi_rows(s, s + BUILD_ROWS).double(), dim=1).max())
+                                for s in range(0, len(self.b), BUILD_ROWS))
         self.b_abs_max = float(self.b.abs().max())
+
+    def psi_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Psi of the stored rows [start, stop), (stop - start, K) in the stored dtype."""
+        return self.psi[start:stop]
 
     def exact_blocks(self, phi: torch.Tensor, a: torch.Tensor, blocks: np.ndarray) -> Iterator[torch.Tensor]:
         """f of the queries against stored rows [_EXACT_ROWS k, _EXACT_ROWS (k + 1)), k in ``blocks``, float64.
@@ -243,8 +255,8 @@ class InnerProductForm:
         """
         phi, a = phi.double(), a.double()
         for k in blocks:
-            rows = slice(int(k) * _EXACT_ROWS, (int(k) + 1) * _EXACT_ROWS)
-            yield torch.addmm(self.b[rows], phi, self.psi[rows].double().T).add_(a[:, None])
+            start, stop = int(k) * _EXACT_ROWS, (int(k) + 1) * _EXACT_ROWS
+            yield torch.addmm(self.b[start:stop], phi, self.psi_rows(start, stop).double().T).add_(a[:, None])
 
     def error_bound(self, phi: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """Bound on |float32 f - f| per query.
@@ -252,7 +264,7 @@ class InnerProductForm:
         Higham's gamma_K bound on a float32 dot product, with K raised by 8 for the
         rounding of Phi, Psi, a, b to float32 and the two additions, then doubled.
         """
-        k = self.psi.shape[1] + 8
+        k = self.width + 8
         unit = 2.0**-24
         gamma = 2.0 * k * unit / (1.0 - k * unit)
         phi_norm = torch.linalg.vector_norm(phi.double(), dim=1)
@@ -284,8 +296,8 @@ class InnerProductForm:
         # which then holds gigabytes.
         buffer = torch.empty(len(phi), rows, device=phi.device)
         mask = torch.empty(len(phi), rows, dtype=torch.bool, device=phi.device)
-        for start in range(0, len(self.psi), rows):
-            psi, b = self.psi[start : start + rows].float(), b32[start : start + rows]
+        for start in range(0, len(self.b), rows):
+            psi, b = self.psi_rows(start, start + rows).float(), b32[start : start + rows]
             full = len(psi) == rows
             values = torch.addmm(b, phi32, psi.T, out=buffer) if full else torch.addmm(b, phi32, psi.T)
             values += a32[:, None]
