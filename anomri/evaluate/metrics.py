@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+from anomri.maps.postprocess import label_components
 
 logger = logging.getLogger(__name__)
 
@@ -22,10 +23,6 @@ __all__ = [
     "auroc", "auprc", "best_dice", "dice", "threshold_at_fpr", "lesion_wise", "roc_points", "pr_points",
     "bootstrap_ci",
 ]
-
-# scipy's ``generate_binary_structure(3, c)`` connectivity for each neighbourhood size.
-_NEIGHBOURHOOD_TO_SCIPY = {6: 1, 18: 2, 26: 3}
-
 
 def _as_bool(x: np.ndarray, name: str) -> np.ndarray:
     """Return ``x`` as bool, refusing values other than 0/1 (a probability map is not a mask)."""
@@ -200,11 +197,8 @@ def lesion_wise(
     lesion = _as_bool(lesion_volume, "lesion_volume")
     if pred.ndim != 3 or pred.shape != lesion.shape:
         raise ValueError(f"need two 3-D volumes of equal shape; got {pred.shape} and {lesion.shape}")
-    if connectivity not in _NEIGHBOURHOOD_TO_SCIPY:
-        raise ValueError(f"connectivity must be 6, 18 or 26; got {connectivity}")
-    structure = ndimage.generate_binary_structure(3, _NEIGHBOURHOOD_TO_SCIPY[connectivity])
-    lesion_ids, n_lesions = ndimage.label(lesion, structure)
-    pred_ids, n_pred_components = ndimage.label(pred, structure)
+    lesion_ids, n_lesions = label_components(lesion, connectivity)
+    pred_ids, n_pred_components = label_components(pred, connectivity)
     overlap = pred & lesion
     n_detected = np.unique(lesion_ids[overlap]).size
     n_true_components = np.unique(pred_ids[overlap]).size

@@ -69,3 +69,14 @@ def masked_median(volume: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray
     padded = np.pad(np.where(mask, volume, np.nan).astype(np.float32), half, constant_values=np.nan)
     windows = np.lib.stride_tricks.sliding_window_view(padded, (size,) * 3)[mask]
     return np.nanmedian(windows.reshape(len(windows), -1), axis=1)
+
+
+# scipy's ``generate_binary_structure(3, c)`` connectivity for each neighbourhood size.
+_NEIGHBOURHOOD_TO_SCIPY = {6: 1, 18: 2, 26: 3}
+
+
+def label_components(mask: np.ndarray, connectivity: int = 26) -> tuple[np.ndarray, int]:
+    """Connected components of a 3-D mask with 6-, 18- or 26-connectivity: (labels, count)."""
+    if connectivity not in _NEIGHBOURHOOD_TO_SCIPY:
+        raise ValueError(f"connectivity must be 6, 18 or 26; got {connectivity}")
+    return ndi.label(mask, ndi.generate_binary_structure(3, _NEIGHBOURHOOD_TO_SCIPY[connectivity]))

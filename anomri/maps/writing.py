@@ -6,14 +6,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from anomri import __version__
 from anomri.io.atomic import write_json
 from anomri.io.derivatives import ScanDerivatives, sidecar_path
 from anomri.io.nifti import load_mask, load_nifti, read_data, save_volume
 from anomri.maps.novelty import NoveltyModel
-from anomri.maps.postprocess import PostProcessing
+from anomri.maps.postprocess import PostProcessing, label_components
 from anomri.maps.probability import HealthyNull
 from anomri.models.checkpoint import file_sha256
 
@@ -108,7 +107,7 @@ def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     """``mask`` without its 26-connected components of fewer than ``min_voxels`` voxels."""
     if min_voxels <= 1:
         return mask
-    labels, _ = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    labels, _ = label_components(mask, 26)
     sizes = np.bincount(labels.ravel())
     keep = sizes >= min_voxels
     keep[0] = False

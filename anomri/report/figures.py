@@ -13,11 +13,11 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
-from scipy import ndimage
 
 from anomri.errors import InputError
 from anomri.evaluate.table import CONNECTIVITY, POOLED, PROBABILITY, read_table
 from anomri.io.derivatives import ScanDerivatives
+from anomri.maps.postprocess import label_components
 from anomri.io.nifti import load_mask, load_nifti, read_data
 from anomri.report.plotting import display_range, pr_axes, roc_axes, save_figure
 
@@ -147,8 +147,7 @@ def lesion_centres(lesion: np.ndarray, n: int) -> list[tuple[tuple[int, int, int
     non-convex lesion's centroid may lie outside it, and slices through it
     would miss the lesion.
     """
-    structure = ndimage.generate_binary_structure(3, 3 if CONNECTIVITY == 26 else 1)
-    labels, count = ndimage.label(lesion, structure)
+    labels, count = label_components(lesion, CONNECTIVITY)
     if count == 0:
         return []
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
