@@ -133,17 +133,29 @@ def run_calibrate(args: argparse.Namespace) -> None:
     from anomri.io.derivatives import ScanDerivatives
     from anomri.maps.postprocess import PostProcessing
     from anomri.maps.probability import HealthyNull
-    from anomri.maps.writing import postprocessed_scores
+    from anomri.maps.writing import masked_features, postprocessed_scores
 
+    if args.tissue_classes < 1:
+        raise InputError("--tissue-classes", f"must be at least 1; got {args.tissue_classes}")
     post = PostProcessing(args.erosion_voxels, args.median_filter_voxels, args.smoothing_fwhm_mm)
     scans = [ScanDerivatives(args.derivatives_dir, p) for p in args.scans]
-    null = {}
+    null, masks = {}, []
     for score in args.scores:
         processed = [postprocessed_scores(scan, score, post) for scan in scans]
         null[score] = np.concatenate([volume[mask] for volume, mask, _ in processed])
-    HealthyNull(null, post, args.tail_fraction, args.combination, args.scans).save(args.out)
-    logger.info("calibration null of %s from %d voxels of %d held-out controls", "+".join(args.scores),
-                len(next(iter(null.values()))), len(scans))
+        masks = [mask for _, mask, _ in processed]
+    features = None
+    if args.tissue_classes > 1:
+        features = np.concatenate([masked_features(scan, mask) for scan, mask in zip(scans, masks)])
+    try:
+        healthy = HealthyNull.fit(null, features, tissue_classes=args.tissue_classes, seed=args.seed,
+                                  postprocessing=post, tail_fraction=args.tail_fraction,
+                                  combination=args.combination, scans=args.scans)
+    except ValueError as exc:
+        raise InputError(args.out, f"cannot calibrate: {exc}") from exc
+    healthy.save(args.out)
+    logger.info("calibration null of %s from %d voxels of %d held-out controls, %d tissue class(es)",
+                "+".join(args.scores), len(next(iter(null.values()))), len(scans), args.tissue_classes)
 
 
 @command("probability")
@@ -402,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the healthy null modelled by the generalised Pareto tail")
     p.add_argument("--combination", choices=["fisher", "tippett"], default="fisher",
                    help="how several scores' tail probabilities combine")
+    p.add_argument("--tissue-classes", type=int, default=1,
+                   help="calibrate each of K tissue classes (Gaussian mixture of log features) on its own; 1 = one null")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tissue-class mixture")
 
     p = sub.add_parser("probability", help="lesion probability map of one scan")
     p.add_argument("--derivatives-dir", required=True)

@@ -18,7 +18,7 @@ reported twice: raw, and as a calibrated lesion probability 1 - p built the way
 the config's ``probability`` section (or ``--erosion-voxels``,
 ``--median-filter-voxels``, ``--smoothing-fwhm-mm``), then the tail
 probability p among the calibration controls' post-processed voxels
-(:class:`anomri.maps.probability.HealthyNull`, same tail fraction). The run's
+(:class:`anomri.maps.probability.HealthyNull`, same tail fraction and tissue classes). The run's
 own probability map (``label-L_probseg``) is read as well and, as a check, is
 recomputed from its novelty maps with the config's scores and combination.
 
@@ -58,6 +58,7 @@ from anomri.io.nifti import load_mask, load_nifti, read_data  # noqa: E402
 from anomri.io.voxels import read_feature_description  # noqa: E402
 from anomri.maps.postprocess import PostProcessing  # noqa: E402
 from anomri.maps.probability import HealthyNull  # noqa: E402
+from anomri.maps.writing import masked_features  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 #: Voxels scored per call, bounding the kNN distance matrices.
@@ -188,22 +189,29 @@ def main(argv: list[str] | None = None) -> None:
             volumes[f"VAE {score}"] = read_data(load_nifti(scan.novelty(score), ndim=3), scan.novelty(score))
         return volumes, mask, img.header.get_zooms()[:3]
 
-    # The healthy null of every method, from the calibration controls' post-processed maps.
+    # The healthy null of every method, from the calibration controls' post-processed maps, with the
+    # config's tissue classes (fitted to the calibration voxels' features, as `anomri calibrate` does).
     null_values: dict[str, list[np.ndarray]] = {}
+    null_features = []
     for scan in plan.calibration:
-        volumes, mask, zooms = maps(ScanDerivatives(out, scan.prefix))
+        derivatives = ScanDerivatives(out, scan.prefix)
+        volumes, mask, zooms = maps(derivatives)
         for name, volume in volumes.items():
             processed, valid = post.apply(volume, mask, zooms)
             null_values.setdefault(name, []).append(processed[valid])
-    nulls = {k: HealthyNull({k: np.concatenate(v)}, post, prob["tail_fraction"]) for k, v in null_values.items()}
+        null_features.append(masked_features(derivatives, valid))
+    tissue = {"features": np.concatenate(null_features), "tissue_classes": prob["tissue_classes"],
+              "seed": prob["seed"], "postprocessing": post, "tail_fraction": prob["tail_fraction"]}
+    nulls = {k: HealthyNull.fit({k: np.concatenate(v)}, **tissue) for k, v in null_values.items()}
     # The run's lesion probability, recomputed: same scores and combination as the config.
-    run_null = HealthyNull({k: np.concatenate(null_values[f"VAE {k}"]) for k in prob["scores"]}, post,
-                           prob["tail_fraction"], prob["combination"])
+    run_null = HealthyNull.fit({k: np.concatenate(null_values[f"VAE {k}"]) for k in prob["scores"]},
+                               combination=prob["combination"], **tissue)
 
-    def probability(null: HealthyNull, processed: dict[str, np.ndarray], valid: np.ndarray) -> np.ndarray:
+    def probability(null: HealthyNull, processed: dict[str, np.ndarray], valid: np.ndarray,
+                    features: np.ndarray) -> np.ndarray:
         """1 - p inside the post-processed mask, 0 outside (as ``label-L_probseg``)."""
         volume = np.zeros(valid.shape, np.float32)
-        volume[valid] = 1.0 - null.tail_probability({k: v[valid] for k, v in processed.items()})
+        volume[valid] = 1.0 - null.tail_probability({k: v[valid] for k, v in processed.items()}, features)
         return volume
 
     rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
@@ -213,14 +221,16 @@ def main(argv: list[str] | None = None) -> None:
         volumes, mask, zooms = maps(derivatives)
         lesion = load_mask(scan.lesion_mask, load_nifti(derivatives.mask, ndim=3), derivatives.mask)
         processed = {}
+        valid = post.apply(mask.astype(np.float32), mask, zooms)[1]
+        features = masked_features(derivatives, valid)
         for name, volume in volumes.items():
             # Every map of a scan comes back with the same post-processed mask, ``valid``.
-            processed[name], valid = post.apply(volume, mask, zooms)
+            processed[name], _ = post.apply(volume, mask, zooms)
             rows.setdefault((name, "raw score"), []).append(patient_metrics(volume, mask, lesion))
             rows.setdefault((name, "probability"), []).append(
-                patient_metrics(probability(nulls[name], {name: processed[name]}, valid), mask, lesion))
+                patient_metrics(probability(nulls[name], {name: processed[name]}, valid, features), mask, lesion))
         written = read_data(load_nifti(derivatives.probseg, ndim=3), derivatives.probseg)
-        recomputed = probability(run_null, {k: processed[f"VAE {k}"] for k in prob["scores"]}, valid)
+        recomputed = probability(run_null, {k: processed[f"VAE {k}"] for k in prob["scores"]}, valid, features)
         max_probseg_diff = max(max_probseg_diff, float(np.abs(written - recomputed).max()))
         rows.setdefault(("VAE run's label-L_probseg", "+".join(prob["scores"])), []).append(
             patient_metrics(written, mask, lesion))

@@ -16,7 +16,7 @@ def test_tail_probability_matches_brute_force_count_in_the_body(tmp_path) -> Non
     null = rng.normal(size=5000)
     null[:100] = 0.5  # ties
     model = HealthyNull({"s": null})
-    tail = model.models["s"]
+    tail = model.final
     scores = np.concatenate([rng.normal(size=300), [0.5, -10.0]])
     scores = scores[scores <= tail.threshold]
     expected = np.array([(1 + (null >= s).sum()) / (len(null) + 1) for s in scores])
@@ -77,7 +77,7 @@ def test_fisher_combination_of_correlated_scores_is_recalibrated() -> None:
     new = healthy(200_000)
     p = null.tail_probability(new)
     from scipy import stats
-    naive = stats.chi2.sf(2 * fisher_statistic([null.models[k].log_survival(v) for k, v in new.items()]), df=4)
+    naive = stats.chi2.sf(2 * fisher_statistic([null.classes[0].models[k].log_survival(v) for k, v in new.items()]), df=4)
     for level in (0.01, 0.001):
         assert abs((p <= level).mean() - level) < 4 * np.sqrt(level / len(p)) + 1e-4
     assert (naive <= 0.01).mean() > 0.015  # why the recalibration is needed

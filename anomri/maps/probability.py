@@ -25,6 +25,10 @@ Several scores combine into one statistic T of their log p_i, Fisher's
 -sum_i log p_i or Tippett's -min_i log p_i. The scores are correlated, so T
 follows no textbook law; its own tail probability is calibrated on the
 calibration voxels exactly like a single score's.
+
+Optionally each tissue class has its own null (:mod:`anomri.maps.tissue`):
+rare healthy tissue is then compared with healthy tissue of its own kind,
+which removes most false positives left by a brain-wide null.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ from pathlib import Path
 
 import numpy as np
 from scipy import stats
+from scipy.special import logsumexp
 
 from anomri.errors import InputError
 from anomri.io.atomic import atomic_path
 from anomri.maps.postprocess import PostProcessing
+from anomri.maps.tissue import TissueModel
 
 #: Key of the combined statistic's tail model in a :class:`HealthyNull`.
 COMBINED = "combined"
@@ -141,6 +147,44 @@ def tippett_statistic(log_tail_probabilities: list[np.ndarray]) -> np.ndarray:
 COMBINATIONS = {"fisher": fisher_statistic, "tippett": tippett_statistic}
 
 
+class ScoreNull:
+    """Tail models of one or several scores over one set of healthy voxels, and of their combination.
+
+    Parameters
+    ----------
+    values : dict of str to ndarray
+        Score id to the scores of the same healthy voxels, in the same order.
+    tail_fraction : float
+        Fraction of each null modelled by the generalised Pareto tail.
+    combination : {"fisher", "tippett"}
+        How several scores' tail probabilities combine (see :data:`COMBINATIONS`).
+    """
+
+    def __init__(self, values: dict[str, np.ndarray], tail_fraction: float = 0.01,
+                 combination: str = "fisher") -> None:
+        self.scores = list(values)
+        self.combination = combination
+        self.models = {k: TailModel.fit(v, tail_fraction) for k, v in values.items()}
+        if len(values) > 1:
+            # In-sample p-values of the calibration voxels stand in for out-of-sample ones: with
+            # tens of thousands of voxels a voxel's own contribution to its rank is negligible.
+            self.models[COMBINED] = TailModel.fit(self._statistic(values), tail_fraction)
+
+    def _statistic(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        log_p = [self.models[k].log_survival(scores[k]) for k in self.scores]
+        return COMBINATIONS[self.combination](log_p)
+
+    def log_tail_probability(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+        """log p of each voxel: of its one score, or of the combination of all scores."""
+        if len(self.scores) == 1:
+            return self.models[self.scores[0]].log_survival(scores[self.scores[0]])
+        return self.models[COMBINED].log_survival(self._statistic(scores))
+
+    def record(self) -> dict:
+        """The fitted tails, for JSON sidecars."""
+        return {k: m.record() for k, m in self.models.items()}
+
+
 class HealthyNull:
     """Healthy null distributions of the scores that make the lesion probability.
 
@@ -158,10 +202,24 @@ class HealthyNull:
         How several scores' tail probabilities combine (see :data:`COMBINATIONS`).
     scans : list of str, optional
         The calibration scans, for provenance.
+    tissue : TissueModel, optional
+        Tissue classes; each gets its own null (:mod:`anomri.maps.tissue`).
+    log_posterior : ndarray, (N, K), optional
+        ``tissue.log_posterior`` of the calibration voxels' q-space features;
+        required with ``tissue``. Each voxel joins the null of its most
+        probable class.
+
+    Notes
+    -----
+    With tissue classes, a voxel's p is the mixture sum_k pi_k(x) p_k(s)
+    over its class posteriors; that mixture is itself recalibrated on the
+    calibration voxels (as a combination of scores is), so thresholding p at
+    a flags a fraction a of healthy voxels whatever the classes' overlap.
     """
 
     def __init__(self, values: dict[str, np.ndarray], postprocessing: PostProcessing = PostProcessing(),
-                 tail_fraction: float = 0.01, combination: str = "fisher", scans: list[str] | None = None) -> None:
+                 tail_fraction: float = 0.01, combination: str = "fisher", scans: list[str] | None = None,
+                 tissue: TissueModel | None = None, log_posterior: np.ndarray | None = None) -> None:
         if combination not in COMBINATIONS:
             raise ValueError(f"unknown combination {combination!r}; choose from {sorted(COMBINATIONS)}")
         if not values:
@@ -169,58 +227,109 @@ class HealthyNull:
         lengths = {len(np.ravel(v)) for v in values.values()}
         if len(lengths) != 1:
             raise ValueError(f"every score's null must list the same voxels; got lengths {sorted(lengths)}")
+        if (tissue is None) != (log_posterior is None):
+            raise ValueError("tissue classes need the calibration voxels' class posteriors, and vice versa")
         self.values = {k: np.asarray(v, np.float32).ravel() for k, v in values.items()}
         self.postprocessing = postprocessing
         self.tail_fraction = tail_fraction
         self.combination = combination
         self.scans = list(scans or [])
-        self.models = {k: TailModel.fit(v, tail_fraction) for k, v in self.values.items()}
-        if len(self.values) > 1:
-            # In-sample p-values of the calibration voxels stand in for out-of-sample ones: with
-            # tens of thousands of voxels a voxel's own contribution to its rank is negligible.
-            combined = self._combine({k: self.models[k].log_survival(v) for k, v in self.values.items()})
-            self.models[COMBINED] = TailModel.fit(combined, tail_fraction)
+        self.tissue = tissue
+        self.log_posterior = None if log_posterior is None else np.asarray(log_posterior, np.float64)
+        if tissue is None:
+            self.classes = [ScoreNull(self.values, tail_fraction, combination)]
+            self.mixture = None
+            return
+        if self.log_posterior.shape != (next(iter(lengths)), tissue.n_classes):
+            raise ValueError(f"class posteriors of shape {self.log_posterior.shape} do not match "
+                             f"{next(iter(lengths))} voxels and {tissue.n_classes} classes")
+        label = np.argmax(self.log_posterior, axis=1)
+        self.classes = []
+        for k in range(tissue.n_classes):
+            members = label == k
+            try:
+                self.classes.append(ScoreNull({s: v[members] for s, v in self.values.items()}, tail_fraction,
+                                              combination))
+            except ValueError as exc:
+                raise ValueError(f"tissue class {k} of {tissue.n_classes}: {exc}; use fewer tissue classes") from exc
+        self.mixture = TailModel.fit(-self._log_mixture(self.values, self.log_posterior), tail_fraction)
+
+    @classmethod
+    def fit(cls, values: dict[str, np.ndarray], features: np.ndarray | None = None, *, tissue_classes: int = 1,
+            seed: int = 0, **kwargs) -> HealthyNull:
+        """The null of ``values``, with ``tissue_classes`` tissue classes fitted to ``features`` when > 1.
+
+        ``features`` (N, F) are the q-space features of the calibration voxels
+        that ``values`` list; ``kwargs`` go to the constructor.
+        """
+        if tissue_classes <= 1:
+            return cls(values, **kwargs)
+        if features is None:
+            raise ValueError("tissue classes need the calibration voxels' features")
+        tissue = TissueModel.fit(features, tissue_classes, seed)
+        return cls(values, tissue=tissue, log_posterior=tissue.log_posterior(features), **kwargs)
+
+    def _log_mixture(self, scores: dict[str, np.ndarray], log_posterior: np.ndarray) -> np.ndarray:
+        """log sum_k pi_k(x) p_k(s) of every voxel."""
+        log_p = np.stack([c.log_tail_probability(scores) for c in self.classes], axis=1)
+        return logsumexp(log_posterior + log_p, axis=1)
 
     @property
     def scores(self) -> list[str]:
         """The score ids, in order."""
         return list(self.values)
 
-    def tail_probability(self, scores: dict[str, np.ndarray]) -> np.ndarray:
+    def tail_probability(self, scores: dict[str, np.ndarray], features: np.ndarray | None = None) -> np.ndarray:
         """p of each voxel: of its one score, or of the combination of all scores.
 
         Parameters
         ----------
         scores : dict of str to ndarray
             Post-processed scores of the voxels, one array per score of the null.
+        features : ndarray, (N, F), optional
+            The voxels' q-space features; required when the null has tissue classes.
         """
         missing = set(self.values) - set(scores)
         if missing:
             raise ValueError(f"scores {sorted(missing)} are calibrated but were not given")
-        if len(self.values) == 1:
-            (score_id,) = self.values
-            return self.models[score_id].survival(scores[score_id])
-        combined = self._combine({k: self.models[k].log_survival(scores[k]) for k in self.values})
-        return self.models[COMBINED].survival(combined)
-
-    def _combine(self, log_tail_probabilities: dict[str, np.ndarray]) -> np.ndarray:
-        return COMBINATIONS[self.combination]([log_tail_probabilities[k] for k in self.values])
+        if self.tissue is None:
+            return np.exp(self.classes[0].log_tail_probability(scores))
+        if features is None:
+            raise ValueError("this null has tissue classes; pass the voxels' q-space features")
+        log_mixture = self._log_mixture(scores, self.tissue.log_posterior(features))
+        return self.mixture.survival(-log_mixture)
 
     @property
     def final(self) -> TailModel:
-        """The tail model whose p is the lesion probability's (the combination if several)."""
-        return self.models[COMBINED] if len(self.values) > 1 else self.models[self.scores[0]]
+        """The tail model whose p is the lesion probability's; its statistic is :attr:`statistic`."""
+        if self.mixture is not None:
+            return self.mixture
+        only = self.classes[0]
+        return only.models[COMBINED] if len(self.values) > 1 else only.models[self.scores[0]]
+
+    @property
+    def statistic(self) -> str:
+        """What :attr:`final` is the tail model of, in words."""
+        if self.mixture is not None:
+            return "-log sum_k pi_k p_k, the tissue-class mixture of tail probabilities"
+        return self.scores[0] if len(self.values) == 1 else f"{self.combination} statistic"
 
     def record(self) -> dict:
         """Settings and fits, for JSON sidecars."""
-        return {"scans": self.scans, "scores": self.scores,
-                "combination": self.combination if len(self.values) > 1 else "none",
-                "tail_fraction": self.tail_fraction, "postprocessing": self.postprocessing.record(),
-                "tails": {k: m.record() for k, m in self.models.items()}}
+        out = {"scans": self.scans, "scores": self.scores,
+               "combination": self.combination if len(self.values) > 1 else "none",
+               "tail_fraction": self.tail_fraction, "postprocessing": self.postprocessing.record()}
+        if self.tissue is None:
+            return out | {"tissue_classes": None, "tails": self.classes[0].record()}
+        return out | {"tissue_classes": self.tissue.record(),
+                      "tails": {f"class-{k}": c.record() for k, c in enumerate(self.classes)}
+                      | {"mixture": self.mixture.record()}}
 
     def save(self, path: str | Path) -> None:
-        """Write the null values and settings to an ``.npz`` file atomically."""
+        """Write the null values, tissue model and settings to an ``.npz`` file atomically."""
         arrays = {f"score/{k}": v for k, v in self.values.items()}
+        if self.tissue is not None:
+            arrays |= self.tissue.to_arrays() | {"log_posterior": self.log_posterior}
         settings = {"postprocessing": self.postprocessing.record(), "tail_fraction": self.tail_fraction,
                     "combination": self.combination, "scans": self.scans}
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
@@ -233,7 +342,9 @@ class HealthyNull:
             with np.load(path) as data:
                 settings = json.loads(str(data["settings"]))
                 values = {k.removeprefix("score/"): data[k] for k in data.files if k.startswith("score/")}
+                tissue = TissueModel.from_arrays(data)
+                log_posterior = data["log_posterior"] if tissue is not None else None
         except (OSError, KeyError, ValueError) as exc:
             raise InputError(path, f"not a healthy-null file written by `anomri calibrate` ({exc})") from exc
         return cls(values, PostProcessing(**settings["postprocessing"]), settings["tail_fraction"],
-                   settings["combination"], settings["scans"])
+                   settings["combination"], settings["scans"], tissue, log_posterior)

@@ -53,6 +53,12 @@ def postprocessed_scores(scan: ScanDerivatives, score_id: str, postprocessing: P
     return volume, mask, img
 
 
+def masked_features(scan: ScanDerivatives, mask: np.ndarray) -> np.ndarray:
+    """A scan's q-space features at the voxels of ``mask`` (N, F)."""
+    img = load_nifti(scan.features, ndim=4)
+    return read_data(img, scan.features)[mask]
+
+
 def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: str | Path,
                           levels: tuple[float, ...] = (0.01, 0.001), min_component_voxels: int = 1) -> None:
     """Write the lesion probability map 1 - p and a lesion mask per false-positive level.
@@ -65,16 +71,20 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
     """
     processed = {k: postprocessed_scores(scan, k, null.postprocessing) for k in null.scores}
     _, mask, img = processed[null.scores[0]]
-    p = null.tail_probability({k: volume[mask] for k, (volume, _, _) in processed.items()})
+    features = masked_features(scan, mask) if null.tissue is not None else None
+    p = null.tail_probability({k: volume[mask] for k, (volume, _, _) in processed.items()}, features)
     probability = np.zeros(mask.shape, np.float32)
     probability[mask] = 1.0 - p
     save_volume(scan.probseg, probability, img)
     calibration = {"Path": str(null_path), "SHA256": file_sha256(null_path)} | null.record()
     sources = [str(scan.novelty(k)) for k in null.scores] + [str(scan.mask)]
+    if null.tissue is not None:
+        sources.append(str(scan.features))
     write_json(sidecar_path(scan.probseg), {
         "Description": "Lesion probability 1 - p, with p the tail probability of the post-processed novelty "
                        "score among voxels of healthy calibration controls that the model never saw "
-                       "(several scores are combined and the combination recalibrated; generalised Pareto "
+                       "(several scores are combined and the combination recalibrated; with tissue classes, "
+                       "per-class nulls mixed by the voxel's class posteriors and recalibrated; generalised Pareto "
                        "tail beyond the top of the healthy null; 0 outside the post-processed brain mask). "
                        "Thresholding at 1 - a flags a fraction a of healthy voxels.",
         "Calibration": calibration,
@@ -90,9 +100,9 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
             "Description": f"Voxels whose lesion probability exceeds 1 - {level:g}: a fraction {level:g} of "
                            "healthy calibration voxels is flagged at this level.",
             "FalsePositiveLevel": level,
-            # The threshold on the single score, or on the combined statistic of several.
+            # The threshold on the statistic whose tail p is (ThresholdOn says which).
             "Threshold": null.final.quantile(level),
-            "ThresholdOn": null.scores[0] if len(null.scores) == 1 else f"{null.combination} statistic",
+            "ThresholdOn": null.statistic,
             "MinComponentVoxels": min_component_voxels,
             "Connectivity": 26,
             "Calibration": {"Path": str(null_path), "SHA256": calibration["SHA256"]},

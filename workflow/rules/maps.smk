@@ -54,6 +54,7 @@ rule calibrate:
     input:
         [derivatives(s.prefix).novelty(k) for s in PLAN.calibration for k in PROBABILITY_SCORES],
         [derivatives(s.prefix).mask for s in PLAN.calibration],
+        [derivatives(s.prefix).features for s in PLAN.calibration],
     output:
         OUT / "calibration" / "healthy_null.npz",
     log:
@@ -71,7 +72,7 @@ rule calibrate:
         " --scores {params.scores} --out {output} --erosion-voxels {params.pp[erosion_voxels]}"
         " --median-filter-voxels {params.pp[median_filter_voxels]}"
         " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]} --tail-fraction {params.pp[tail_fraction]}"
-        " --combination {params.pp[combination]}"
+        " --combination {params.pp[combination]} --tissue-classes {params.pp[tissue_classes]} --seed {params.pp[seed]}"
 
 
 rule probability:
@@ -79,6 +80,7 @@ rule probability:
         null=OUT / "calibration" / "healthy_null.npz",
         maps=[scan_pattern(f"desc-{k}_novelty.nii.gz") for k in PROBABILITY_SCORES],
         mask=scan_pattern("desc-brain_mask.nii.gz"),
+        features=scan_pattern("desc-qspace_features.nii.gz"),
     output:
         probseg=scan_pattern("label-L_probseg.nii.gz"),
         sidecar=scan_pattern("label-L_probseg.json"),
