@@ -128,34 +128,91 @@ def run_score(args: argparse.Namespace) -> None:
     write_novelty_maps(model, scan, args.model)
 
 
-@command("calibrate")
-def run_calibrate(args: argparse.Namespace) -> None:
+def _calibration_voxels(args: argparse.Namespace, prefixes: list[str]) -> tuple:
+    """Post-processing, the calibration scans' post-processed scores and (with tissue classes) features."""
     from anomri.io.derivatives import ScanDerivatives
     from anomri.maps.postprocess import PostProcessing
-    from anomri.maps.probability import HealthyNull
     from anomri.maps.writing import masked_features, postprocessed_scores
 
     if args.tissue_classes < 1:
         raise InputError("--tissue-classes", f"must be at least 1; got {args.tissue_classes}")
     post = PostProcessing(args.erosion_voxels, args.median_filter_voxels, args.smoothing_fwhm_mm)
-    scans = [ScanDerivatives(args.derivatives_dir, p) for p in args.scans]
-    null, masks = {}, []
+    scans = [ScanDerivatives(args.derivatives_dir, p) for p in prefixes]
+    values, masks = {}, []
     for score in args.scores:
         processed = [postprocessed_scores(scan, score, post) for scan in scans]
-        null[score] = np.concatenate([volume[mask] for volume, mask, _ in processed])
+        values[score] = np.concatenate([volume[mask] for volume, mask, _ in processed])
         masks = [mask for _, mask, _ in processed]
     features = None
     if args.tissue_classes > 1:
         features = np.concatenate([masked_features(scan, mask) for scan, mask in zip(scans, masks)])
+    return post, values, features
+
+
+def _healthy_null(args: argparse.Namespace, post, values: dict, features, scans: list[str]):
+    from anomri.maps.probability import HealthyNull
+
     try:
-        healthy = HealthyNull.fit(null, features, tissue_classes=args.tissue_classes, seed=args.seed,
-                                  postprocessing=post, tail_fraction=args.tail_fraction,
-                                  combination=args.combination, scans=args.scans)
+        return HealthyNull.fit(values, features, tissue_classes=args.tissue_classes, seed=args.seed,
+                               postprocessing=post, tail_fraction=args.tail_fraction,
+                               combination=args.combination, scans=scans)
     except ValueError as exc:
         raise InputError(args.out, f"cannot calibrate: {exc}") from exc
-    healthy.save(args.out)
+
+
+@command("calibrate")
+def run_calibrate(args: argparse.Namespace) -> None:
+    post, null, features = _calibration_voxels(args, args.scans)
+    _healthy_null(args, post, null, features, args.scans).save(args.out)
     logger.info("calibration null of %s from %d voxels of %d held-out controls, %d tissue class(es)",
-                "+".join(args.scores), len(next(iter(null.values()))), len(scans), args.tissue_classes)
+                "+".join(args.scores), len(next(iter(null.values()))), len(args.scans), args.tissue_classes)
+
+
+@command("learn-combination")
+def run_learn_combination(args: argparse.Namespace) -> None:
+    from anomri.evaluate.metrics import auprc, auroc, best_dice
+    from anomri.io.atomic import write_json
+    from anomri.io.derivatives import ScanDerivatives
+    from anomri.io.nifti import load_mask
+    from anomri.maps.learned import LearnedCombination, leave_one_patient_out, score_evidence
+    from anomri.maps.writing import masked_features, postprocessed_scores, write_learned_probability
+
+    if args.C <= 0:
+        raise InputError("--C", f"must be positive; got {args.C}")
+    post, values, features = _calibration_voxels(args, args.calibration)
+    nulls = {k: _healthy_null(args, post, {k: v}, features, args.calibration) for k, v in values.items()}
+
+    def evidence(prefix: str) -> tuple:
+        scan = ScanDerivatives(args.derivatives_dir, prefix)
+        processed = {k: postprocessed_scores(scan, k, post) for k in args.scores}
+        _, valid, img = processed[args.scores[0]]
+        voxels = masked_features(scan, valid) if features is not None else None
+        return scan, valid, img, score_evidence(nulls, {k: v[valid] for k, (v, _, _) in processed.items()}, voxels)
+
+    labelled = [(prefix, *evidence(prefix), lesion) for prefix, lesion in args.scan]
+    labels = [load_mask(lesion, img, scan.mask)[valid] for _, scan, valid, img, _, lesion in labelled]
+    patients = [prefix for prefix, *_ in labelled]
+    try:
+        folds = leave_one_patient_out(args.scores, [e for *_, e, _ in labelled], labels, patients, args.C)
+        final = LearnedCombination.fit(args.scores, [e for *_, e, _ in labelled], labels, patients, args.C)
+    except ValueError as exc:
+        raise InputError("--scan", str(exc)) from exc
+    settings = {"postprocessing": post.record(), "tissue_classes": args.tissue_classes,
+                "calibration_scans": args.calibration, "evidence": "-log p per score (one-score healthy nulls)"}
+    cross_validation = {}
+    for (prefix, scan, valid, img, ev, lesion), fold in zip(labelled, folds, strict=True):
+        volume = write_learned_probability(scan, fold.predict(ev), valid, img, fold, settings,
+                                           f"leave-one-patient-out fold without {prefix}")
+        brain = load_mask(scan.mask, img, scan.mask)
+        x, y = volume[brain], load_mask(lesion, img, scan.mask)[brain]
+        cross_validation[prefix] = {"auroc": auroc(x, y), "auprc": auprc(x, y), "best_dice": best_dice(x, y)[0]}
+        logger.info("%s: learned combination out of fold: AUROC %.4f, AUPRC %.3f, best Dice %.3f", prefix,
+                    *cross_validation[prefix].values())
+    for prefix in args.apply:
+        scan, valid, img, ev = evidence(prefix)
+        write_learned_probability(scan, final.predict(ev), valid, img, final, settings, "all labelled patients")
+    write_json(args.out, settings | {"model": final.record(), "folds": {p: f.record() for p, f in zip(patients, folds)},
+                                     "cross_validation": cross_validation})
 
 
 @command("probability")
@@ -405,18 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="healthy null distributions from held-out controls")
     _add_scans(p)
-    p.add_argument("--scores", nargs="+", required=True)
     p.add_argument("--out", required=True, help=".npz file")
-    p.add_argument("--erosion-voxels", type=int, default=0, help="brain-mask erosion before calibration")
-    p.add_argument("--median-filter-voxels", type=int, default=0, help="side of an in-mask median filter (odd; 0 = off)")
-    p.add_argument("--smoothing-fwhm-mm", type=float, default=0.0, help="Gaussian smoothing within the mask")
-    p.add_argument("--tail-fraction", type=float, default=0.01,
-                   help="fraction of the healthy null modelled by the generalised Pareto tail")
-    p.add_argument("--combination", choices=["fisher", "tippett"], default="fisher",
-                   help="how several scores' tail probabilities combine")
-    p.add_argument("--tissue-classes", type=int, default=1,
-                   help="calibrate each of K tissue classes (Gaussian mixture of log features) on its own; 1 = one null")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tissue-class mixture")
+    _add_calibration_options(p)
+
+    p = sub.add_parser("learn-combination",
+                       help="opt-in: logistic combination of every score, learned on labelled patients (LOPO CV)")
+    p.add_argument("--derivatives-dir", required=True)
+    p.add_argument("--calibration", nargs="+", required=True, metavar="PREFIX", help="calibration controls")
+    p.add_argument("--scan", nargs=2, action="append", required=True, metavar=("PREFIX", "LESION_MASK"),
+                   help="a labelled patient (repeat; at least 2)")
+    p.add_argument("--apply", nargs="*", default=[], metavar="PREFIX", help="other scans: all-patient model")
+    p.add_argument("--C", type=float, default=1.0, help="inverse L2 penalty strength of the logistic model")
+    p.add_argument("--out", required=True, help=".json file: models and cross-validated metrics")
+    _add_calibration_options(p)
 
     p = sub.add_parser("probability", help="lesion probability map of one scan")
     p.add_argument("--derivatives-dir", required=True)
@@ -460,6 +518,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True)
     _add_image_parsers(sub)
     return parser
+
+
+def _add_calibration_options(p: argparse.ArgumentParser) -> None:
+    """Scores, post-processing and calibration settings shared by ``calibrate`` and ``learn-combination``."""
+    p.add_argument("--scores", nargs="+", required=True)
+    p.add_argument("--erosion-voxels", type=int, default=0, help="brain-mask erosion before calibration")
+    p.add_argument("--median-filter-voxels", type=int, default=0, help="side of an in-mask median filter (odd; 0 = off)")
+    p.add_argument("--smoothing-fwhm-mm", type=float, default=0.0, help="Gaussian smoothing within the mask")
+    p.add_argument("--tail-fraction", type=float, default=0.01,
+                   help="fraction of the healthy null modelled by the generalised Pareto tail")
+    p.add_argument("--combination", choices=["fisher", "tippett"], default="fisher",
+                   help="how several scores' tail probabilities combine")
+    p.add_argument("--tissue-classes", type=int, default=1,
+                   help="calibrate each of K tissue classes (Gaussian mixture of log features) on its own; 1 = one null")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tissue-class mixture")
 
 
 def _add_scans(p: argparse.ArgumentParser) -> None:

@@ -40,6 +40,7 @@ def run(tmp_path_factory) -> Path:
         "training": {"max_epochs": 4, "patience": 2},
         # Every registered score, end to end; a small reference set keeps them quick.
         "scoring": {"scores": "all", "n_samples": 4, "reference_size": 2000},
+        "probability": {"learned_combination": {"enabled": True, "C": 1.0}},
     }))
     result = snakemake("--cores", "2", "--configfile", str(configfile))
     assert result.returncode == 0, result.stderr[-4000:]
@@ -119,6 +120,19 @@ def test_evaluation_table(run: Path) -> None:
     for row in summary:
         assert row["n_patients"] == str(len(patients))
         assert float(row["auroc_ci_low"]) <= float(row["auroc"]) <= float(row["auroc_ci_high"])
+
+
+def test_opt_in_learned_combination_is_cross_validated(run: Path) -> None:
+    learned = json.loads((run / "calibration" / "learned_combination.json").read_text())
+    patients = [pid for pid, group in demo_participants(N_CONTROLS, N_PATIENTS) if group == "patient"]
+    assert learned["model"]["scores"] == score_ids() and learned["model"]["patients"] == patients
+    for pid in patients:
+        assert pid not in learned["folds"][pid]["patients"]
+        assert 0.0 <= learned["cross_validation"][pid]["auprc"] <= 1.0
+    for pid, _ in demo_participants(N_CONTROLS, N_PATIENTS):
+        img = nib.load(ScanDerivatives(run, pid).learned_probseg)
+        assert img.get_data_dtype() == np.float32
+        assert 0.0 <= float(np.min(img.dataobj)) and float(np.max(img.dataobj)) <= 1.0
 
 
 def test_report_figures_and_html(run: Path) -> None:

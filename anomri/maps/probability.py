@@ -280,7 +280,11 @@ class HealthyNull:
         return list(self.values)
 
     def tail_probability(self, scores: dict[str, np.ndarray], features: np.ndarray | None = None) -> np.ndarray:
-        """p of each voxel: of its one score, or of the combination of all scores.
+        """p of each voxel (see :meth:`log_tail_probability`); may underflow to 0 far in the tail."""
+        return np.exp(self.log_tail_probability(scores, features))
+
+    def log_tail_probability(self, scores: dict[str, np.ndarray], features: np.ndarray | None = None) -> np.ndarray:
+        """log p of each voxel: of its one score, or of the combination of all scores; always finite.
 
         Parameters
         ----------
@@ -293,11 +297,11 @@ class HealthyNull:
         if missing:
             raise ValueError(f"scores {sorted(missing)} are calibrated but were not given")
         if self.tissue is None:
-            return np.exp(self.classes[0].log_tail_probability(scores))
+            return self.classes[0].log_tail_probability(scores)
         if features is None:
             raise ValueError("this null has tissue classes; pass the voxels' q-space features")
         log_mixture = self._log_mixture(scores, self.tissue.log_posterior(features))
-        return self.mixture.survival(-log_mixture)
+        return self.mixture.log_survival(-log_mixture)
 
     @property
     def final(self) -> TailModel:

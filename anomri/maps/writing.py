@@ -122,3 +122,26 @@ def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     keep = sizes >= min_voxels
     keep[0] = False
     return keep[labels]
+
+
+def write_learned_probability(scan: ScanDerivatives, probability: np.ndarray, valid: np.ndarray, img,
+                              model, settings: dict, fitted_on: str) -> np.ndarray:
+    """Write the learned lesion probability of ``scan`` (its voxels in ``valid``); return the volume.
+
+    ``model`` is the :class:`~anomri.maps.learned.LearnedCombination` that made it;
+    ``fitted_on`` says which patients it saw (for a labelled patient, never itself).
+    """
+    volume = np.zeros(valid.shape, np.float32)
+    volume[valid] = probability
+    save_volume(scan.learned_probseg, volume, img)
+    write_json(sidecar_path(scan.learned_probseg), {
+        "Description": "Learned lesion probability P(lesion | x) = sigmoid(w . E + b), E_s = -log p_s the calibrated "
+                       "per-score evidence; a logistic model fitted on labelled patients' voxels (opt-in). Its "
+                       "prevalence is that of the labelled patients. 0 outside the post-processed brain mask.",
+        "FittedOn": fitted_on,
+        "Model": model.record(),
+        "Settings": settings,
+        "Sources": [str(scan.novelty(k)) for k in model.scores] + [str(scan.mask)],
+        "GeneratedBy": _generated_by(),
+    })
+    return volume

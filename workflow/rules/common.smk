@@ -29,6 +29,10 @@ PROBABILITY_SCORES = config["probability"]["scores"]
 _missing = [s for s in PROBABILITY_SCORES if s not in SCORES]
 if _missing:
     sys.exit(f"anomri: error: config: probability.scores {_missing} are not among the computed scores {SCORES}")
+LEARNED = config["probability"]["learned_combination"]["enabled"]
+if LEARNED and len(PLAN.evaluable) < 2:
+    sys.exit("anomri: error: config: probability.learned_combination needs at least 2 patients with lesion masks; "
+             f"found {len(PLAN.evaluable)}")
 
 SCANS = {scan.prefix: scan for scan in PLAN.scans}
 

@@ -98,3 +98,35 @@ rule probability:
         "{ANOMRI} --log {log} probability --derivatives-dir {OUT} --prefix {wildcards.prefix}"
         " --null {input.null} --levels {params.levels}"
         " --min-component-voxels {params.pp[min_component_voxels]}"
+
+
+rule learn_combination:
+    # Opt-in (probability.learned_combination.enabled): every computed score, combined by a logistic
+    # model on the labelled patients, leave-one-patient-out.
+    input:
+        [novelty_maps(s.prefix) for s in PLAN.scans],
+        [derivatives(s.prefix).mask for s in PLAN.scans],
+        [derivatives(s.prefix).features for s in PLAN.scans],
+        [s.lesion_mask for s in PLAN.evaluable],
+    output:
+        model=OUT / "calibration" / "learned_combination.json",
+        maps=[derivatives(s.prefix).learned_probseg for s in PLAN.scans],
+    log:
+        LOGS / "learn_combination.log",
+    threads: 1
+    resources:
+        mem_mb=6000,
+        runtime=30,
+    params:
+        calibration=prefixes(PLAN.calibration),
+        labelled=" ".join(f"--scan {s.prefix} {s.lesion_mask}" for s in PLAN.evaluable),
+        others=prefixes([s for s in PLAN.scans if s not in PLAN.evaluable]),
+        scores=" ".join(SCORES),
+        pp=config["probability"],
+    shell:
+        "{ANOMRI} --log {log} learn-combination --derivatives-dir {OUT} --calibration {params.calibration}"
+        " {params.labelled} --apply {params.others} --scores {params.scores} --out {output.model}"
+        " --C {params.pp[learned_combination][C]} --erosion-voxels {params.pp[erosion_voxels]}"
+        " --median-filter-voxels {params.pp[median_filter_voxels]}"
+        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]} --tail-fraction {params.pp[tail_fraction]}"
+        " --tissue-classes {params.pp[tissue_classes]} --seed {params.pp[seed]}"
