@@ -112,3 +112,29 @@ def test_pixel_metrics_dice_at_threshold() -> None:
 def test_shape_mismatch_is_rejected() -> None:
     with pytest.raises(ValueError, match="shape"):
         pixel_auroc([np.zeros((2, 2))], [np.zeros((2, 3), bool)])
+
+
+def test_pixel_metrics_by_subset_match_the_reference_metrics_on_ties() -> None:
+    from anomri.evaluate.image_metrics import pixel_metrics_by_subset
+    from anomri.evaluate.metrics import auroc, best_dice, dice
+
+    rng = np.random.default_rng(3)
+    # Coarse values (many ties), images of different sizes, some with several regions, one with none.
+    maps = [rng.integers(0, 12, size=shape).astype(np.float32) / 4 for shape in ((6, 7), (5, 5), (8, 4), (3, 9))]
+    masks = [m > 2.0 for m in maps[:3]] + [np.zeros((3, 9), bool)]
+    masks[1][0, :] = True
+    subsets = {"all": np.ones(4, bool), "first and last": np.array([True, False, False, True]),
+               "middle": np.array([False, True, True, False])}
+    out = pixel_metrics_by_subset(maps, masks, subsets, pixel_threshold=1.5, fpr_limit=0.3)
+    for name, chosen in subsets.items():
+        m = [maps[i] for i in np.flatnonzero(chosen)]
+        g = [masks[i] for i in np.flatnonzero(chosen)]
+        values = np.concatenate([a.ravel() for a in m])
+        labels = np.concatenate([a.ravel() for a in g])
+        assert out[name]["pixel_auroc"] == pytest.approx(auroc(values, labels), abs=1e-12), name
+        assert out[name]["aupro"] == pytest.approx(aupro(m, g, 0.3), abs=1e-12), name
+        assert out[name]["pixel_best_dice"] == pytest.approx(best_dice(values, labels)[0], abs=1e-12), name
+        assert out[name]["pixel_dice_at_threshold"] == pytest.approx(dice(values >= 1.5, labels)), name
+        assert out[name] == pixel_metrics(m, g, 1.5, 0.3)
+    with pytest.raises(ValueError, match="subset"):
+        pixel_metrics_by_subset(maps, masks, {"bad": np.ones(3, bool)}, 1.0)

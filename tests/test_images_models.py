@@ -10,7 +10,8 @@ from torch import nn
 from anomri.errors import InputError
 from anomri.images.scoring import AUTO_SEARCH_CHUNK, anogan_search_chunk
 from anomri.images.settings import SLOW_IMAGE_SCORES, ImageSettings
-from anomri.images.training import load_image_model, save_image_model, train_image_model
+from anomri.images import training as image_training
+from anomri.images.training import learning_rate_factor, load_image_model, save_image_model, train_image_model
 from anomri.models.anogan import DCGAN, latent_search
 from anomri.models.conv_vae import PIXELWISE_SCORES, ConvVAE, FlatImageVAE, PixelwiseContext
 from anomri.models.mhp_vae import MultiHypothesisVAE, winner_takes_all
@@ -179,12 +180,16 @@ def _settings(**kw) -> ImageSettings:
 @pytest.mark.parametrize("kind", ["conv-vae", "anogan", "mhp-vae"])
 def test_training_resumes_to_the_same_weights_and_checkpoints_round_trip(kind: str, tmp_path) -> None:
     images = np.random.default_rng(0).random((10, 1, 16, 16), dtype=np.float32)
-    straight, history = train_image_model(kind, images, _settings(), progress=False)
+    # A constant learning rate, so a finished shorter run can be resumed for more epochs.
+    straight, history = train_image_model(kind, images, _settings(vae_lr_schedule="constant"), progress=False)
     assert len(history) == 2
     resume = tmp_path / "resume.pt"
-    train_image_model(kind, images, _settings(vae_epochs=1, anogan_epochs=1, mhp_epochs=1), resume, progress=False)
+    train_image_model(kind, images, _settings(vae_epochs=1, anogan_epochs=1, mhp_epochs=1,
+                                              vae_lr_schedule="constant"), resume, progress=False)
     # Settings that do not change training (here the projection's) do not invalidate the checkpoint.
-    resumed, resumed_history = train_image_model(kind, images, _settings(projection_steps=7), resume, progress=False)
+    resumed, resumed_history = train_image_model(kind, images, _settings(projection_steps=7,
+                                                                         vae_lr_schedule="constant"),
+                                                 resume, progress=False)
     assert resumed_history == history
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
@@ -193,6 +198,64 @@ def test_training_resumes_to_the_same_weights_and_checkpoints_round_trip(kind: s
     assert metadata["note"] == "test" and not loaded.training
     for a, b in zip(resumed.state_dict().values(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+def test_cosine_learning_rate_anneals_over_the_run_and_only_for_the_conv_vae() -> None:
+    cosine = ImageSettings(vae_lr_schedule="cosine")
+    factors = [learning_rate_factor("conv-vae", cosine, epoch, 10) for epoch in range(10)]
+    assert factors[0] > 0.95 and 0.0 < factors[-1] < 0.05
+    assert all(a > b for a, b in zip(factors, factors[1:]))
+    assert learning_rate_factor("conv-vae", ImageSettings(vae_lr_schedule="constant"), 9, 10) == 1.0
+    assert learning_rate_factor("mhp-vae", cosine, 9, 10) == 1.0
+    with pytest.raises(InputError, match="vae_lr_schedule"):
+        ImageSettings(vae_lr_schedule="step")
+
+
+def test_vertical_flips_change_training_and_are_part_of_the_checkpoint_fingerprint(tmp_path) -> None:
+    images = np.random.default_rng(2).random((8, 1, 16, 16), dtype=np.float32)
+    images[:, :, :8] *= 0.2  # dark top half: a vertical flip makes a different image
+    plain, _ = train_image_model("conv-vae", images, _settings(vae_epochs=1), tmp_path / "r.pt", progress=False)
+    flipped, history = train_image_model("conv-vae", images, _settings(vae_epochs=1, vertical_flip=True),
+                                         tmp_path / "r.pt", progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), flipped.state_dict().values()))
+    # Without flips, the same settings give the same weights again (the checkpoint of the flipped run is not reused).
+    again, _ = train_image_model("conv-vae", images, _settings(vae_epochs=1), tmp_path / "r.pt", progress=False)
+    for a, b in zip(plain.state_dict().values(), again.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_cosine_training_interrupted_mid_run_resumes_to_the_same_weights(tmp_path, monkeypatch) -> None:
+    images = np.random.default_rng(1).random((10, 1, 16, 16), dtype=np.float32)
+    settings = _settings(vae_epochs=3, vae_lr_schedule="cosine")
+    straight, history = train_image_model("conv-vae", images, settings, progress=False)
+    seen_rates = []
+    real_step = image_training.STEPS["conv-vae"][0]
+
+    def recording_step(model, optimizers, *args):
+        seen_rates.append(optimizers[0].param_groups[0]["lr"])
+        return real_step(model, optimizers, *args)
+
+    def interrupt_at_third_epoch(kind, s, epoch, n_epochs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return learning_rate_factor(kind, s, epoch, n_epochs)
+
+    resume = tmp_path / "resume.pt"
+    with monkeypatch.context() as patch:
+        patch.setitem(image_training.STEPS, "conv-vae", (recording_step, "vae_epochs"))
+        patch.setattr(image_training, "learning_rate_factor", interrupt_at_third_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            train_image_model("conv-vae", images, settings, resume, progress=False)
+    # The rate fell from epoch to epoch (3 batches of 4, 4 and 2 images per epoch).
+    assert seen_rates[0] > seen_rates[-1] > 0 and len(set(seen_rates)) == 2
+    resumed, resumed_history = train_image_model("conv-vae", images, settings, resume, progress=False)
+    assert resumed_history == history
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    # A checkpoint of a cosine run for other epochs is not resumed (its rates differ): trained afresh instead.
+    _, longer = train_image_model("conv-vae", images, _settings(vae_epochs=4, vae_lr_schedule="cosine"), resume,
+                                  progress=False)
+    assert len(longer) == 4 and longer[:3] != history
 
 
 def test_anogan_search_chunk_follows_the_device_unless_set() -> None:

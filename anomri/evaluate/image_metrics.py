@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "normal_threshold", "pro_curve", "aupro", "area_until", "pixel_auroc", "image_metrics", "pixel_metrics",
+    "pixel_metrics_by_subset",
 ]
 
 
@@ -170,6 +171,72 @@ def image_metrics(test_scores: np.ndarray, test_anomalous: np.ndarray, normal_va
     }
 
 
+def _sorted_pixels(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every pixel of ``maps`` in decreasing map value, with what the pixel metrics need of it.
+
+    Returns the sorted values (float32), their mask labels, 1 / |region| of
+    their ground-truth region (0 outside every region), the index of the image
+    each came from, and the number of regions of each image.
+    """
+    values, labels = _flatten(maps, masks)
+    inverse_size = np.zeros(values.size, np.float64)
+    image = np.empty(values.size, np.int32)
+    regions = np.zeros(len(maps), np.int64)
+    offset = 0
+    for i, g in enumerate(masks):
+        components, count = ndimage.label(np.asarray(g, bool))
+        size = components.size
+        if count:
+            sizes = np.bincount(components.ravel(), minlength=count + 1).astype(np.float64)
+            weight = np.zeros_like(sizes)
+            weight[1:] = 1.0 / sizes[1:]
+            inverse_size[offset:offset + size] = weight[components.ravel()]
+        image[offset:offset + size] = i
+        regions[i] = count
+        offset += size
+    order = np.argsort(-values, kind="stable")
+    return values[order], labels[order], inverse_size[order], image[order], regions
+
+
+def _metrics_of_sorted(values: np.ndarray, labels: np.ndarray, inverse_size: np.ndarray, n_regions: int,
+                       pixel_threshold: float, fpr_limit: float) -> dict[str, float]:
+    """:func:`pixel_metrics` of pixels already in decreasing value (:func:`_sorted_pixels`): no sort.
+
+    At each distinct value t (the end of a run of ties, predicted together)
+    the prediction ``map >= t`` is a prefix, so true and false positives and
+    the PRO are cumulative sums, and every metric is exact: AUROC the
+    trapezoidal area of the ROC through those points (ties count one half),
+    AUPRO as :func:`aupro`, best Dice as :func:`~anomri.evaluate.metrics.best_dice`.
+    """
+    n_anomalous = int(labels.sum())
+    n_normal = labels.size - n_anomalous
+    nan = float("nan")
+    if not n_anomalous:
+        return {"pixel_auroc": nan, "aupro": nan, "pixel_best_dice": nan, "pixel_threshold": float(pixel_threshold),
+                "pixel_dice_at_threshold": nan}
+    run_end = np.flatnonzero(np.append(values[1:] != values[:-1], True))
+    true_positives = np.cumsum(labels)[run_end]
+    false_positives = run_end + 1 - true_positives
+    if n_normal:
+        fpr = np.concatenate([[0.0], false_positives / n_normal])
+        tpr = np.concatenate([[0.0], true_positives / n_anomalous])
+        pro = np.concatenate([[0.0], np.minimum(np.cumsum(inverse_size)[run_end] / n_regions, 1.0)])
+        area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+        pro_area = area_until(fpr, pro, fpr_limit) / fpr_limit
+    else:
+        logger.warning("pixel AUROC and AUPRO undefined: no normal pixel; returning NaN")
+        area = pro_area = nan
+    n_flagged = int(np.count_nonzero(values >= pixel_threshold))
+    return {
+        "pixel_auroc": area,
+        "aupro": pro_area,
+        "pixel_best_dice": float(np.max(2.0 * true_positives / (run_end + 1 + n_anomalous))),
+        "pixel_threshold": float(pixel_threshold),
+        "pixel_dice_at_threshold": 2.0 * int(labels[:n_flagged].sum()) / (n_flagged + n_anomalous),
+    }
+
+
 def pixel_metrics(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], pixel_threshold: float,
                   fpr_limit: float = 0.3) -> dict[str, float]:
     """Pixel-level segmentation metrics of maps against masks.
@@ -180,16 +247,33 @@ def pixel_metrics(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], pixel
         ``pixel_auroc``, ``aupro`` (up to ``fpr_limit``), ``pixel_best_dice``
         (best over all thresholds, optimistic), ``pixel_threshold`` (from
         normal validation maps, given) and ``pixel_dice_at_threshold``.
+        All from one sort of the pixels.
     """
-    values, labels = _flatten(maps, masks)
-    if not labels.any():
-        nan = float("nan")
-        return {"pixel_auroc": nan, "aupro": nan, "pixel_best_dice": nan, "pixel_threshold": pixel_threshold,
-                "pixel_dice_at_threshold": nan}
-    return {
-        "pixel_auroc": auroc(values, labels),
-        "aupro": aupro(maps, masks, fpr_limit),
-        "pixel_best_dice": best_dice(values, labels)[0],
-        "pixel_threshold": float(pixel_threshold),
-        "pixel_dice_at_threshold": dice(values >= pixel_threshold, labels),
-    }
+    return pixel_metrics_by_subset(maps, masks, {"all": np.ones(len(maps), bool)}, pixel_threshold,
+                                   fpr_limit)["all"]
+
+
+def pixel_metrics_by_subset(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                            subsets: dict[str, np.ndarray], pixel_threshold: float, fpr_limit: float = 0.3
+                            ) -> dict[str, dict[str, float]]:
+    """:func:`pixel_metrics` of several subsets of the images (boolean selections), from one sort of all pixels.
+
+    Keeping the pixels of a subset keeps their order, so the subsets (e.g. each
+    defect type with the normal images) need no sort of their own.
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must lie in (0, 1]; got {fpr_limit}")
+    values, labels, inverse_size, image, regions = _sorted_pixels(maps, masks)
+    out = {}
+    for name, chosen in subsets.items():
+        chosen = np.asarray(chosen, bool)
+        if chosen.shape != (len(maps),):
+            raise ValueError(f"subset {name!r} selects from {chosen.shape} images, not {len(maps)}")
+        if chosen.all():
+            out[name] = _metrics_of_sorted(values, labels, inverse_size, int(regions.sum()), pixel_threshold,
+                                           fpr_limit)
+        else:
+            keep = chosen[image]
+            out[name] = _metrics_of_sorted(values[keep], labels[keep], inverse_size[keep],
+                                           int(regions[chosen].sum()), pixel_threshold, fpr_limit)
+    return out

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from anomri.evaluate.image_metrics import image_metrics, pixel_metrics
+from anomri.evaluate.image_metrics import image_metrics, pixel_metrics_by_subset
 from anomri.evaluate.table import write_table
 from anomri.images.outputs import SCORE_COLUMNS, map_path
 from anomri.io.atomic import write_json
@@ -83,6 +83,8 @@ def evaluate_methods(
         maps = [np.load(map_path(maps_dirs[method], r.label, r.stem)) for r in test]
         masks = [read_mask(r, m.shape) for r, m in zip(test, maps)]
         score_ids = list(dict.fromkeys(r["score"] for r in rows))
+        # The map's metrics, for every subset from one sort of all test pixels.
+        map_rows = pixel_metrics_by_subset(maps, masks, subsets, thresholds["pixel_threshold"], fpr_limit)
         for score_id in score_ids:
             test_values = _values(rows, "test", score_id, keys)
             val_values = np.array([r["value"] for r in rows if r["split"] == "val" and r["score"] == score_id])
@@ -91,9 +93,7 @@ def evaluate_methods(
                        "n_normal": int((chosen & ~anomalous).sum()), "n_anomalous": int((chosen & anomalous).sum())}
                 row |= image_metrics(test_values[chosen], anomalous[chosen], val_values, threshold_percentile)
                 if score_id == primary:
-                    idx = np.flatnonzero(chosen)
-                    row |= pixel_metrics([maps[i] for i in idx], [masks[i] for i in idx],
-                                         thresholds["pixel_threshold"], fpr_limit)
+                    row |= map_rows[subset]
                 table.append(row)
             if score_id == primary and anomalous.any() and (~anomalous).any():
                 image_fpr, image_tpr, _ = roc_curve(anomalous, test_values)

@@ -15,7 +15,8 @@ from anomri.errors import InputError
 if TYPE_CHECKING:
     from anomri.io.images import ImageGeometry
 
-__all__ = ["ImageSettings", "MAP_NORMALIZATIONS", "METHODS", "MODEL_OF_METHOD", "PRIMARY_SCORE", "SLOW_IMAGE_SCORES"]
+__all__ = ["CHOICES", "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS", "MODEL_OF_METHOD",
+           "PRIMARY_SCORE", "SLOW_IMAGE_SCORES"]
 
 #: Method id (output folder) -> the trained model it needs.
 MODEL_OF_METHOD = {"vae": "conv-vae", "vae-projection": "conv-vae", "anogan": "anogan", "mhp-vae": "mhp-vae"}
@@ -24,9 +25,20 @@ METHODS = tuple(MODEL_OF_METHOD)
 SLOW_IMAGE_SCORES = ("closest-generated", "max-generated-lik")
 #: Per-pixel normalisations of anomaly maps (:mod:`anomri.images.normalization`).
 MAP_NORMALIZATIONS = ("none", "zscore")
+#: Learning-rate schedules of the conv VAE: constant, or cosine annealing over its epochs.
+LR_SCHEDULES = ("constant", "cosine")
 #: The score each method's paper defines; the one the report ranks methods by.
 #: Dehaene et al. evaluate projection maps only; its image score is the robust top of its normalised map.
 PRIMARY_SCORE = {"vae": "det-rec-err", "vae-projection": "map-top", "anogan": "anomaly-score", "mhp-vae": "wta"}
+
+
+#: Settings that take one of a few values, and those values.
+CHOICES = {"map_normalization": MAP_NORMALIZATIONS, "score_normalization": MAP_NORMALIZATIONS,
+           "vae_lr_schedule": LR_SCHEDULES, "projection_map": ("residual", "reconstruction")}
+
+
+def _invalid(name: str, expected: str, value: object) -> None:
+    raise InputError("--settings", f"{name} must be {expected}; got {value!r}")
 
 
 @dataclass
@@ -42,13 +54,15 @@ class ImageSettings:
     oct_band: str = "none"
     validation_fraction: float = 0.1
     horizontal_flip: bool = True
+    vertical_flip: bool = False  # random top-bottom flips while training (surfaces, textures; not OCT B-scans)
     batch_size: int = 32
     # conv VAE (methods vae and vae-projection)
     vae_latent_size: int = 128
     vae_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    vae_epochs: int = 30
+    vae_epochs: int = 60
     vae_learning_rate: float = 5e-4
     vae_kl_weight: float = 1.0
+    vae_lr_schedule: str = "constant"  # or cosine: anneal the learning rate to ~0 over vae_epochs
     vae_scores: str | list[str] = "all"
     vae_skip_scores: list[str] = field(default_factory=lambda: list(SLOW_IMAGE_SCORES))
     vae_reference_scores: bool = False
@@ -90,15 +104,14 @@ class ImageSettings:
 
     def __post_init__(self) -> None:
         # The command line takes settings as JSON, past the config schema: check what scoring branches on.
-        for name in ("map_normalization", "score_normalization"):
-            if getattr(self, name) not in MAP_NORMALIZATIONS:
-                raise InputError("--settings", f"{name} must be one of {MAP_NORMALIZATIONS}; got {getattr(self, name)!r}")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                _invalid(name, f"one of {choices}", getattr(self, name))
         if self.anogan_search_batch_size != "auto" and not (
                 isinstance(self.anogan_search_batch_size, int) and self.anogan_search_batch_size >= 1):
-            raise InputError("--settings", "anogan_search_batch_size must be 'auto' or a positive integer; "
-                                           f"got {self.anogan_search_batch_size!r}")
+            _invalid("anogan_search_batch_size", "'auto' or a positive integer", self.anogan_search_batch_size)
         if not 0.0 < self.top_fraction <= 1.0:
-            raise InputError("--settings", f"top_fraction must lie in (0, 1]; got {self.top_fraction}")
+            _invalid("top_fraction", "in (0, 1]", self.top_fraction)
 
     @classmethod
     def from_json(cls, text: str) -> ImageSettings:
