@@ -138,14 +138,13 @@ def _calibration_voxels(args: argparse.Namespace, prefixes: list[str]) -> tuple:
         raise InputError("--tissue-classes", f"must be at least 1; got {args.tissue_classes}")
     post = PostProcessing(args.erosion_voxels, args.median_filter_voxels, args.smoothing_fwhm_mm)
     scans = [ScanDerivatives(args.derivatives_dir, p) for p in prefixes]
-    values, masks = {}, []
+    values, features = {}, None
     for score in args.scores:
         processed = [postprocessed_scores(scan, score, post) for scan in scans]
         values[score] = np.concatenate([volume[mask] for volume, mask, _ in processed])
-        masks = [mask for _, mask, _ in processed]
-    features = None
     if args.tissue_classes > 1:
-        features = np.concatenate([masked_features(scan, mask) for scan, mask in zip(scans, masks)])
+        # Every score of a scan is valid in the same post-processed mask: the last score's will do.
+        features = np.concatenate([masked_features(scan, mask) for scan, (_, mask, _) in zip(scans, processed)])
     return post, values, features
 
 
@@ -171,9 +170,9 @@ def run_calibrate(args: argparse.Namespace) -> None:
 @command("learn-combination")
 def run_learn_combination(args: argparse.Namespace) -> None:
     from anomri.evaluate.metrics import auprc, auroc, best_dice
+    from anomri.evaluate.table import load_patient
     from anomri.io.atomic import write_json
     from anomri.io.derivatives import ScanDerivatives
-    from anomri.io.nifti import load_mask
     from anomri.maps.learned import LearnedCombination, leave_one_patient_out, score_evidence
     from anomri.maps.writing import masked_features, postprocessed_scores, write_learned_probability
 
@@ -182,37 +181,39 @@ def run_learn_combination(args: argparse.Namespace) -> None:
     post, values, features = _calibration_voxels(args, args.calibration)
     nulls = {k: _healthy_null(args, post, {k: v}, features, args.calibration) for k, v in values.items()}
 
-    def evidence(prefix: str) -> tuple:
-        scan = ScanDerivatives(args.derivatives_dir, prefix)
+    def evidence(scan: ScanDerivatives) -> tuple[np.ndarray, np.ndarray, object]:
+        """The scan's score evidence (N, S), the post-processed mask holding its N voxels, and the image grid."""
         processed = {k: postprocessed_scores(scan, k, post) for k in args.scores}
         _, valid, img = processed[args.scores[0]]
         voxels = masked_features(scan, valid) if features is not None else None
-        return scan, valid, img, score_evidence(nulls, {k: v[valid] for k, (v, _, _) in processed.items()}, voxels)
+        return score_evidence(nulls, {k: v[valid] for k, (v, _, _) in processed.items()}, voxels), valid, img
 
-    labelled = [(prefix, *evidence(prefix), lesion) for prefix, lesion in args.scan]
-    labels = [load_mask(lesion, img, scan.mask)[valid] for _, scan, valid, img, _, lesion in labelled]
-    patients = [prefix for prefix, *_ in labelled]
+    patients = [load_patient(args.derivatives_dir, prefix, lesion) for prefix, lesion in args.scan]
+    grids = [evidence(p.scan) for p in patients]
+    inputs = (args.scores, [e for e, _, _ in grids], [p.lesion[valid] for p, (_, valid, _) in zip(patients, grids)],
+              [p.prefix for p in patients])
     try:
-        folds = leave_one_patient_out(args.scores, [e for *_, e, _ in labelled], labels, patients, args.C)
-        final = LearnedCombination.fit(args.scores, [e for *_, e, _ in labelled], labels, patients, args.C)
+        folds = leave_one_patient_out(*inputs, args.C)
+        final = LearnedCombination.fit(*inputs, args.C)
     except ValueError as exc:
         raise InputError("--scan", str(exc)) from exc
     settings = {"postprocessing": post.record(), "tissue_classes": args.tissue_classes,
                 "calibration_scans": args.calibration, "evidence": "-log p per score (one-score healthy nulls)"}
     cross_validation = {}
-    for (prefix, scan, valid, img, ev, lesion), fold in zip(labelled, folds, strict=True):
-        volume = write_learned_probability(scan, fold.predict(ev), valid, img, fold, settings,
-                                           f"leave-one-patient-out fold without {prefix}")
-        brain = load_mask(scan.mask, img, scan.mask)
-        x, y = volume[brain], load_mask(lesion, img, scan.mask)[brain]
-        cross_validation[prefix] = {"auroc": auroc(x, y), "auprc": auprc(x, y), "best_dice": best_dice(x, y)[0]}
-        logger.info("%s: learned combination out of fold: AUROC %.4f, AUPRC %.3f, best Dice %.3f", prefix,
-                    *cross_validation[prefix].values())
+    for patient, (ev, valid, img), fold in zip(patients, grids, folds, strict=True):
+        volume = write_learned_probability(patient.scan, fold.predict(ev), valid, img, fold, settings,
+                                           f"leave-one-patient-out fold without {patient.prefix}")
+        x, y = volume[patient.brain], patient.lesion[patient.brain]
+        cross_validation[patient.prefix] = {"auroc": auroc(x, y), "auprc": auprc(x, y),
+                                            "best_dice": best_dice(x, y)[0]}
+        logger.info("%s: learned combination out of fold: AUROC %.4f, AUPRC %.3f, best Dice %.3f", patient.prefix,
+                    *cross_validation[patient.prefix].values())
     for prefix in args.apply:
-        scan, valid, img, ev = evidence(prefix)
+        scan = ScanDerivatives(args.derivatives_dir, prefix)
+        ev, valid, img = evidence(scan)
         write_learned_probability(scan, final.predict(ev), valid, img, final, settings, "all labelled patients")
-    write_json(args.out, settings | {"model": final.record(), "folds": {p: f.record() for p, f in zip(patients, folds)},
-                                     "cross_validation": cross_validation})
+    write_json(args.out, settings | {"model": final.record(), "cross_validation": cross_validation,
+                                     "folds": {p.prefix: f.record() for p, f in zip(patients, folds)}})
 
 
 @command("probability")
