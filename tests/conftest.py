@@ -115,3 +115,22 @@ def digest_tree(root: Path) -> dict[str, str]:
 def files_under(root: Path) -> list[Path]:
     """Every file below ``root`` (none when it does not exist)."""
     return [p for p in root.rglob("*") if p.is_file()] if root.exists() else []
+
+
+def derivative_grid(side: int) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """A 2 mm reference image of ``side``^3 voxels and a cubic brain mask one voxel in from its edge."""
+    reference = nib.Nifti1Image(np.zeros((side,) * 3, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    brain = np.zeros((side,) * 3, bool)
+    brain[1:-1, 1:-1, 1:-1] = True
+    return reference, brain
+
+
+def new_derivative_scan(root: Path, prefix: str, brain: np.ndarray, reference: nib.Nifti1Image):
+    """An anomri derivatives folder for ``prefix`` under ``root``, holding only its brain mask."""
+    from anomri.io.derivatives import ScanDerivatives
+    from anomri.io.nifti import save_volume
+
+    scan = ScanDerivatives(root, prefix)
+    scan.dir.mkdir(parents=True)
+    save_volume(scan.mask, brain, reference, dtype=np.uint8)
+    return scan

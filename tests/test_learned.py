@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import derivative_grid, new_derivative_scan
 
 from anomri.maps.learned import LearnedCombination, leave_one_patient_out, score_evidence
 from anomri.maps.probability import HealthyNull
@@ -72,15 +73,11 @@ def test_learn_combination_command(tmp_path, run_cli) -> None:
     from anomri.io.nifti import save_volume
 
     rng = np.random.default_rng(5)
-    shape = (16, 16, 16)
-    reference = nib.Nifti1Image(np.zeros(shape, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
-    brain = np.zeros(shape, bool)
-    brain[1:15, 1:15, 1:15] = True
+    reference, brain = derivative_grid(16)
+    shape = brain.shape
 
     def write_scan(prefix: str, lesion: np.ndarray) -> None:
-        scan = ScanDerivatives(tmp_path, prefix)
-        scan.dir.mkdir(parents=True)
-        save_volume(scan.mask, brain, reference, dtype=np.uint8)
+        scan = new_derivative_scan(tmp_path, prefix, brain, reference)
         for k, gain in (("vae-reg", 4.0), ("neg-elbo", 0.0)):  # neg-elbo carries no lesion signal here
             score = rng.normal(size=shape).astype(np.float32) + gain * lesion
             save_volume(scan.novelty(k), np.where(brain, score, 0), reference)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import derivative_grid, new_derivative_scan
 from scipy import stats
 
 from anomri.maps.probability import HealthyNull
@@ -113,15 +114,11 @@ def test_calibrate_and_probability_commands_with_tissue_classes(tmp_path, run_cl
     from anomri.io.nifti import save_volume
 
     rng = np.random.default_rng(5)
-    shape = (14, 14, 14)
-    reference = nib.Nifti1Image(np.zeros(shape, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
-    mask = np.zeros(shape, bool)
-    mask[1:13, 1:13, 1:13] = True
+    reference, mask = derivative_grid(14)
+    shape = mask.shape
 
     def write_scan(prefix: str) -> tuple[np.ndarray, np.ndarray]:
-        scan = ScanDerivatives(tmp_path, prefix)
-        scan.dir.mkdir(parents=True)
-        save_volume(scan.mask, mask, reference, dtype=np.uint8)
+        scan = new_derivative_scan(tmp_path, prefix, mask, reference)
         features, labels = draw_tissue(rng, mask.size)
         score = healthy_scores(rng, labels).reshape(shape).astype(np.float32)
         save_volume(scan.novelty("vae-reg"), np.where(mask, score, 0), reference)
