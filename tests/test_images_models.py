@@ -129,6 +129,32 @@ def test_projection_lowers_energy_monotonically_and_localises_the_anomaly() -> N
     assert torch.all(flat_argmax == 2 * 8 + 5)
 
 
+def test_standardized_projection_map_is_the_error_in_decoder_standard_deviations() -> None:
+    vae = ConvVAE((2, 16, 16), latent_size=4, channels=(4, 8)).eval()
+    x0 = vae.standardize(torch.rand(3, 2, 16, 16))
+    projected = project(vae, x0, steps=5, step_size=1e-3).projected
+    # Brute force, pixel by pixel: decoder Gaussian at z = mu(x_T), squared z-score of x_0, summed over channels.
+    with torch.no_grad():
+        mean, log_sigma = vae.decode(vae.encode(projected)[0])
+    expected = torch.zeros(3, 16, 16)
+    for n in range(3):
+        for c in range(2):
+            expected[n] += ((x0[n, c] - mean[n, c]) / log_sigma[n, c].exp()) ** 2
+    torch.testing.assert_close(projection_map(vae, x0, projected, "standardized"), expected, rtol=1e-5, atol=1e-5)
+    # A doubled error at one pixel quadruples that pixel's value and leaves the others.
+    bumped = x0.clone()
+    bumped[0, 1, 3, 4] = mean[0, 1, 3, 4] + 2 * (x0[0, 1, 3, 4] - mean[0, 1, 3, 4])
+    diff = projection_map(vae, bumped, projected, "standardized") - expected
+    channel_term = ((x0[0, 1, 3, 4] - mean[0, 1, 3, 4]) / log_sigma[0, 1, 3, 4].exp()) ** 2
+    torch.testing.assert_close(diff[0, 3, 4], 3 * channel_term, rtol=1e-4, atol=1e-5)
+    diff[0, 3, 4] = 0
+    assert diff.abs().max() < 1e-5
+    # A plain autoencoder has no predicted standard deviation: refused, with the alternatives named.
+    with pytest.raises(ValueError, match="residual"):
+        projection_map(LinearAutoencoder(torch.randn(64, 5)), torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8),
+                       "standardized")
+
+
 def test_projection_survives_a_step_size_that_would_diverge() -> None:
     model = LinearAutoencoder(torch.randn(64, 5))
     x0 = torch.randn(2, 1, 8, 8)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from anomri.images.outputs import ImageOutputs
 from anomri.images.settings import METHODS
+from anomri.images.training import load_image_model
 from anomri.io.images import scan_mvtec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +65,8 @@ def test_every_output_exists(run: tuple[Path, Path]) -> None:
         assert thresholds["score_normalization"] == "zscore" and thresholds["map_normalization"] == "none"
     for path in (out.roc_figure, out.curves, out.model("conv-vae"), out.history("mhp-vae")):
         assert path.stat().st_size > 0
+    # The demo B-scans get the demo's band handling (config.yaml: images.demo.oct_band), not images.oct_band.
+    assert load_image_model(out.model("conv-vae"))[1]["settings"]["oct_band"] == "flatten"
 
 
 def test_tables(run: tuple[Path, Path]) -> None:
@@ -89,3 +92,13 @@ def test_rerun_has_nothing_to_do(run: tuple[Path, Path]) -> None:
     result = snakemake("-n", "--cores", "1", "images", "--configfile", str(run[1]))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_a_users_folder_keeps_images_oct_band(run: tuple[Path, Path], tmp_path: Path) -> None:
+    # The demo's flattening is for the demo B-scans only: any other folder gets images.oct_band (none).
+    demo = ImageOutputs(run[0] / "images").demo
+    result = snakemake("-n", "-p", "--cores", "1", "images", "--configfile", str(run[1]), "--config",
+                       f"images_root={demo}", f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    train = [line for line in result.stdout.splitlines() if "images-train" in line]
+    assert train and all('"oct_band": "none"' in line for line in train)

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from anomri.io.images import ImageGeometry
 
 __all__ = ["CHOICES", "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS", "MODEL_OF_METHOD",
-           "PRIMARY_SCORE", "SLOW_IMAGE_SCORES"]
+           "PRIMARY_SCORE", "PROJECTION_MAPS", "SLOW_IMAGE_SCORES"]
 
 #: Method id (output folder) -> the trained model it needs.
 MODEL_OF_METHOD = {"vae": "conv-vae", "vae-projection": "conv-vae", "anogan": "anogan", "mhp-vae": "mhp-vae"}
@@ -25,6 +25,8 @@ METHODS = tuple(MODEL_OF_METHOD)
 SLOW_IMAGE_SCORES = ("closest-generated", "max-generated-lik")
 #: Per-pixel normalisations of anomaly maps (:mod:`anomri.images.normalization`).
 MAP_NORMALIZATIONS = ("none", "zscore")
+#: Pixel maps of method vae-projection (:func:`anomri.models.projection.projection_map`).
+PROJECTION_MAPS = ("standardized", "residual", "reconstruction")
 #: Learning-rate schedules of the conv VAE: constant, or cosine annealing over its epochs.
 LR_SCHEDULES = ("constant", "cosine")
 #: The score each method's paper defines; the one the report ranks methods by.
@@ -34,7 +36,7 @@ PRIMARY_SCORE = {"vae": "det-rec-err", "vae-projection": "map-top", "anogan": "a
 
 #: Settings that take one of a few values, and those values.
 CHOICES = {"map_normalization": MAP_NORMALIZATIONS, "score_normalization": MAP_NORMALIZATIONS,
-           "vae_lr_schedule": LR_SCHEDULES, "projection_map": ("residual", "reconstruction")}
+           "vae_lr_schedule": LR_SCHEDULES, "projection_map": PROJECTION_MAPS}
 
 
 def _invalid(name: str, expected: str, value: object) -> None:
@@ -74,7 +76,7 @@ class ImageSettings:
     projection_step_size: float = 0.002
     projection_l1_weight: float = 1.0
     projection_tolerance: float = 1e-4
-    projection_map: str = "residual"
+    projection_map: str = "standardized"
     # AnoGAN
     anogan_latent_size: int = 64
     anogan_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])

@@ -155,6 +155,10 @@ class ConvVAE(ConvEncoderModel):
         kl = kl_to_standard_normal(mu, logvar).mean()
         return rec + kl_weight * kl, rec, kl
 
+    def reconstruct_distribution(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, log s) of p(x | z = mu(x)), each (N, C, H, W): the decoder's Gaussian at the posterior mean."""
+        return self.decode(self.encode(x)[0])
+
     def reconstruct_with_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Deterministic reconstruction m(mu(x)) and negative ELBO at z = mu(x), per image.
 

@@ -154,14 +154,26 @@ def projection_map(model: Reconstructor, x0: torch.Tensor, projected: torch.Tens
                    ) -> torch.Tensor:
     """Pixel anomaly map (N, H, W) after projection, summed over channels.
 
+    ``kind="standardized"``: ((x_0 - m(x_T)) / s(x_T))^2, the input's squared
+    error against the decoder's Gaussian at its projected, normal-looking
+    version, in units of the standard deviation the decoder predicts there.
+    Where the model expects texture it cannot reproduce (a large s), the same
+    error counts less than where it expects a smooth surface. Needs a model
+    with a Gaussian decoder (``reconstruct_distribution``, as the conv VAE).
     ``kind="residual"``: |x_T - x_0|, what the projection had to change.
     ``kind="reconstruction"``: |x_0 - f(x_T)|, the input's error against the
-    reconstruction of its projected, normal-looking version.
+    reconstruction of its projected version.
     """
+    if kind == "standardized":
+        if not hasattr(model, "reconstruct_distribution"):
+            raise ValueError("projection map 'standardized' needs a model with a Gaussian decoder "
+                             "(reconstruct_distribution); use 'residual' or 'reconstruction'")
+        mean, log_sigma = model.reconstruct_distribution(projected)
+        return ((x0 - mean) * torch.exp(-log_sigma)).square().sum(1)
     if kind == "residual":
         diff = projected - x0
     elif kind == "reconstruction":
         diff = x0 - model.reconstruct_with_loss(projected)[0]
     else:
-        raise ValueError(f"projection map must be 'residual' or 'reconstruction'; got {kind!r}")
+        raise ValueError(f"projection map must be 'standardized', 'residual' or 'reconstruction'; got {kind!r}")
     return diff.abs().sum(1)

@@ -14,7 +14,13 @@ if set(IMAGE_METHODS) - set(METHODS):
 if config.get("images_layout", "mvtec") != "mvtec":
     raise WorkflowError(f"anomri: error: config: images_layout {config['images_layout']!r} unsupported; use mvtec")
 IMAGE_CONFIG = config.get("images", {})
-IMAGE_SETTINGS = shlex.quote(json.dumps({k: v for k, v in IMAGE_CONFIG.items() if k not in ("device", "demo")}))
+# What `demo-images` takes; the demo's `oct_band` is a model setting instead.
+DEMO_OPTIONS = {k: v for k, v in IMAGE_CONFIG.get("demo", {}).items() if k != "oct_band"}
+_image_settings = {k: v for k, v in IMAGE_CONFIG.items() if k not in ("device", "demo")}
+if not config.get("images_root") and "oct_band" in IMAGE_CONFIG.get("demo", {}):
+    # The demo images are OCT B-scans: they get the demo's band handling, a user's folder images.oct_band.
+    _image_settings["oct_band"] = IMAGE_CONFIG["demo"]["oct_band"]
+IMAGE_SETTINGS = shlex.quote(json.dumps(_image_settings))
 IMAGE_DEVICE = IMAGE_CONFIG.get("device", "auto")
 # The demo folder is an output to wait for; a user's folder is simply read.
 IMAGES_ROOT_INPUT = [] if config.get("images_root") else [IMAGES.demo]
@@ -37,7 +43,7 @@ if not config.get("images_root"):
             mem_mb=1000,
             runtime=10,
         params:
-            demo=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in IMAGE_CONFIG.get("demo", {}).items()),
+            demo=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_OPTIONS.items()),
         shell:
             "{ANOMRI} --log {log} demo-images {output} {params.demo}"
 
