@@ -148,11 +148,11 @@ def _calibration_voxels(args: argparse.Namespace, prefixes: list[str]) -> tuple:
     return post, values, features
 
 
-def _healthy_null(args: argparse.Namespace, post, values: dict, features, scans: list[str]):
+def _healthy_null(args: argparse.Namespace, post, values: dict, features, scans: list[str], tissue=None):
     from anomri.maps.probability import HealthyNull
 
     try:
-        return HealthyNull.fit(values, features, tissue_classes=args.tissue_classes, seed=args.seed,
+        return HealthyNull.fit(values, features, tissue_classes=args.tissue_classes, seed=args.seed, tissue=tissue,
                                postprocessing=post, tail_fraction=args.tail_fraction,
                                combination=args.combination, scans=scans)
     except ValueError as exc:
@@ -179,7 +179,11 @@ def run_learn_combination(args: argparse.Namespace) -> None:
     if args.C <= 0:
         raise InputError("--C", f"must be positive; got {args.C}")
     post, values, features = _calibration_voxels(args, args.calibration)
-    nulls = {k: _healthy_null(args, post, {k: v}, features, args.calibration) for k, v in values.items()}
+    nulls, tissue = {}, None
+    for k, v in values.items():
+        # Every score's null lists the same calibration voxels: one tissue model serves them all.
+        nulls[k] = _healthy_null(args, post, {k: v}, features, args.calibration, tissue)
+        tissue = nulls[k].tissue
 
     def evidence(scan: ScanDerivatives) -> tuple[np.ndarray, np.ndarray, object]:
         """The scan's score evidence (N, S), the post-processed mask holding its N voxels, and the image grid."""

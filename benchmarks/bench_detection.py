@@ -58,6 +58,7 @@ from anomri.io.nifti import load_mask, load_nifti, read_data  # noqa: E402
 from anomri.io.voxels import read_feature_description  # noqa: E402
 from anomri.maps.postprocess import PostProcessing  # noqa: E402
 from anomri.maps.probability import HealthyNull  # noqa: E402
+from anomri.maps.tissue import TissueModel  # noqa: E402
 from anomri.maps.writing import masked_features  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,8 +201,11 @@ def main(argv: list[str] | None = None) -> None:
             processed, valid = post.apply(volume, mask, zooms)
             null_values.setdefault(name, []).append(processed[valid])
         null_features.append(masked_features(derivatives, valid))
-    tissue = {"features": np.concatenate(null_features), "tissue_classes": prob["tissue_classes"],
-              "seed": prob["seed"], "postprocessing": post, "tail_fraction": prob["tail_fraction"]}
+    features = np.concatenate(null_features)
+    # One tissue model for every method's null: they all list the same calibration voxels.
+    tissue = {"features": features, "postprocessing": post, "tail_fraction": prob["tail_fraction"],
+              "tissue": TissueModel.fit(features, prob["tissue_classes"], prob["seed"])
+              if prob["tissue_classes"] > 1 else None}
     nulls = {k: HealthyNull.fit({k: np.concatenate(v)}, **tissue) for k, v in null_values.items()}
     # The run's lesion probability, recomputed: same scores and combination as the config.
     run_null = HealthyNull.fit({k: np.concatenate(null_values[f"VAE {k}"]) for k in prob["scores"]},

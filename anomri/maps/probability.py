@@ -256,17 +256,20 @@ class HealthyNull:
 
     @classmethod
     def fit(cls, values: dict[str, np.ndarray], features: np.ndarray | None = None, *, tissue_classes: int = 1,
-            seed: int = 0, **kwargs) -> HealthyNull:
+            seed: int = 0, tissue: TissueModel | None = None, **kwargs) -> HealthyNull:
         """The null of ``values``, with ``tissue_classes`` tissue classes fitted to ``features`` when > 1.
 
         ``features`` (N, F) are the q-space features of the calibration voxels
-        that ``values`` list; ``kwargs`` go to the constructor.
+        that ``values`` list; ``tissue``, a model already fitted to them (by
+        another null of the same voxels), is reused instead of fitting one;
+        ``kwargs`` go to the constructor.
         """
-        if tissue_classes <= 1:
+        if tissue is None and tissue_classes <= 1:
             return cls(values, **kwargs)
         if features is None:
             raise ValueError("tissue classes need the calibration voxels' features")
-        tissue = TissueModel.fit(features, tissue_classes, seed)
+        if tissue is None:
+            tissue = TissueModel.fit(features, tissue_classes, seed)
         return cls(values, tissue=tissue, log_posterior=tissue.log_posterior(features), **kwargs)
 
     def _log_mixture(self, scores: dict[str, np.ndarray], log_posterior: np.ndarray) -> np.ndarray:
