@@ -38,10 +38,20 @@ def command(name: str) -> Callable[[Callable[[argparse.Namespace], None]], Calla
 
 @command("demo-cohort")
 def run_demo_cohort(args: argparse.Namespace) -> None:
-    from anomri.demo.cohort import make_demo_cohort
+    from anomri.demo.cohort import CohortSettings, make_demo_cohort
 
-    make_demo_cohort(args.out, n_controls=args.n_controls, n_patients=args.n_patients,
-                     voxel_size=args.voxel_size, scheme=args.scheme, seed=args.seed)
+    overrides = {k: v for k, v in vars(args).items() if k in COHORT_OPTIONS and v is not None}
+    if "lesion_masks" in overrides:
+        overrides["lesion_masks"] = tuple(overrides["lesion_masks"])
+    for key in ("snr", "severity"):
+        if key in overrides:
+            overrides[key] = tuple(overrides[key])
+    try:
+        settings = CohortSettings.legacy() if args.preset == "legacy" else CohortSettings()
+        make_demo_cohort(args.out, n_controls=args.n_controls, n_patients=args.n_patients, seed=args.seed,
+                         settings=settings, **overrides)
+    except ValueError as exc:
+        raise InputError(args.out, str(exc)) from exc
 
 
 @command("preprocess")
@@ -54,7 +64,9 @@ def run_preprocess(args: argparse.Namespace) -> None:
     preprocess_scan(args.dwi, args.bval, args.bvec, ScanDerivatives(args.output_dir, args.prefix),
                     mask=args.mask, lesion_mask=args.lesion_mask, b0_threshold=args.b0_threshold,
                     denoising=args.denoise, representation=args.features, context=args.context,
-                    context_radius=args.context_radius)
+                    context_radius=args.context_radius, gibbs=args.gibbs_removal,
+                    motion_correction=args.motion_correction, noise_factor=args.noise_factor,
+                    noise_seed=args.noise_seed)
 
 
 @command("pool")
@@ -63,21 +75,29 @@ def run_pool(args: argparse.Namespace) -> None:
     from anomri.io.derivatives import ScanDerivatives
     from anomri.io.voxels import pool_samples
 
-    scans = [ScanDerivatives(args.derivatives_dir, p) for p in args.scans]
+    # Every scan, then every noisier copy of every scan (one derivatives tree per noise level).
+    trees = [args.derivatives_dir, *args.augmented]
+    scans = [ScanDerivatives(tree, p) for tree in trees for p in args.scans]
     samples, index, description = pool_samples([s.features for s in scans], [s.mask for s in scans],
                                                args.max_voxels_per_scan, args.seed)
+    names = [p if tree == args.derivatives_dir else f"{p} ({Path(tree).name})" for tree in trees for p in args.scans]
     with atomic_path(args.out) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, samples=samples, scan_index=index, scans=np.array(args.scans),
-                 description=json.dumps(description))
+        np.savez(fh, samples=samples, scan_index=index, scans=np.array(names), description=json.dumps(description))
     logger.info("pooled %d voxels of %d features from %d scans", *samples.shape, len(scans))
 
 
 @command("train")
 def run_train(args: argparse.Namespace) -> None:
+    import torch
+
     from anomri.evaluate.table import write_table
     from anomri.models.checkpoint import save_vae
     from anomri.models.training import TrainingConfig, resolve_device, train_vae
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError("--threads", f"must be positive; got {args.threads}")
+        torch.set_num_threads(args.threads)  # the cores the scheduler reserved; else torch takes every core
     with np.load(args.pool) as pool:
         samples, description, scans = pool["samples"], json.loads(str(pool["description"])), pool["scans"].tolist()
     config = TrainingConfig(**json.loads(args.settings))
@@ -235,23 +255,33 @@ def run_probability(args: argparse.Namespace) -> None:
 @command("evaluate")
 def run_evaluate(args: argparse.Namespace) -> None:
     from anomri.evaluate import table
+    from anomri.evaluate.healthy import COLUMNS as HEALTHY_COLUMNS
+    from anomri.evaluate.healthy import DESCRIPTIONS as HEALTHY_DESCRIPTIONS
+    from anomri.evaluate.healthy import healthy_rows
     from anomri.io.atomic import write_json
 
     if not 0.0 < args.fpr < 1.0:
         raise InputError("--fpr", f"must lie in (0, 1); got {args.fpr}")
     if args.bootstrap < 1:
         raise InputError("--bootstrap", f"must be positive; got {args.bootstrap}")
+    if not 0.0 <= args.min_lesion_overlap <= 1.0:
+        raise InputError("--min-lesion-overlap", f"must lie in [0, 1]; got {args.min_lesion_overlap}")
     map_ids = [*args.scores, table.PROBABILITY]
     thresholds = {m: table.calibration_threshold(args.derivatives_dir, args.calibration, m, args.fpr)
                   for m in map_ids}
     patients = [table.load_patient(args.derivatives_dir, prefix, lesion) for prefix, lesion in args.scan]
-    rows, curves = table.evaluate_cohort(patients, map_ids, thresholds)
+    rows, curves = table.evaluate_cohort(patients, map_ids, thresholds, min_overlap=args.min_lesion_overlap)
     table.write_table(args.out, rows, table.COLUMNS, table.column_descriptions())
     table.write_table(args.summary, table.summarise(rows, args.bootstrap, seed=args.seed), table.summary_columns(),
                       table.summary_descriptions())
     write_json(args.curves, {"fpr": args.fpr, "calibration": args.calibration, "maps": curves})
-    logger.info("evaluated %d maps of %d patients at the %g healthy-FPR thresholds of %d calibration controls",
-                len(map_ids), len(patients), args.fpr, len(args.calibration))
+    # Unseen healthy subjects: held-out controls and patients whose lesion mask is empty.
+    unseen = args.healthy + [p.prefix for p in patients if not p.lesion.any()]
+    table.write_table(args.healthy_out, healthy_rows(args.derivatives_dir, unseen, args.levels), HEALTHY_COLUMNS,
+                      HEALTHY_DESCRIPTIONS)
+    logger.info("evaluated %d maps of %d patients at the %g healthy-FPR thresholds of %d calibration controls; "
+                "false-positive rate of %d unseen healthy scans", len(map_ids), len(patients), args.fpr,
+                len(args.calibration), len(unseen))
 
 
 @command("plot-curves")
@@ -410,13 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo-cohort", help="write the synthetic BIDS demo cohort")
-    p.add_argument("out", help="new BIDS directory")
-    p.add_argument("--n-controls", type=int, default=6)
-    p.add_argument("--n-patients", type=int, default=4)
-    p.add_argument("--voxel-size", type=float, default=3.0, help="mm")
-    p.add_argument("--scheme", default="3shell", help="dipy acquisition table: 3shell or isbi2013-2shell")
-    p.add_argument("--seed", type=int, default=0)
+    _add_demo_cohort_parser(sub)
 
     p = sub.add_parser("preprocess", help="validate and preprocess one scan")
     p.add_argument("--dwi", required=True)
@@ -432,9 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", default="none", choices=["none", "stats"],
                    help="spatial context: append the in-mask neighbourhood mean and std of every feature")
     p.add_argument("--context-radius", type=int, default=1, help="neighbourhood half-width, voxels (1: 3x3x3)")
+    p.add_argument("--gibbs-removal", action=argparse.BooleanOptionalAction, default=False,
+                   help="remove Gibbs ringing (dipy, slice by slice along the third axis)")
+    p.add_argument("--motion-correction", action=argparse.BooleanOptionalAction, default=False,
+                   help="register every volume to the mean b0 (dipy) and rotate the b-vectors")
+    p.add_argument("--noise-factor", type=float, default=1.0,
+                   help="first raise the scan's noise standard deviation this many times (training augmentation)")
+    p.add_argument("--noise-seed", type=int, default=0, help="seed of the added noise")
 
     p = sub.add_parser("pool", help="pool healthy training voxels")
     _add_scans(p)
+    p.add_argument("--augmented", nargs="*", default=[], metavar="DIR",
+                   help="derivatives trees of noisier copies of the same scans (preprocess --noise-factor)")
     p.add_argument("--out", required=True, help=".npz file")
     p.add_argument("--max-voxels-per-scan", type=int)
     p.add_argument("--seed", type=int, default=0)
@@ -445,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--history", required=True, help="training curve (.tsv)")
     p.add_argument("--settings", default="{}", help="JSON object of TrainingConfig fields")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice, one per core)")
 
     p = sub.add_parser("reference", help="build the healthy reference set of the reference-based scores")
     _add_scans(p)
@@ -498,9 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr", type=float, default=0.01, help="fraction of calibration brain voxels flagged")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the cohort summary")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--min-lesion-overlap", type=float, default=0.1,
+                   help="share of a lesion's voxels to flag for it to count as detected")
+    p.add_argument("--healthy", nargs="*", default=[], metavar="PREFIX",
+                   help="held-out controls: their realised false-positive rate (patients with empty masks join)")
+    p.add_argument("--levels", type=float, nargs="+", default=[0.01, 0.001],
+                   help="levels of the lesion masks whose realised false-positive rate is reported")
     p.add_argument("--out", required=True, help="per-patient and pooled table (.tsv)")
     p.add_argument("--summary", required=True, help="cohort summary table (.tsv)")
     p.add_argument("--curves", required=True, help="ROC and PR points for the figures (.json)")
+    p.add_argument("--healthy-out", required=True, help="realised false-positive rate of unseen healthy scans (.tsv)")
 
     p = sub.add_parser("plot-curves", help="ROC and PR curves of every map kind, from the evaluation")
     p.add_argument("--curves", required=True, help="evaluation_curves.json from evaluate")
@@ -523,6 +564,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True)
     _add_image_parsers(sub)
     return parser
+
+
+#: ``demo-cohort`` options that set a field of :class:`anomri.demo.cohort.CohortSettings`.
+COHORT_OPTIONS = (
+    "voxel_size", "scheme", "bvals", "bvecs", "n_b0", "max_dirs_per_shell", "snr", "pose_rotation_deg",
+    "pose_translation_mm", "head_scaling", "warp_mm", "ventricle_mm", "cortex_thinning", "diffusivity_jitter",
+    "axon_fraction_jitter", "bias_field", "volume_motion_deg", "volume_motion_mm", "gibbs", "lesions",
+    "lesion_masks", "severity", "t2_shine_through",
+)
+
+
+def _add_demo_cohort_parser(sub: argparse._SubParsersAction) -> None:
+    """``demo-cohort``: every simulation setting, unset ones taken from the preset."""
+    p = sub.add_parser("demo-cohort", help="write a synthetic BIDS cohort (realistic MS patients by default)",
+                       description="Options left out take the preset's value (anomri.demo.cohort.CohortSettings).")
+    p.add_argument("out", help="new BIDS directory")
+    p.add_argument("--preset", choices=["realistic", "legacy"], default="realistic",
+                   help="realistic: per-subject anatomy, real MS lesion masks, motion and bias; legacy: the "
+                        "earlier cohort (one anatomy, blob lesions), reproduced byte for byte")
+    p.add_argument("--n-controls", type=int, default=6)
+    p.add_argument("--n-patients", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("acquisition")
+    g.add_argument("--voxel-size", type=float, help="isotropic voxel size, mm")
+    g.add_argument("--scheme", help="dipy gradient table (3shell, isbi2013-2shell) or shells 'b:n,b:n'")
+    g.add_argument("--bvals", help="FSL .bval of your own scheme (with --bvecs; replaces --scheme)")
+    g.add_argument("--bvecs", help="FSL .bvec of your own scheme, world (RAS) axes")
+    g.add_argument("--n-b0", type=int, help="interleaved b0 volumes")
+    g.add_argument("--max-dirs-per-shell", type=int, help="subsample each shell of a dipy table")
+    g.add_argument("--snr", type=float, nargs=2, metavar=("LOW", "HIGH"), help="SNR range (mean WM b0 / sigma)")
+    g.add_argument("--bias-field", type=float, help="receive bias strength (0.2: +-20-40 %%)")
+    g.add_argument("--volume-motion-deg", type=float, help="head rotation between volumes, per axis, degrees")
+    g.add_argument("--volume-motion-mm", type=float, help="head translation between volumes, mm")
+    g.add_argument("--gibbs", action=argparse.BooleanOptionalAction, default=None, help="Gibbs ringing")
+    g = p.add_argument_group("anatomy")
+    g.add_argument("--pose-rotation-deg", type=float, help="head pose rotation per axis, degrees")
+    g.add_argument("--pose-translation-mm", type=float, help="head pose translation, mm")
+    g.add_argument("--head-scaling", type=float, help="head size per axis in [1 - h, 1 + h]")
+    g.add_argument("--warp-mm", type=float, help="amplitude of the smooth nonlinear warp, mm")
+    g.add_argument("--ventricle-mm", type=float, help="patients' largest ventricle enlargement, mm")
+    g.add_argument("--cortex-thinning", type=float, help="patients' largest share of outer cortex lost")
+    g.add_argument("--diffusivity-jitter", type=float, help="subject diffusivity scaling in [1 - j, 1 + j]")
+    g.add_argument("--axon-fraction-jitter", type=float, help="subject axon-fraction scaling in [1 - j, 1 + j]")
+    g = p.add_argument_group("lesions")
+    g.add_argument("--lesions", choices=["ms", "blobs"], help="real MS lesion masks or deep-WM ellipsoids")
+    g.add_argument("--lesion-masks", nargs="+", metavar="NIFTI",
+                   help="MNI-space lesion masks that patients take in turn (default: the five shipped with anomri)")
+    g.add_argument("--severity", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="range of per-lesion severity, 0 barely visible to 1 a black hole")
+    g.add_argument("--t2-shine-through", action=argparse.BooleanOptionalAction, default=None,
+                   help="lesions hyperintense on b0")
 
 
 def _add_calibration_options(p: argparse.ArgumentParser) -> None:

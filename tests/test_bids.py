@@ -195,7 +195,8 @@ def test_split_is_deterministic_for_a_seed_and_depends_on_it() -> None:
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.34, 0.5, 0.9, 1.0])
 def test_split_keeps_sessions_together_and_honours_fraction(n_participants: int, fraction: float) -> None:
     scans = controls(n_participants, n_sessions=3)
-    training, calibration = split_controls(scans, fraction, seed=0)
+    training, calibration, held_out = split_controls(scans, fraction, seed=0)
+    assert held_out == []
     assert sorted(training + calibration, key=scans.index) == scans
     train_ids, cal_ids = participants_of(training), participants_of(calibration)
     assert not train_ids & cal_ids  # every session of a participant on one side
@@ -208,3 +209,18 @@ def test_split_keeps_sessions_together_and_honours_fraction(n_participants: int,
 def test_split_needs_two_control_participants() -> None:
     with pytest.raises(ValueError):
         split_controls(controls(1, n_sessions=2), 0.5, seed=0)
+    with pytest.raises(ValueError):
+        split_controls(controls(3, n_sessions=1), 0.5, seed=0, holdout=2)
+
+
+@pytest.mark.parametrize("holdout", [1, 2, 3])
+def test_holdout_controls_neither_train_nor_calibrate(holdout: int) -> None:
+    scans = controls(8, n_sessions=2)
+    training, calibration, held_out = split_controls(scans, 0.34, seed=1, holdout=holdout)
+    ids = [participants_of(part) for part in (training, calibration, held_out)]
+    assert len(ids[2]) == holdout
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    assert sorted(training + calibration + held_out, key=scans.index) == scans
+    assert round(0.34 * (8 - holdout)) == len(ids[1])  # the fraction applies to the controls left
+    # Calibration takes the same draw as without holdout (the first of one permutation): nested splits.
+    assert ids[1] <= participants_of(split_controls(scans, 0.34, seed=1)[1])

@@ -5,15 +5,16 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from anomri.demo import cohort
+from anomri.demo import acquisition, anatomy, lesions, tissue
+from anomri.demo.cohort import CohortSettings, demo_participants, make_demo_cohort
 from anomri.errors import InputError
-from anomri.demo.cohort import demo_participants, make_demo_cohort
 
 TINY = dict(n_controls=3, n_patients=2, voxel_size=6.0, seed=3)
 LESION_DIR = Path("derivatives") / "lesions"
@@ -21,7 +22,14 @@ LESION_DIR = Path("derivatives") / "lesions"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The realistic cohort (the default): warped anatomy, real MS lesion masks, motion, bias."""
     return make_demo_cohort(tmp_path_factory.mktemp("demo") / "bids", **TINY)
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The earlier cohort: one shared anatomy, blob lesions."""
+    return make_demo_cohort(tmp_path_factory.mktemp("legacy") / "bids", settings=CohortSettings.legacy(), **TINY)
 
 
 def _dwi(root: Path, pid: str) -> Path:
@@ -66,6 +74,7 @@ def test_dataset_files(tiny: Path) -> None:
     assert description["BIDSVersion"] == "1.9.0" and description["DatasetType"] == "raw"
     generated_by = description["GeneratedBy"][0]
     assert generated_by["Name"] == "anomri" and "seed 3" in generated_by["Description"]
+    assert "Lesjak" in " ".join(description["ReferencesAndLinks"])  # the CC-BY masks are cited
     derivative = json.loads((tiny / LESION_DIR / "dataset_description.json").read_text())
     assert derivative["DatasetType"] == "derivative"
 
@@ -109,7 +118,7 @@ def test_gradient_files_match_volumes(tiny: Path) -> None:
     assert bvals.shape == (1, n_volumes) and bvecs.shape == (3, n_volumes)
     bvals = bvals[0]
     assert np.array_equal(bvals, np.round(bvals))
-    b0 = bvals < cohort.B0_THRESHOLD
+    b0 = bvals < acquisition.B0_THRESHOLD
     assert b0.sum() >= 6 and b0[0]
     assert np.all(bvecs[:, b0] == 0)
     np.testing.assert_allclose(np.linalg.norm(bvecs[:, ~b0], axis=0), 1.0, atol=1e-5)
@@ -120,7 +129,7 @@ def test_gradient_files_match_volumes(tiny: Path) -> None:
 
 
 def test_load_scheme_interleaves_b0_and_spreads_directions() -> None:
-    acq = cohort.load_scheme("3shell", n_b0=6, max_dirs_per_shell=32)
+    acq = acquisition.load_scheme("3shell", n_b0=6, max_dirs_per_shell=32)
     positions = np.flatnonzero(acq.is_b0)
     assert len(positions) == 6 and positions[0] == 0
     assert np.ptp(np.diff(positions)) <= 1  # evenly spaced through the series
@@ -130,11 +139,54 @@ def test_load_scheme_interleaves_b0_and_spreads_directions() -> None:
         np.fill_diagonal(cosines, 0)
         assert np.degrees(np.arccos(cosines.max())) > 15  # no two axes closer than 15 degrees
 
-    full = cohort.load_scheme("isbi2013-2shell", n_b0=1, max_dirs_per_shell=None)
+    full = acquisition.load_scheme("isbi2013-2shell", n_b0=1, max_dirs_per_shell=None)
     assert len(full.bvals) == 64 and full.is_b0.sum() == 1
     assert sorted(set(full.bvals[~full.is_b0])) == [1500, 2500]
     with pytest.raises(ValueError):
-        cohort.load_scheme("dsi")
+        acquisition.load_scheme("dsi")
+
+
+def test_shell_specification_spreads_directions() -> None:
+    acq = acquisition.load_scheme("1000:30,2500:20", n_b0=4)
+    assert acq.is_b0.sum() == 4 and list(np.unique(acq.bvals[~acq.is_b0])) == [1000, 2500]
+    for b, n in ((1000, 30), (2500, 20)):
+        g = acq.bvecs[acq.bvals == b]
+        assert len(g) == n
+        np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0, atol=1e-9)
+        cosines = np.abs(g @ g.T)
+        np.fill_diagonal(cosines, 0)
+        # Electrostatic repulsion: 30 axes on the half sphere are at least ~17 degrees apart.
+        assert np.degrees(np.arccos(cosines.max())) > (15 if n == 30 else 20)
+    # The same specification always gives the same table (its n_b0 only adds b0 volumes).
+    again = acquisition.load_scheme("1000:30,2500:20", n_b0=4)
+    np.testing.assert_array_equal(again.bvecs, acq.bvecs)
+
+
+def test_scheme_from_files(tmp_path: Path) -> None:
+    bvals = np.array([0, 1000, 1000, 0, 2000])
+    bvecs = np.array([[0, 0, 0], [1, 0, 0], [0, 0.6, 0.8], [0, 0, 0], [0, 2.0, 0]], float)
+    np.savetxt(tmp_path / "s.bval", bvals[None], fmt="%d")
+    np.savetxt(tmp_path / "s.bvec", bvecs.T)
+    with pytest.raises(InputError, match="unit b-vectors"):
+        acquisition.read_scheme(tmp_path / "s.bval", tmp_path / "s.bvec")
+    bvecs[4] = [0, 1.0, 0]
+    np.savetxt(tmp_path / "s.bvec", bvecs.T)
+    acq = acquisition.read_scheme(tmp_path / "s.bval", tmp_path / "s.bvec")
+    np.testing.assert_array_equal(acq.bvals, bvals)
+    assert list(np.flatnonzero(acq.is_b0)) == [0, 3]
+    np.testing.assert_allclose(acq.bvecs[~acq.is_b0], bvecs[[1, 2, 4]])
+
+
+def test_truncated_kspace_rings_like_gibbs() -> None:
+    """A sharp step sampled through truncated k-space overshoots by the Gibbs constant, ~9 % of the jump."""
+    fine = np.zeros((256, 8, 2))
+    fine[64:192] = 1.0
+    coarse = acquisition.truncate_kspace(fine, 4)
+    assert coarse.shape == (64, 2, 2)
+    profile = coarse[:, 0, 0]
+    assert profile.max() == pytest.approx(1.0895, abs=0.02)  # Wilbraham-Gibbs: 1.0895 for a jump of 1
+    assert profile.min() < -0.04  # and undershoots outside
+    np.testing.assert_allclose(profile.mean(), 0.5, atol=1e-9)  # the DC term is kept exactly
 
 
 def test_nifti_headers(tiny: Path) -> None:
@@ -165,9 +217,10 @@ def test_brain_lies_where_the_affine_says(tiny: Path) -> None:
     weight = np.where(b0 > 5 * _sidecar(tiny, "sub-C01")["SimulationParameters"]["NoiseSigma"], b0, 0)
     centroid_ijk = np.array(ndimage.center_of_mass(weight))
     centroid = nib.affines.apply_affine(img.affine, centroid_ijk)
-    wm, gm, csf, affine = cohort._mni_tissues()
+    wm, gm, csf, affine = anatomy.mni_tissues()
     mni = nib.affines.apply_affine(affine, np.array(ndimage.center_of_mass(wm + gm + csf)))
-    assert np.linalg.norm(centroid - mni) < 6.0  # < 1 voxel despite CSF weighting and motion
+    # Within a voxel despite CSF weighting, head pose (<= 4 mm) and the warp.
+    assert np.linalg.norm(centroid - mni) < 8.0
 
 
 # --------------------------------------------------------------------------------------
@@ -175,9 +228,9 @@ def test_brain_lies_where_the_affine_says(tiny: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def _single_voxel(**fractions: float) -> cohort.VoxelTissue:
+def _single_voxel(**fractions: float) -> tissue.VoxelTissue:
     one = np.ones(1)
-    return cohort.VoxelTissue(
+    return tissue.VoxelTissue(
         wm=fractions.get("wm", 0.0) * one,
         gm=fractions.get("gm", 0.0) * one,
         csf=fractions.get("csf", 0.0) * one,
@@ -188,9 +241,9 @@ def _single_voxel(**fractions: float) -> cohort.VoxelTissue:
 
 
 def test_free_water_voxel_decays_as_exp_minus_b_d() -> None:
-    acq = cohort.load_scheme()
-    micro = cohort.Microstructure()
-    signal = cohort.simulate_signal(acq, _single_voxel(csf=1.0), micro)[0]
+    acq = acquisition.load_scheme()
+    micro = tissue.Microstructure()
+    signal = tissue.simulate_signal(acq, _single_voxel(csf=1.0), micro)[0]
     np.testing.assert_allclose(signal, micro.s0_csf * np.exp(-acq.bvals * 3.0e-3), rtol=1e-5)
 
 
@@ -200,50 +253,57 @@ def test_white_matter_closed_forms() -> None:
     fibre = np.array([[0.6, 0.8, 0.0]])
     cos2 = 0.36
     # A pure stick: exp(-b D cos^2).
-    stick = cohort.white_matter_signal(bvals, g, fibre, f_intra=1.0, f_free=0.0, d_par=2e-3, d_ex_par=2e-3)
+    stick = tissue.white_matter_signal(bvals, g, fibre, f_intra=1.0, f_free=0.0, d_par=2e-3, d_ex_par=2e-3)
     np.testing.assert_allclose(stick[0], np.exp(-bvals * 2e-3 * cos2), rtol=1e-5)
     # Without axons tortuosity makes the extra-axonal space isotropic.
-    hindered = cohort.white_matter_signal(bvals, g, fibre, f_intra=0.0, f_free=0.0, d_par=2e-3, d_ex_par=1.5e-3)
+    hindered = tissue.white_matter_signal(bvals, g, fibre, f_intra=0.0, f_free=0.0, d_par=2e-3, d_ex_par=1.5e-3)
     np.testing.assert_allclose(hindered[0], np.exp(-bvals * 1.5e-3), rtol=1e-5)
     # Tortuosity: D_perp = D_par * f_extra / (f_intra + f_extra) for the zeppelin across the fibre.
     across = np.array([[0.0, 0.0, 1.0]] * 4)
-    mixed = cohort.white_matter_signal(bvals, across, fibre, f_intra=0.6, f_free=0.1, d_par=2e-3, d_ex_par=2e-3)
+    mixed = tissue.white_matter_signal(bvals, across, fibre, f_intra=0.6, f_free=0.1, d_par=2e-3, d_ex_par=2e-3)
     expected = 0.6 + 0.3 * np.exp(-bvals * 2e-3 * 0.3 / 0.9) + 0.1 * np.exp(-bvals * 3e-3)
     np.testing.assert_allclose(mixed[0], expected, rtol=1e-5)
 
 
 def test_white_matter_is_darker_along_the_fibre() -> None:
-    acq = cohort.load_scheme()
-    micro = cohort.Microstructure()
+    acq = acquisition.load_scheme()
+    micro = tissue.Microstructure()
     fibre = np.array([[0.0, 0.0, 1.0]])
     dirs = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])  # along, across
     for b in (1000.0, 2000.0, 3500.0):
-        e = cohort.white_matter_signal(np.array([b, b]), dirs, fibre, micro.f_intra, micro.f_free_wm, micro.d_par,
+        e = tissue.white_matter_signal(np.array([b, b]), dirs, fibre, micro.f_intra, micro.f_free_wm, micro.d_par,
                                        micro.d_par, dispersion_deg=micro.dispersion_deg)[0]
         assert e[0] < 0.5 * e[1], b
     # Dispersion makes the bundle less anisotropic.
-    coherent = cohort.white_matter_signal(np.array([2000.0, 2000.0]), dirs, fibre, 0.65, 0.05, 1.9e-3, 1.9e-3)[0]
-    dispersed = cohort.white_matter_signal(np.array([2000.0, 2000.0]), dirs, fibre, 0.65, 0.05, 1.9e-3, 1.9e-3,
+    coherent = tissue.white_matter_signal(np.array([2000.0, 2000.0]), dirs, fibre, 0.65, 0.05, 1.9e-3, 1.9e-3)[0]
+    dispersed = tissue.white_matter_signal(np.array([2000.0, 2000.0]), dirs, fibre, 0.65, 0.05, 1.9e-3, 1.9e-3,
                                            dispersion_deg=30.0)[0]
     assert dispersed[0] > coherent[0] and dispersed[1] < coherent[1]
 
 
 def test_relaxation_contrast() -> None:
-    micro = cohort.Microstructure()
+    micro = tissue.Microstructure()
     assert 1000 <= micro.s0_wm <= 3000
     assert micro.s0_wm < micro.s0_gm < micro.s0_csf  # T2-weighted b0
-    assert cohort.relaxation_s0("wm", t2_gain=1.4) > micro.s0_wm  # lesions are hyperintense
+    assert tissue.relaxation_s0("wm", t2_gain=1.4) > micro.s0_wm  # lesions are hyperintense
+    # Lesion severity: monotone from barely visible to a black hole; no shine-through when switched off.
+    mild, severe = tissue.LesionEffect.from_severity(0.1), tissue.LesionEffect.from_severity(1.0)
+    assert severe.intra_factor < mild.intra_factor < 1 and severe.free_gain > mild.free_gain > 0
+    assert tissue.LesionEffect.from_severity(0.8, t2_shine_through=False).t2_gain == 1.0
 
 
 def test_noise_is_rician_at_the_requested_snr(tiny: Path) -> None:
     """Background is Rayleigh (mean sigma sqrt(pi/2)); the WM b0 level is SNR x sigma."""
     params = _sidecar(tiny, "sub-C02")["SimulationParameters"]
     snr, sigma = params["SNR"], params["NoiseSigma"]
-    assert 15 <= snr <= 40 and 1000 <= snr * sigma <= 3000
+    settings = CohortSettings()
+    assert settings.snr[0] <= snr <= settings.snr[1] and 1000 <= snr * sigma <= 3000
     corner = _data(_dwi(tiny, "sub-C02").with_suffix(".nii.gz"))[:2, :2, :2].astype(float)
     assert corner.mean() == pytest.approx(sigma * np.sqrt(np.pi / 2), rel=0.1)
-    assert abs(params["TranslationMm"][0]) <= 2 and np.linalg.norm(params["TranslationMm"]) <= 2 + 1e-3
-    assert np.all(np.abs(params["RotationDeg"]) <= cohort.MAX_ROTATION_DEG + 1e-3)
+    assert np.linalg.norm(params["TranslationMm"]) <= settings.pose_translation_mm + 1e-3
+    assert np.all(np.abs(params["RotationDeg"]) <= settings.pose_rotation_deg + 1e-3)
+    assert all(abs(s - 1) <= settings.head_scaling + 1e-4 for s in params["HeadScaling"])
+    assert params["MaxVolumeRotationDeg"] > 0 and params["MaxVolumeTranslationMm"] <= settings.volume_motion_mm + 1e-3
 
 
 # --------------------------------------------------------------------------------------
@@ -251,8 +311,23 @@ def test_noise_is_rician_at_the_requested_snr(tiny: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def test_lesion_count_and_extent(tiny: Path) -> None:
+def test_real_lesion_masks_in_patients(tiny: Path) -> None:
+    """Patients take the shipped masks in turn; controls get no lesion and no atrophy."""
+    names = [p.name.split(".")[0] for p in lesions.packaged_masks()]
+    for index, pid in enumerate(("sub-P01", "sub-P02")):
+        params = _sidecar(tiny, pid)["SimulationParameters"]
+        assert params["LesionMask"] == names[index]
+        assert params["NumberOfLesions"] == lesions.LesionAtlas.load(lesions.packaged_masks()[index]).n_components
+        assert 0 <= params["VentricleEnlargementMm"] <= CohortSettings().ventricle_mm
+        fraction = _data(_lesion(tiny, pid, "probseg"))
+        assert fraction.sum() * 6.0**3 > 3000  # several mL of lesion (the masks hold 30 mL each)
+    control = _sidecar(tiny, "sub-C01")["SimulationParameters"]
+    assert control["NumberOfLesions"] == 0 and control["VentricleEnlargementMm"] == 0 == control["CortexThinning"]
+
+
+def test_blob_lesion_count_and_extent(legacy: Path) -> None:
     for pid in ("sub-P01", "sub-P02"):
+        tiny = legacy
         mask = _data(_lesion(tiny, pid)).astype(bool)
         n_lesions = _sidecar(tiny, pid)["SimulationParameters"]["NumberOfLesions"]
         _, n_components = ndimage.label(mask)
@@ -264,10 +339,12 @@ def test_lesion_count_and_extent(tiny: Path) -> None:
         assert np.all(brain[mask])  # lesions lie inside the brain
 
 
-def test_lesions_change_the_signal_as_modelled(tiny: Path) -> None:
+def test_lesions_change_the_signal_as_modelled(legacy: Path) -> None:
     """Lesions: brighter b0 (longer T2), lower S/S0 at every shell (free water, axonal loss)."""
-    population = cohort.build_population(TINY["voxel_size"], np.random.default_rng(0))
-    wm = population.wm[::-1]  # the files are stored LAS
+    tiny = legacy  # one shared anatomy: the population's WM is every subject's
+    wm1, gm1, csf1, affine = anatomy.mni_tissues()
+    grid = anatomy.brain_grid((wm1 + gm1 + csf1) > 0, affine, TINY["voxel_size"])
+    wm = anatomy.build_population(grid, np.random.default_rng(0)).wm[::-1]  # the files are stored LAS
     for pid in ("sub-P01", "sub-P02"):
         data = _data(_dwi(tiny, pid).with_suffix(".nii.gz")).astype(float)
         bvals = _gradients(tiny, pid)[0][0]
@@ -285,13 +362,14 @@ def test_lesion_partial_volume_is_exact_for_a_big_sphere() -> None:
 
     For a logistic edge of width w the integral is 4/3 pi R^3 (1 + pi^2 w^2 / R^2).
     """
-    grid = cohort.Grid(shape=(12, 12, 12), affine=np.diag([3.0, 3.0, 3.0, 1.0]))
-    lesion = cohort.Lesion(centre=np.array([17.0, 17.5, 16.2]), axes=np.eye(3), semi_axes=np.full(3, 10.0),
-                           intra_factor=0.3, free_gain=0.3, d_ex_gain=1.2, t2_gain=1.4)
-    still = cohort.RigidMotion(rotation=np.eye(3), translation=np.zeros(3), centre=np.zeros(3))
-    _, fraction = cohort._lesion_partial_volume(lesion, still, grid)
+    grid = anatomy.Grid(shape=(12, 12, 12), affine=np.diag([3.0, 3.0, 3.0, 1.0]))
+    lesion = lesions.BlobLesion(centre=np.array([17.0, 17.5, 16.2]), axes=np.eye(3), semi_axes=np.full(3, 10.0),
+                                effect=tissue.LesionEffect.from_severity(0.5))
+    still = anatomy.SubjectWarp(anatomy.RigidMotion(rotation=np.eye(3), translation=np.zeros(3), centre=np.zeros(3)))
+    population = SimpleNamespace(grid=grid)
+    _, fraction = lesions._blob_partial_volume(lesion, still, population)
     volume = fraction.sum() * 27.0
-    w = cohort.LESION_EDGE_MM
+    w = lesions.LESION_EDGE_MM
     assert volume == pytest.approx(4 / 3 * np.pi * 10.0**3 * (1 + np.pi**2 * w**2 / 10.0**2), rel=0.005)
     assert fraction.max() > 0.99 and fraction.min() < 1e-3
 

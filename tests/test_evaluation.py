@@ -16,6 +16,8 @@ Grid 10 x 10 x 10 of 2 mm voxels (8 mm^3 = 0.008 mL), every voxel in the brain.
 * Patient sub-P02: one lesion voxel scored 0.999, nothing else: Dice 1, everything exact.
 * Pooled: flagged 12, lesion 10, TP 9: Dice 18/22; sensitivity 2/3; 2 FP components; volume
   error 0.016 mL, relative 0.016/0.080 = 0.2; healthy FPR 3/1990.
+* Held-out control sub-C02 (neither trains nor calibrates): its 1 % lesion mask flags 12 of its
+  1000 voxels in 2 components (realised FPR 1.2 %), its 0.1 % mask flags 1 voxel.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def _scan(root: Path, prefix: str, values: np.ndarray) -> None:
     _save(scan.b0, np.random.default_rng(0).random(SHAPE) + 1.0)
     # The same values in both kinds of map: each gets its own calibration threshold all the same.
     _save(scan.novelty(SCORE), values)
-    _save(scan.probseg, values)
+    _save(scan.neglog10p, values)
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +75,21 @@ def cohort(tmp_path_factory) -> dict:
     lesions = {p: root / "lesions" / f"{p}_mask.nii.gz" for p in ("sub-P01", "sub-P02")}
     _save(lesions["sub-P01"], lesion1)
     _save(lesions["sub-P02"], lesion2)
+    held_out = ScanDerivatives(root, "sub-C02")
+    _save(held_out.mask, np.ones(SHAPE))
+    p01, p001 = np.zeros(SHAPE), np.zeros(SHAPE)
+    p01[0:2, 0:2, 0:2] = 1
+    p01[5, 5, 5:9] = 1
+    p001[0, 0, 0] = 1
+    _save(held_out.lesion_mask(0.01), p01)
+    _save(held_out.lesion_mask(0.001), p001)
 
     out = {"table": root / "evaluation.tsv", "summary": root / "evaluation_summary.tsv",
-           "curves": root / "evaluation_curves.json", "root": root, "lesions": lesions}
+           "curves": root / "evaluation_curves.json", "healthy": root / "evaluation_healthy.tsv", "root": root,
+           "lesions": lesions}
     args = ["evaluate", "--derivatives-dir", str(root), "--scores", SCORE, "--calibration", "sub-C01",
             "--out", str(out["table"]), "--summary", str(out["summary"]), "--curves", str(out["curves"]),
-            "--bootstrap", "500"]
+            "--healthy-out", str(out["healthy"]), "--healthy", "sub-C02", "--bootstrap", "500"]
     for prefix, path in lesions.items():
         args += ["--scan", prefix, str(path)]
     assert main(args) == 0
@@ -129,6 +140,46 @@ def test_pooled_rows_hand_computed(cohort) -> None:
     assert (row["n_lesion_voxels"], row["n_brain_voxels"]) == ("10", "2000")
 
 
+def test_realised_false_positive_rate_of_unseen_controls(cohort) -> None:
+    rows = _rows(cohort["healthy"])
+    one = next(r for r in rows if r["participant_id"] == "sub-C02" and float(r["level"]) == 0.01)
+    assert float(one["realised_fpr"]) == pytest.approx(12 / 1000)
+    assert float(one["ratio_to_level"]) == pytest.approx(1.2)
+    assert (one["n_flagged_voxels"], one["n_flagged_components"], one["n_brain_voxels"]) == ("12", "2", "1000")
+    tenth = next(r for r in rows if r["participant_id"] == "sub-C02" and float(r["level"]) == 0.001)
+    assert float(tenth["realised_fpr"]) == pytest.approx(1 / 1000)
+    assert {r["participant_id"] for r in rows} == {"sub-C02", POOLED}
+    assert json.loads(cohort["healthy"].with_suffix(".json").read_text())["realised_fpr"]["Description"]
+
+
+def test_lesion_voxels_outside_the_brain_are_misses(tmp_path) -> None:
+    """A lesion voxel outside the brain mask ranks below every brain voxel and is never flagged."""
+    control = np.random.default_rng(1).permutation(np.arange(1000) / 1000).reshape(SHAPE)
+    _scan(tmp_path, "sub-C01", control)
+    values, lesion = np.zeros(SHAPE), np.zeros(SHAPE)
+    lesion[1:3, 1:3, 1:3] = 1  # 8 voxels, all scored 0.995 (flagged)
+    values[1:3, 1:3, 1:3] = 0.995
+    lesion[0, 9, 0:2] = 1  # 2 lesion voxels the brain mask leaves out; the map holds a high value there
+    values[0, 9, 0:2] = 0.999
+    _scan(tmp_path, "sub-P01", values)
+    brain = np.ones(SHAPE)
+    brain[0, 9, :] = 0
+    _save(ScanDerivatives(tmp_path, "sub-P01").mask, brain)
+    _save(tmp_path / "lesion.nii.gz", lesion)
+    table = tmp_path / "evaluation.tsv"
+    assert main(["evaluate", "--derivatives-dir", str(tmp_path), "--scores", SCORE, "--calibration", "sub-C01",
+                 "--scan", "sub-P01", str(tmp_path / "lesion.nii.gz"), "--out", str(table),
+                 "--summary", str(tmp_path / "s.tsv"), "--curves", str(tmp_path / "c.json"),
+                 "--healthy-out", str(tmp_path / "h.tsv"), "--bootstrap", "10"]) == 0
+    row = _row(_rows(table), "sub-P01")
+    # 990 brain voxels + 2 lesion voxels outside; 10 lesion voxels, 8 found.
+    assert (row["n_lesion_voxels"], row["n_brain_voxels"]) == ("10", "992")
+    assert float(row["dice_at_fpr"]) == pytest.approx(16 / 18)
+    assert float(row["auroc"]) == pytest.approx((8 * 982 + 2 * 0) / (10 * 982))
+    # Two lesions (26-connected components); the one outside the brain is missed.
+    assert (row["n_lesions"], row["n_detected"]) == ("2", "1")
+
+
 def test_summary_means_and_bootstrap_ci(cohort) -> None:
     rows = _rows(cohort["summary"])
     assert [r["score"] for r in rows] == [SCORE, PROBABILITY]
@@ -162,9 +213,18 @@ def test_missing_values_are_written_as_na(cohort, tmp_path) -> None:
     empty = tmp_path / "empty_mask.nii.gz"
     _save(empty, np.zeros(SHAPE))
     out = tmp_path / "evaluation.tsv"
+    scan = ScanDerivatives(root, "sub-P02")
+    flagged = np.zeros(SHAPE)
+    flagged[4, 4, 4] = 1  # its one high voxel, now a false positive
+    _save(scan.lesion_mask(0.01), flagged)
+    _save(scan.lesion_mask(0.001), np.zeros(SHAPE))
     assert main(["evaluate", "--derivatives-dir", str(root), "--scores", SCORE, "--calibration", "sub-C01",
                  "--scan", "sub-P02", str(empty), "--out", str(out), "--summary", str(tmp_path / "s.tsv"),
-                 "--curves", str(tmp_path / "c.json"), "--bootstrap", "10"]) == 0
+                 "--curves", str(tmp_path / "c.json"), "--healthy-out", str(tmp_path / "h.tsv"),
+                 "--bootstrap", "10"]) == 0
+    # A lesion-free "patient" is an unseen healthy subject: its realised false-positive rate is reported.
+    healthy = next(r for r in _rows(tmp_path / "h.tsv") if r["participant_id"] == "sub-P02" and r["level"] == "0.01")
+    assert float(healthy["realised_fpr"]) == pytest.approx(1 / 1000)
     row = _row(_rows(out), "sub-P02")
     for column in ("auroc", "auprc", "best_dice", "lesion_sensitivity", "relative_volume_error"):
         assert row[column] == "n/a", column
@@ -179,7 +239,7 @@ def test_bad_input_is_one_error_line(cohort, tmp_path, capsys) -> None:
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), AFFINE), wrong)
     common = ["evaluate", "--derivatives-dir", str(root), "--scores", SCORE, "--calibration", "sub-C01",
               "--out", str(tmp_path / "e.tsv"), "--summary", str(tmp_path / "s.tsv"),
-              "--curves", str(tmp_path / "c.json")]
+              "--curves", str(tmp_path / "c.json"), "--healthy-out", str(tmp_path / "h.tsv")]
     assert main([*common, "--scan", "sub-P01", str(wrong)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("anomri: error:") and "wrong_grid" in err[0]

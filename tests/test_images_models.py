@@ -199,26 +199,27 @@ def test_anogan_latent_search_lowers_its_loss_and_batches_exactly() -> None:
 def _settings(**kw) -> ImageSettings:
     base = {"vae_channels": [4, 8], "vae_latent_size": 4, "anogan_channels": [4, 8], "anogan_latent_size": 4,
             "mhp_channels": [4, 8], "mhp_latent_size": 4, "mhp_hypotheses": 2, "batch_size": 4,
-            "vae_epochs": 2, "anogan_epochs": 2, "mhp_epochs": 2}
+            "draem_reconstruction_channels": [4, 8], "draem_segmentation_channels": [4, 8],
+            "vae_epochs": 2, "anogan_epochs": 2, "mhp_epochs": 2, "draem_epochs": 2}
     return ImageSettings(**(base | kw))
 
 
-@pytest.mark.parametrize("kind", ["conv-vae", "anogan", "mhp-vae"])
+@pytest.mark.parametrize("kind", ["conv-vae", "anogan", "mhp-vae", "draem"])
 def test_training_resumes_to_the_same_weights_and_checkpoints_round_trip(kind: str, tmp_path) -> None:
     images = np.random.default_rng(0).random((10, 1, 16, 16), dtype=np.float32)
     # A constant learning rate, so a finished shorter run can be resumed for more epochs.
-    straight, history = train_image_model(kind, images, _settings(vae_lr_schedule="constant"), progress=False)
+    constant = {"vae_lr_schedule": "constant", "draem_lr_schedule": "constant"}
+    straight, history = train_image_model(kind, images, _settings(**constant), progress=False)
     assert len(history) == 2
     resume = tmp_path / "resume.pt"
-    train_image_model(kind, images, _settings(vae_epochs=1, anogan_epochs=1, mhp_epochs=1,
-                                              vae_lr_schedule="constant"), resume, progress=False)
+    train_image_model(kind, images, _settings(vae_epochs=1, anogan_epochs=1, mhp_epochs=1, draem_epochs=1,
+                                              **constant), resume, progress=False)
     # Settings that do not change training (here the projection's) do not invalidate the checkpoint.
-    resumed, resumed_history = train_image_model(kind, images, _settings(projection_steps=7,
-                                                                         vae_lr_schedule="constant"),
+    resumed, resumed_history = train_image_model(kind, images, _settings(projection_steps=7, **constant),
                                                  resume, progress=False)
     assert resumed_history == history
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
+        assert torch.equal(a, b), name  # bit for bit
     save_image_model(tmp_path / "m.pt", resumed, {"note": "test"})
     loaded, metadata = load_image_model(tmp_path / "m.pt")
     assert metadata["note"] == "test" and not loaded.training
@@ -226,13 +227,15 @@ def test_training_resumes_to_the_same_weights_and_checkpoints_round_trip(kind: s
         torch.testing.assert_close(a, b)
 
 
-def test_cosine_learning_rate_anneals_over_the_run_and_only_for_the_conv_vae() -> None:
+def test_cosine_learning_rate_anneals_over_the_run_and_only_for_the_models_set_to_it() -> None:
     cosine = ImageSettings(vae_lr_schedule="cosine")
     factors = [learning_rate_factor("conv-vae", cosine, epoch, 10) for epoch in range(10)]
     assert factors[0] > 0.95 and 0.0 < factors[-1] < 0.05
     assert all(a > b for a, b in zip(factors, factors[1:]))
     assert learning_rate_factor("conv-vae", ImageSettings(vae_lr_schedule="constant"), 9, 10) == 1.0
     assert learning_rate_factor("mhp-vae", cosine, 9, 10) == 1.0
+    assert learning_rate_factor("draem", ImageSettings(draem_lr_schedule="cosine"), 9, 10) == factors[-1]
+    assert learning_rate_factor("draem", ImageSettings(draem_lr_schedule="constant"), 9, 10) == 1.0
     with pytest.raises(InputError, match="vae_lr_schedule"):
         ImageSettings(vae_lr_schedule="step")
 
@@ -250,12 +253,14 @@ def test_vertical_flips_change_training_and_are_part_of_the_checkpoint_fingerpri
         torch.testing.assert_close(a, b)
 
 
-def test_cosine_training_interrupted_mid_run_resumes_to_the_same_weights(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("kind", ["conv-vae", "draem"])
+def test_cosine_training_interrupted_mid_run_resumes_to_the_same_weights(kind: str, tmp_path, monkeypatch) -> None:
     images = np.random.default_rng(1).random((10, 1, 16, 16), dtype=np.float32)
-    settings = _settings(vae_epochs=3, vae_lr_schedule="cosine")
-    straight, history = train_image_model("conv-vae", images, settings, progress=False)
+    settings = _settings(vae_epochs=3, draem_epochs=3, vae_lr_schedule="cosine", draem_lr_schedule="cosine")
+    straight, history = train_image_model(kind, images, settings, progress=False)
     seen_rates = []
-    real_step = image_training.STEPS["conv-vae"][0]
+    epochs_field = image_training.STEPS[kind][1]
+    real_step = image_training.STEPS[kind][0]
 
     def recording_step(model, optimizers, *args):
         seen_rates.append(optimizers[0].param_groups[0]["lr"])
@@ -268,19 +273,19 @@ def test_cosine_training_interrupted_mid_run_resumes_to_the_same_weights(tmp_pat
 
     resume = tmp_path / "resume.pt"
     with monkeypatch.context() as patch:
-        patch.setitem(image_training.STEPS, "conv-vae", (recording_step, "vae_epochs"))
+        patch.setitem(image_training.STEPS, kind, (recording_step, epochs_field))
         patch.setattr(image_training, "learning_rate_factor", interrupt_at_third_epoch)
         with pytest.raises(KeyboardInterrupt):
-            train_image_model("conv-vae", images, settings, resume, progress=False)
+            train_image_model(kind, images, settings, resume, progress=False)
     # The rate fell from epoch to epoch (3 batches of 4, 4 and 2 images per epoch).
     assert seen_rates[0] > seen_rates[-1] > 0 and len(set(seen_rates)) == 2
-    resumed, resumed_history = train_image_model("conv-vae", images, settings, resume, progress=False)
+    resumed, resumed_history = train_image_model(kind, images, settings, resume, progress=False)
     assert resumed_history == history
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, msg=name)
+        assert torch.equal(a, b), name  # bit for bit
     # A checkpoint of a cosine run for other epochs is not resumed (its rates differ): trained afresh instead.
-    _, longer = train_image_model("conv-vae", images, _settings(vae_epochs=4, vae_lr_schedule="cosine"), resume,
-                                  progress=False)
+    longer_settings = _settings(vae_epochs=4, draem_epochs=4, vae_lr_schedule="cosine", draem_lr_schedule="cosine")
+    _, longer = train_image_model(kind, images, longer_settings, resume, progress=False)
     assert len(longer) == 4 and longer[:3] != history
 
 

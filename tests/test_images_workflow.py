@@ -24,6 +24,7 @@ TINY = {
     "vae_channels": [4, 8], "vae_latent_size": 8, "vae_epochs": 2,
     "anogan_channels": [4, 8], "anogan_latent_size": 8, "anogan_epochs": 2, "anogan_search_steps": 5,
     "mhp_channels": [4, 8], "mhp_latent_size": 8, "mhp_epochs": 2, "mhp_hypotheses": 2,
+    "draem_reconstruction_channels": [4, 8], "draem_segmentation_channels": [4, 8, 16], "draem_epochs": 2,
     "projection_steps": 5,
     "validation_fraction": 0.25,  # three normal validation images: enough for the per-pixel map statistics
     "demo": {"n_train": 12, "n_test_good": 3, "n_test_per_defect": 2, "height": 48, "seed": 1},
@@ -63,7 +64,7 @@ def test_every_output_exists(run: tuple[Path, Path]) -> None:
         thresholds = json.loads(out.thresholds(method).read_text())
         assert np.isfinite(thresholds["pixel_threshold"])
         assert thresholds["score_normalization"] == "zscore" and thresholds["map_normalization"] == "none"
-    for path in (out.roc_figure, out.curves, out.model("conv-vae"), out.history("mhp-vae")):
+    for path in (out.roc_figure, out.curves, out.model("conv-vae"), out.history("mhp-vae"), out.model("draem")):
         assert path.stat().st_size > 0
     # The demo B-scans get the demo's band handling (config.yaml: images.demo.oct_band), not images.oct_band.
     assert load_image_model(out.model("conv-vae"))[1]["settings"]["oct_band"] == "flatten"

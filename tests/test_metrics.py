@@ -167,6 +167,29 @@ def test_lesion_wise_connectivity():
     assert math.isnan(empty["volume_error_mm3"])
 
 
+def test_lesion_wise_minimum_overlap():
+    """A lesion counts as detected only when at least the required share of its voxels is flagged."""
+    truth = np.zeros((20, 20, 20), bool)
+    truth[1:6, 1:6, 1:5] = True  # lesion A: 100 voxels
+    truth[10:12, 10:12, 10:12] = True  # lesion B: 8 voxels
+    pred = np.zeros_like(truth)
+    pred[1:6, 1, 1:3] = True  # 10 voxels of A: exactly 10 %
+    pred[10, 10, 10] = True  # 1 voxel of B: 12.5 %
+    pred[1, 2, 1] = True  # an 11th voxel of A
+    assert lesion_wise(pred, truth)["n_detected"] == 2  # any voxel
+    assert lesion_wise(pred, truth, min_overlap=0.1)["n_detected"] == 2  # A 11 %, B 12.5 %
+    assert lesion_wise(pred, truth, min_overlap=0.12)["n_detected"] == 1  # B only
+    assert lesion_wise(pred, truth, min_overlap=0.13)["n_detected"] == 0
+    pred[1, 2, 1] = False  # A at exactly 10 %: the boundary counts
+    assert lesion_wise(pred, truth, min_overlap=0.1)["n_detected"] == 2
+    pred[1, 1, 1] = False  # A at 9 %
+    assert lesion_wise(pred, truth, min_overlap=0.1)["n_detected"] == 1
+    # A stray flagged voxel on a big lesion is not a detection; nothing flagged never is.
+    assert lesion_wise(np.zeros_like(truth), truth, min_overlap=0.0)["n_detected"] == 0
+    with pytest.raises(ValueError):
+        lesion_wise(pred, truth, min_overlap=1.5)
+
+
 # ---------------------------------------------------------------- bootstrap
 
 

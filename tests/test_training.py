@@ -1,12 +1,15 @@
-"""VAE training: determinism, resume, checkpoints."""
+"""VAE training: determinism, resume, checkpoints, threads."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from anomri.cli import main
 from anomri.errors import InputError
 from anomri.models.checkpoint import load_vae, save_vae
 from anomri.models.training import TrainingConfig, train_vae
@@ -98,3 +101,27 @@ def test_gradient_norm_is_capped(samples: np.ndarray, cap: float) -> None:
         assert max(norms) <= cap * (1 + 1e-5)
     else:  # uncapped, the same training does take larger steps: the cap above really acts
         assert max(norms) > 0.5
+
+
+def test_train_command_trains_on_the_threads_it_is_given(samples: np.ndarray, tmp_path, capsys) -> None:
+    pool = tmp_path / "pool.npz"
+    np.savez(pool, samples=samples, description=json.dumps({"Representation": "raw"}), scans=np.array(["sub-01"]))
+    wanted = torch.get_num_threads() + 1  # differs from torch's own choice on any machine
+    seen: list[int] = []
+    handle = register_optimizer_step_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+
+    def train(threads: int) -> int:
+        return main(["train", "--pool", str(pool), "--out", str(tmp_path / "vae.pt"), "--history",
+                     str(tmp_path / "history.tsv"), "--settings", json.dumps(CONFIG | {"max_epochs": 1}),
+                     "--device", "cpu", "--threads", str(threads)])
+
+    before = torch.get_num_threads()
+    try:
+        assert train(0) == 2
+        assert "anomri: error: --threads: must be positive" in capsys.readouterr().err
+        assert not (tmp_path / "vae.pt").exists() and seen == []
+        assert train(wanted) == 0
+    finally:
+        handle.remove()
+        torch.set_num_threads(before)
+    assert seen and set(seen) == {wanted}

@@ -9,6 +9,7 @@ scheme they depend on. Paths follow :mod:`anomri.io.derivatives`.
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,9 @@ from anomri import __version__
 from anomri.dmri.context import add_context
 from anomri.dmri.features import FeatureSet, compute_features
 from anomri.dmri.gradients import load_gradient_table
-from anomri.dmri.preprocess import brain_mask, denoise, normalize_by_b0
+from anomri.dmri.motion import correct_motion, motion_record
+from anomri.dmri.noise import add_noise, estimate_sigma
+from anomri.dmri.preprocess import brain_mask, denoise, normalize_by_b0, remove_gibbs
 from anomri.errors import InputError
 from anomri.io.atomic import write_json
 from anomri.io.derivatives import ScanDerivatives, sidecar_path
@@ -38,13 +41,27 @@ def preprocess_scan(
     representation: str = "raw",
     context: str = "none",
     context_radius: int = 1,
+    gibbs: bool = False,
+    motion_correction: bool = False,
+    noise_factor: float = 1.0,
+    noise_seed: int = 0,
 ) -> FeatureSet:
     """Validate and preprocess one scan, writing ``outputs``.
 
     Everything is checked before anything is written, so bad input leaves no
-    partial outputs; each output is written atomically. ``context`` and
-    ``context_radius`` optionally append in-mask neighbourhood statistics
+    partial outputs; each output is written atomically. The data are
+    denoised, then (``gibbs``) freed of Gibbs ringing, then
+    (``motion_correction``) registered volume by volume to the mean b0 with
+    the b-vectors rotated accordingly; ``context`` and ``context_radius``
+    optionally append in-mask neighbourhood statistics
     (:func:`anomri.dmri.context.add_context`).
+
+    With ``noise_factor`` > 1 the scan is first made noisier, as if acquired
+    with a noise standard deviation ``noise_factor`` times its own (estimated
+    by :func:`anomri.dmri.noise.estimate_sigma`): complex Gaussian noise,
+    seeded by ``noise_seed``, is added to the magnitude images before
+    anything else. Healthy training scans copied this way teach the model
+    what healthy tissue looks like at the lower SNR of other subjects.
 
     Raises
     ------
@@ -63,7 +80,20 @@ def preprocess_scan(
         brain = brain_mask(data, gtab)
     if not brain.any():
         raise InputError(mask or dwi, "the brain mask is empty")
+    noise = {}
+    if noise_factor != 1.0:
+        # Every scan and factor draws its own noise from the one seed.
+        try:
+            data, noise = _noisier(data, gtab, brain, noise_factor, [noise_seed, zlib.crc32(outputs.prefix.encode())])
+        except ValueError as exc:
+            raise InputError(dwi, f"cannot add noise: {exc}") from exc
     data = denoise(data, gtab, denoising, brain)
+    if gibbs:
+        data = remove_gibbs(data)
+    motion = {}
+    if motion_correction:
+        data, gtab, transforms = correct_motion(data, gtab, img.affine)
+        motion = {"motion": motion_record(transforms)}
     norm = normalize_by_b0(data, gtab, brain)
     if not norm.mask.any():
         raise InputError(dwi, "no brain voxel has a usable b0 signal")
@@ -77,11 +107,24 @@ def preprocess_scan(
         {
             **features.description(),
             "Sources": [str(dwi), str(bval), str(bvec)] + ([str(mask)] if mask else []),
-            "Preprocessing": {"b0_threshold": b0_threshold, "denoising": denoising,
-                              "brain_mask": "provided" if mask else "median_otsu"},
+            "Preprocessing": {"b0_threshold": b0_threshold, "denoising": denoising, "gibbs_removal": gibbs,
+                              "motion_correction": motion_correction,
+                              "brain_mask": "provided" if mask else "median_otsu"} | motion | noise,
             "GeneratedBy": {"Name": "anomri", "Version": __version__},
         },
     )
     logger.info("%s: %d brain voxels, %d features (%s)", dwi.name, int(norm.mask.sum()), len(features.names),
                 representation)
     return features
+
+
+def _noisier(data: np.ndarray, gtab, brain: np.ndarray, factor: float, seed: list[int]) -> tuple[np.ndarray, dict]:
+    """The scan with its noise standard deviation raised ``factor``-fold, and a record of what was added."""
+    if factor < 1.0:
+        raise InputError("--noise-factor", f"must be >= 1 (noise can only be added); got {factor}")
+    sigma = estimate_sigma(data, gtab, brain)
+    added = sigma * float(np.sqrt(factor**2 - 1.0))
+    noisy = add_noise(data, added, np.random.default_rng([*seed, round(factor * 1000)]))
+    logger.info("noise augmentation: sigma %.3g -> %.3g", sigma, sigma * factor)
+    return noisy, {"noise_augmentation": {"factor": factor, "estimated_sigma": round(sigma, 4),
+                                          "added_sigma": round(added, 4), "seed": seed[0]}}

@@ -165,13 +165,17 @@ def lesion_wise(
     lesion_volume: np.ndarray,
     connectivity: int = 26,
     voxel_volume_mm3: float | None = None,
+    min_overlap: float = 0.0,
 ) -> dict[str, float]:
     """Lesion-level detection counts and volume error of a binary 3-D prediction.
 
     Lesions are the connected components of ``lesion_volume``; a lesion is
-    detected when any predicted voxel overlaps it. Predicted components
-    (same connectivity) overlapping no lesion voxel are false-positive
-    components.
+    detected when predicted voxels cover at least ``min_overlap`` of its
+    voxels, and at least one (0: any one voxel; 0.1: at least 10 %), so a stray voxel touching a
+    large lesion does not count as finding it. Lesion voxels the prediction
+    cannot reach (outside the brain mask) are misses like any other.
+    Predicted components (same connectivity) overlapping no lesion voxel are
+    false-positive components.
 
     Parameters
     ----------
@@ -182,6 +186,9 @@ def lesion_wise(
         26 by default, so a lesion touching itself only diagonally counts once.
     voxel_volume_mm3 : float, optional
         Volume of one voxel, to report the volume error in mm³.
+    min_overlap : float
+        Fraction of a lesion's voxels that must be predicted for it to count
+        as detected, in [0, 1].
 
     Returns
     -------
@@ -197,10 +204,14 @@ def lesion_wise(
     lesion = _as_bool(lesion_volume, "lesion_volume")
     if pred.ndim != 3 or pred.shape != lesion.shape:
         raise ValueError(f"need two 3-D volumes of equal shape; got {pred.shape} and {lesion.shape}")
+    if not 0.0 <= min_overlap <= 1.0:
+        raise ValueError(f"min_overlap must lie in [0, 1]; got {min_overlap}")
     lesion_ids, n_lesions = label_components(lesion, connectivity)
     pred_ids, n_pred_components = label_components(pred, connectivity)
     overlap = pred & lesion
-    n_detected = np.unique(lesion_ids[overlap]).size
+    covered = np.bincount(lesion_ids[overlap], minlength=n_lesions + 1)[1:]
+    sizes = np.bincount(lesion_ids.ravel(), minlength=n_lesions + 1)[1:]
+    n_detected = int(np.count_nonzero((covered > 0) & (covered >= min_overlap * sizes)))
     n_true_components = np.unique(pred_ids[overlap]).size
     true_volume = int(lesion.sum())
     pred_volume_voxels = int(pred.sum())

@@ -1,8 +1,10 @@
 """Evaluation of novelty and probability maps against lesion masks: per patient, pooled, cohort summary.
 
 Every map kind (each novelty score, and the lesion probability under the id
-``lesion-probability``) is evaluated over the brain-mask voxels of every
-patient with a lesion mask:
+``lesion-probability``, read from its -log10 p map) is evaluated over the
+brain-mask voxels and the lesion voxels of every patient with a lesion mask.
+Lesion voxels outside the brain mask were never scored: they count as
+misses, not as nothing.
 
 * threshold-free: voxel AUROC, AUPRC (average precision), best Dice over all
   thresholds (an optimistic bound: it looks at the lesion mask);
@@ -10,7 +12,8 @@ patient with a lesion mask:
   fraction ``fpr`` (1 %) of the brain voxels of the *calibration controls* in
   the same kind of map (:func:`anomri.evaluate.metrics.threshold_at_fpr`):
   Dice, the fraction of the patient's healthy brain voxels flagged, lesion-wise
-  sensitivity, false-positive components and volume error
+  sensitivity (a lesion counts as detected when at least 10 % of its voxels are
+  flagged), false-positive components and volume error
   (:func:`anomri.evaluate.metrics.lesion_wise`, 26-connectivity).
 
 ``evaluation.tsv`` holds one row per patient and map kind, then one
@@ -63,23 +66,25 @@ _COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
     "score": {"Description": f"Novelty score id, or '{PROBABILITY}' for the lesion probability map"},
     "threshold": {"Description": "Healthy-FPR threshold: the map value flagging the target fraction of the "
                                  "calibration controls' brain voxels in the same kind of map (map >= threshold)"},
-    "auroc": {"Description": "Voxel AUROC over brain voxels"},
-    "auprc": {"Description": "Voxel AUPRC (average precision) over brain voxels"},
+    "auroc": {"Description": "Voxel AUROC over brain and lesion voxels"},
+    "auprc": {"Description": "Voxel AUPRC (average precision) over brain and lesion voxels"},
     "best_dice": {"Description": "Best Dice over every threshold (optimistic: chosen with the lesion mask)"},
     "dice_at_fpr": {"Description": "Dice of (map >= threshold) with the lesion mask"},
     "healthy_fpr": {"Description": "Fraction of the patient's healthy (non-lesion) brain voxels flagged at the "
                                    "threshold; near the target when the calibration transfers"},
     "lesion_sensitivity": {"Description": "Fraction of lesions (26-connected components of the lesion mask) "
-                                          "with at least one flagged voxel"},
-    "n_lesions": {"Description": "Lesions: 26-connected components of the lesion mask within the brain mask"},
-    "n_detected": {"Description": "Lesions with at least one flagged voxel"},
+                                          "detected: at least evaluation.min_lesion_overlap (default 10 %) of "
+                                          "their voxels, and at least one, flagged"},
+    "n_lesions": {"Description": "Lesions: 26-connected components of the lesion mask (voxels outside the brain "
+                                 "mask included: never scored, they count as misses)"},
+    "n_detected": {"Description": "Lesions detected (see lesion_sensitivity)"},
     "n_fp_components": {"Description": "26-connected components of flagged voxels overlapping no lesion voxel"},
     "true_volume_ml": {"Description": "Lesion volume within the brain mask", "Units": "mL"},
     "pred_volume_ml": {"Description": "Flagged volume at the threshold", "Units": "mL"},
     "volume_error_ml": {"Description": "Flagged minus lesion volume", "Units": "mL"},
     "relative_volume_error": {"Description": "(flagged - lesion volume) / lesion volume"},
-    "n_lesion_voxels": {"Description": "Lesion voxels within the brain mask"},
-    "n_brain_voxels": {"Description": "Brain-mask voxels evaluated"},
+    "n_lesion_voxels": {"Description": "Lesion voxels (within the brain mask or not)"},
+    "n_brain_voxels": {"Description": "Voxels evaluated: the brain mask and every lesion voxel"},
 }
 
 COLUMNS = list(_COLUMN_DESCRIPTIONS)
@@ -99,9 +104,10 @@ class Patient:
         ``sub-<label>[_ses-<label>]``.
     scan : ScanDerivatives
     brain : ndarray of bool, 3-D
-        Brain mask: the voxels evaluated.
+        Brain mask.
     lesion : ndarray of bool, 3-D
-        Lesion mask restricted to the brain mask.
+        Lesion mask, including any lesion voxels outside the brain mask: maps
+        are 0 there, so they count as misses (:meth:`values`).
     voxel_volume_ml : float
     """
 
@@ -120,22 +126,40 @@ class Patient:
         return self.prefix.partition("_")[2] or None
 
     @property
+    def domain(self) -> np.ndarray:
+        """The voxels evaluated: the brain mask and every lesion voxel."""
+        return self.brain | self.lesion
+
+    @property
     def labels(self) -> np.ndarray:
-        """Lesion labels of the brain voxels (1-D, the order of :meth:`values`)."""
-        return self.lesion[self.brain]
+        """Lesion labels of the evaluated voxels (1-D, the order of :meth:`values`)."""
+        return self.lesion[self.domain]
 
     def values(self, map_id: str) -> np.ndarray:
-        """The brain voxels' values of one map (1-D)."""
-        return read_map(self.scan, map_id, self.brain)
+        """The evaluated voxels' values of one map (1-D).
+
+        Lesion voxels outside the brain mask were never scored: they get a
+        value below every brain voxel's, so they rank last and are never
+        flagged, i.e. they are misses rather than left out.
+        """
+        values = read_map(self.scan, map_id, self.domain)
+        outside = ~self.brain[self.domain]
+        if outside.any():
+            values[outside] = (values[~outside].min() if (~outside).any() else 0.0) - 1.0
+        return values
 
 
 def map_path(scan: ScanDerivatives, map_id: str) -> Path:
-    """The NIfTI file of map ``map_id`` (a score id or :data:`PROBABILITY`) of a scan."""
-    return scan.probseg if map_id == PROBABILITY else scan.novelty(map_id)
+    """The NIfTI file of map ``map_id`` (a score id or :data:`PROBABILITY`) of a scan.
+
+    The lesion probability is evaluated on its -log10 p map: the same ranking
+    as 1 - p, without the float32 saturation of 1 - p below p ~ 3e-8.
+    """
+    return scan.neglog10p if map_id == PROBABILITY else scan.novelty(map_id)
 
 
 def read_map(scan: ScanDerivatives, map_id: str, brain: np.ndarray) -> np.ndarray:
-    """In-brain values of one map, checked to lie on the brain mask's grid."""
+    """Values of one map in the voxels of ``brain``, checked to lie on its grid."""
     path = map_path(scan, map_id)
     img = load_nifti(path, ndim=3)
     if img.shape != brain.shape:
@@ -155,10 +179,9 @@ def load_patient(derivatives_dir: str | Path, prefix: str, lesion_path: str | Pa
     lesion = load_mask(lesion_path, img, scan.mask)
     outside = int((lesion & ~brain).sum())
     if outside:
-        # Metrics are defined over brain voxels; lesion voxels the mask excludes cannot be found.
-        logger.info("%s: %d lesion voxels outside the brain mask are not evaluated", prefix, outside)
+        logger.info("%s: %d lesion voxels outside the brain mask count as misses", prefix, outside)
     voxel_volume_ml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
-    return Patient(prefix, scan, brain, lesion & brain, voxel_volume_ml)
+    return Patient(prefix, scan, brain, lesion, voxel_volume_ml)
 
 
 def calibration_threshold(derivatives_dir: str | Path, prefixes: Sequence[str], map_id: str, fpr: float) -> float:
@@ -170,18 +193,21 @@ def calibration_threshold(derivatives_dir: str | Path, prefixes: Sequence[str], 
     return threshold_at_fpr(np.concatenate(null), fpr)
 
 
-def _thresholded(flagged: np.ndarray, patients: Sequence[Patient]) -> dict[str, float]:
-    """Metrics of flagged brain voxels (1-D, patients concatenated) against the lesions, counts summed."""
+def _thresholded(flagged: np.ndarray, patients: Sequence[Patient], min_overlap: float) -> dict[str, float]:
+    """Metrics of flagged voxels (1-D, patients' evaluated voxels concatenated) against the lesions, counts summed."""
     labels = np.concatenate([p.labels for p in patients])
     counts = {"n_lesions": 0, "n_detected": 0, "n_fp_components": 0}
     true_ml = pred_ml = 0.0
     start = 0
     for patient in patients:
-        n = int(patient.brain.sum())
-        pred = np.zeros(patient.brain.shape, bool)
-        pred[patient.brain] = flagged[start:start + n]
+        domain = patient.domain
+        n = int(domain.sum())
+        pred = np.zeros(domain.shape, bool)
+        pred[domain] = flagged[start:start + n]
+        pred &= patient.brain  # never scored outside the brain: never flagged there
+        flagged[start:start + n] = pred[domain]
         start += n
-        wise = lesion_wise(pred, patient.lesion, CONNECTIVITY)
+        wise = lesion_wise(pred, patient.lesion, CONNECTIVITY, min_overlap=min_overlap)
         for key in counts:
             counts[key] += wise[key]
         true_ml += wise["true_volume_voxels"] * patient.voxel_volume_ml
@@ -201,7 +227,8 @@ def _thresholded(flagged: np.ndarray, patients: Sequence[Patient]) -> dict[str, 
     }
 
 
-def evaluate_map(values: Sequence[np.ndarray], patients: Sequence[Patient], threshold: float) -> dict[str, float]:
+def evaluate_map(values: Sequence[np.ndarray], patients: Sequence[Patient], threshold: float,
+                 min_overlap: float = 0.1) -> dict[str, float]:
     """Every metric of one map kind over one or more patients, their brain voxels pooled.
 
     Parameters
@@ -212,6 +239,8 @@ def evaluate_map(values: Sequence[np.ndarray], patients: Sequence[Patient], thre
     patients : sequence of Patient
     threshold : float
         The healthy-FPR threshold of this map kind.
+    min_overlap : float
+        Share of a lesion's voxels to flag for it to count as detected.
 
     Returns
     -------
@@ -227,7 +256,7 @@ def evaluate_map(values: Sequence[np.ndarray], patients: Sequence[Patient], thre
         "auroc": auroc(scores, labels),
         "auprc": auprc(scores, labels),
         "best_dice": best_dice(scores, labels)[0] if has_lesion else float("nan"),
-        **_thresholded(scores >= threshold, patients),
+        **_thresholded(scores >= threshold, patients, min_overlap),
     }
 
 
@@ -256,6 +285,7 @@ def _json_number(value: float) -> float | None:
 
 def evaluate_cohort(
     patients: Sequence[Patient], map_ids: Sequence[str], thresholds: dict[str, float], progress: bool = True,
+    min_overlap: float = 0.1,
 ) -> tuple[list[dict], dict]:
     """Rows of ``evaluation.tsv`` and the curves behind them, for every map kind.
 
@@ -282,12 +312,12 @@ def evaluate_cohort(
         curves[map_id] = {}
         for patient in patients:
             values.append(patient.values(map_id))
-            metrics = evaluate_map(values[-1:], [patient], threshold)
+            metrics = evaluate_map(values[-1:], [patient], threshold, min_overlap)
             rows.append({"participant_id": patient.participant_id, "session": patient.session, "score": map_id,
                          **metrics})
             curves[map_id][patient.prefix] = _curves(values[-1], patient.labels, threshold, metrics)
             bar.update()
-        pooled = evaluate_map(values, patients, threshold)
+        pooled = evaluate_map(values, patients, threshold, min_overlap)
         rows.append({"participant_id": POOLED, "session": None, "score": map_id, **pooled})
         curves[map_id][POOLED] = _curves(np.concatenate(values), np.concatenate([p.labels for p in patients]),
                                          threshold, pooled)

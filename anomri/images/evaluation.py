@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -59,11 +60,14 @@ def evaluate_methods(
     curves_out: str | Path,
     threshold_percentile: float = 99.0,
     fpr_limit: float = 0.3,
+    pooled: dict[str, Sequence[str]] | None = None,
 ) -> list[dict]:
     """Evaluate each method on the test images of ``root``; write the pooled scores, the table and ROC curves.
 
     Rows: one per method, score and defect type (``all`` pools every test
-    image; a defect type pools it with the normal test images). Image
+    image; a defect type pools it with the normal test images; each entry
+    ``name: types`` of ``pooled`` adds a row ``name`` pooling those defect
+    types, those present, with the normal test images). Image
     thresholds are the ``threshold_percentile`` of the normal validation
     scores; pixel metrics describe the method's map and fill the rows of its
     primary score only.
@@ -74,6 +78,9 @@ def evaluate_methods(
     anomalous = np.array([r.is_anomalous for r in test])
     subsets = {"all": np.ones(len(test), bool)}
     subsets |= {d: np.array([r.label in ("good", d) for r in test]) for d in folder.defect_types}
+    for name, types in (pooled or {}).items():
+        if set(types) & set(folder.defect_types):
+            subsets[name] = np.array([r.label == "good" or r.label in types for r in test])
     all_rows, table, curves = [], [], {}
     for method, scores_path in scores_paths.items():
         rows = read_scores(scores_path)

@@ -20,6 +20,10 @@ Methods (output folder names) and what they compute on each model input:
 ``mhp-vae``
     Multiple-hypotheses VAE; map: best hypothesis's squared residual; score
     ``wta``.
+``draem``
+    DRAEM's reconstructive and discriminative networks; map: the
+    segmentation network's anomaly probability; its image scores are the
+    map scores below (primary: ``map-top``).
 
 Every method also gets two scores from its map:
 
@@ -60,6 +64,7 @@ from anomri.io.atomic import atomic_path, write_json
 from anomri.io.images import ImageGeometry, ImageRecord, ModelInputs, load_model_inputs, scan_mvtec, split_validation
 from anomri.models.anogan import DCGAN, latent_search
 from anomri.models.conv_vae import PIXELWISE_SCORES, ConvVAE, FlatImageVAE, PixelwiseContext
+from anomri.models.draem import DRAEM
 from anomri.models.mhp_vae import MultiHypothesisVAE
 from anomri.models.projection import project, projection_map
 from anomri.scores.context import ScoreContext
@@ -167,8 +172,17 @@ def _mhp_outputs(model: MultiHypothesisVAE, raw: torch.Tensor, s: ImageSettings,
     return {"wta": torch.cat(scores).cpu().numpy()}, torch.cat(maps).cpu().numpy()
 
 
+@torch.no_grad()
+def _draem_outputs(model: DRAEM, raw: torch.Tensor, s: ImageSettings, progress: bool,
+                   reference_images: np.ndarray | None = None) -> Outputs:
+    maps = [model.anomaly_map(raw[first:first + s.batch_size])
+            for first in tqdm(_batches(len(raw), s.batch_size), desc="draem", disable=not progress)]
+    return {}, torch.cat(maps).cpu().numpy()
+
+
 METHOD_OUTPUTS: dict[str, Callable[..., Outputs]] = {
     "vae": _vae_outputs, "vae-projection": _projection_outputs, "anogan": _anogan_outputs, "mhp-vae": _mhp_outputs,
+    "draem": _draem_outputs,
 }
 
 

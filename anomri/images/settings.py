@@ -15,11 +15,12 @@ from anomri.errors import InputError
 if TYPE_CHECKING:
     from anomri.io.images import ImageGeometry
 
-__all__ = ["CHOICES", "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS", "MODEL_OF_METHOD",
-           "PRIMARY_SCORE", "PROJECTION_MAPS", "SLOW_IMAGE_SCORES"]
+__all__ = ["CHOICES", "DRAEM_TEXTURES", "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS",
+           "MODEL_OF_METHOD", "PRIMARY_SCORE", "PROJECTION_MAPS", "SLOW_IMAGE_SCORES"]
 
 #: Method id (output folder) -> the trained model it needs.
-MODEL_OF_METHOD = {"vae": "conv-vae", "vae-projection": "conv-vae", "anogan": "anogan", "mhp-vae": "mhp-vae"}
+MODEL_OF_METHOD = {"vae": "conv-vae", "vae-projection": "conv-vae", "anogan": "anogan", "mhp-vae": "mhp-vae",
+                   "draem": "draem"}
 METHODS = tuple(MODEL_OF_METHOD)
 #: Registry scores that optimise over z for every image (minutes per 128 px image on a CPU).
 SLOW_IMAGE_SCORES = ("closest-generated", "max-generated-lik")
@@ -27,16 +28,20 @@ SLOW_IMAGE_SCORES = ("closest-generated", "max-generated-lik")
 MAP_NORMALIZATIONS = ("none", "zscore")
 #: Pixel maps of method vae-projection (:func:`anomri.models.projection.projection_map`).
 PROJECTION_MAPS = ("standardized", "residual", "reconstruction")
-#: Learning-rate schedules of the conv VAE: constant, or cosine annealing over its epochs.
+#: Learning-rate schedules of the conv VAE and DRAEM: constant, or cosine annealing over their epochs.
 LR_SCHEDULES = ("constant", "cosine")
 #: The score each method's paper defines; the one the report ranks methods by.
 #: Dehaene et al. evaluate projection maps only; its image score is the robust top of its normalised map.
-PRIMARY_SCORE = {"vae": "det-rec-err", "vae-projection": "map-top", "anogan": "anomaly-score", "mhp-vae": "wta"}
+PRIMARY_SCORE = {"vae": "det-rec-err", "vae-projection": "map-top", "anogan": "anomaly-score", "mhp-vae": "wta",
+                 "draem": "map-top"}
+#: Texture sources of DRAEM's synthetic anomalies (:mod:`anomri.models.synthetic_anomalies`).
+DRAEM_TEXTURES = ("both", "self", "procedural")
 
 
 #: Settings that take one of a few values, and those values.
 CHOICES = {"map_normalization": MAP_NORMALIZATIONS, "score_normalization": MAP_NORMALIZATIONS,
-           "vae_lr_schedule": LR_SCHEDULES, "projection_map": PROJECTION_MAPS}
+           "vae_lr_schedule": LR_SCHEDULES, "projection_map": PROJECTION_MAPS, "draem_lr_schedule": LR_SCHEDULES,
+           "draem_texture": DRAEM_TEXTURES}
 
 
 def _invalid(name: str, expected: str, value: object) -> None:
@@ -95,6 +100,16 @@ class ImageSettings:
     mhp_kl_weight: float = 1.0
     mhp_adversarial_weight: float = 10.0
     mhp_wta_epsilon: float = 0.05
+    # DRAEM: reconstructive + discriminative network trained on synthetic anomalies
+    draem_reconstruction_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
+    draem_segmentation_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    draem_epochs: int = 40
+    draem_batch_size: int = 8
+    draem_learning_rate: float = 5e-4
+    draem_lr_schedule: str = "cosine"
+    draem_anomaly_probability: float = 0.5
+    draem_mask_area: list[float] = field(default_factory=lambda: [0.001, 0.3])
+    draem_texture: str = "both"
     # maps and evaluation
     map_sigma: float = 1.0
     map_normalization: str = "none"
@@ -114,6 +129,9 @@ class ImageSettings:
             _invalid("anogan_search_batch_size", "'auto' or a positive integer", self.anogan_search_batch_size)
         if not 0.0 < self.top_fraction <= 1.0:
             _invalid("top_fraction", "in (0, 1]", self.top_fraction)
+        area = self.draem_mask_area
+        if not (len(area) == 2 and 0.0 < area[0] <= area[1] <= 1.0):
+            _invalid("draem_mask_area", "[min, max] with 0 < min <= max <= 1", area)
 
     @classmethod
     def from_json(cls, text: str) -> ImageSettings:

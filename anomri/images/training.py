@@ -1,8 +1,9 @@
-"""Training the image models (conv VAE, AnoGAN's DCGAN, multiple-hypotheses VAE), with resume and checkpoints.
+"""Training the image models (conv VAE, AnoGAN's DCGAN, multiple-hypotheses VAE, DRAEM), with resume and
+checkpoints.
 
-Every epoch draws its shuffling, flips and latent noise from a generator
-seeded by (seed, epoch), so a run resumed from its per-epoch checkpoint ends
-with the same weights as an uninterrupted one.
+Every epoch draws its shuffling, flips, latent noise and synthetic anomalies
+from a generator seeded by (seed, epoch), so a run resumed from its per-epoch
+checkpoint ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,13 +26,16 @@ from anomri.images.settings import ImageSettings
 from anomri.io.atomic import atomic_path
 from anomri.models.anogan import DCGAN
 from anomri.models.conv_vae import ConvVAE
+from anomri.models.draem import DRAEM
 from anomri.models.mhp_vae import MultiHypothesisVAE
+from anomri.models.synthetic_anomalies import synthesize_anomalies
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MODEL_KINDS", "build_model", "train_image_model", "save_image_model", "load_image_model"]
 
-MODEL_KINDS: dict[str, type[nn.Module]] = {"conv-vae": ConvVAE, "anogan": DCGAN, "mhp-vae": MultiHypothesisVAE}
+MODEL_KINDS: dict[str, type[nn.Module]] = {"conv-vae": ConvVAE, "anogan": DCGAN, "mhp-vae": MultiHypothesisVAE,
+                                           "draem": DRAEM}
 
 
 def build_model(kind: str, in_shape: tuple[int, int, int], settings: ImageSettings) -> nn.Module:
@@ -42,6 +46,8 @@ def build_model(kind: str, in_shape: tuple[int, int, int], settings: ImageSettin
         return DCGAN(in_shape, settings.anogan_latent_size, settings.anogan_channels)
     if kind == "mhp-vae":
         return MultiHypothesisVAE(in_shape, settings.mhp_latent_size, settings.mhp_channels, settings.mhp_hypotheses)
+    if kind == "draem":
+        return DRAEM(in_shape, settings.draem_reconstruction_channels, settings.draem_segmentation_channels)
     raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
 
 
@@ -116,9 +122,29 @@ def _mhp_step(model: MultiHypothesisVAE, optimizers: list[torch.optim.Optimizer]
     return {k: v.item() for k, v in losses.items()}
 
 
+def _synthetic(model: DRAEM, batch: torch.Tensor, generator: torch.Generator, s: ImageSettings
+               ) -> dict[str, torch.Tensor]:
+    """DRAEM's losses on ``batch`` with synthetic anomalies drawn from ``generator``."""
+    corrupted = synthesize_anomalies(batch, generator, s.draem_anomaly_probability, s.draem_mask_area,
+                                     s.draem_texture)
+    return model.losses(batch, corrupted.images, corrupted.masks)
+
+
+def _draem_step(model: DRAEM, optimizers: list[torch.optim.Optimizer], batch: torch.Tensor,
+                generator: torch.Generator, s: ImageSettings) -> dict[str, float]:
+    (optimizer,) = optimizers
+    losses = _synthetic(model, batch, generator, s)
+    optimizer.zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizer.step()
+    return {k: v.item() for k, v in losses.items()}
+
+
 def _optimizers(kind: str, model: nn.Module, s: ImageSettings) -> list[torch.optim.Optimizer]:
     if kind == "conv-vae":
         return [torch.optim.Adam(model.parameters(), lr=s.vae_learning_rate)]
+    if kind == "draem":
+        return [torch.optim.Adam(model.parameters(), lr=s.draem_learning_rate)]
     if kind == "anogan":
         # DCGAN's recipe: beta1 = 0.5 keeps the adversarial game from oscillating.
         return [torch.optim.Adam(model.generator.parameters(), lr=s.anogan_learning_rate, betas=(0.5, 0.999)),
@@ -128,15 +154,21 @@ def _optimizers(kind: str, model: nn.Module, s: ImageSettings) -> list[torch.opt
 
 
 @torch.no_grad()
-def _validation_loss(kind: str, model: nn.Module, validation: torch.Tensor, batch_size: int) -> float | None:
-    """Mean anomaly-free loss on held-out normal images: deterministic negative ELBO (conv VAE) or
-    WTA error (multiple-hypotheses VAE). None for the GAN, whose losses do not measure fit."""
+def _validation_loss(kind: str, model: nn.Module, validation: torch.Tensor, s: ImageSettings) -> float | None:
+    """Mean loss on held-out normal images: deterministic negative ELBO (conv VAE), WTA error
+    (multiple-hypotheses VAE), or DRAEM's loss with the same synthetic anomalies every epoch (drawn
+    from ``seed``). None for the GAN, whose losses do not measure fit."""
     if kind == "anogan" or validation is None or not len(validation):
         return None
     model.eval()
+    generator = torch.Generator(device=validation.device).manual_seed(s.seed)
     total = 0.0
-    for first in range(0, len(validation), batch_size):
-        x = model.standardize(validation[first:first + batch_size])
+    for first in range(0, len(validation), s.batch_size):
+        raw = validation[first:first + s.batch_size]
+        if kind == "draem":
+            total += float(_synthetic(model, raw, generator, s)["loss"]) * len(raw)
+            continue
+        x = model.standardize(raw)
         loss = model.reconstruct_with_loss(x)[1] if kind == "conv-vae" else model.score(x)[0]
         total += float(loss.sum())
     return total / len(validation)
@@ -144,19 +176,27 @@ def _validation_loss(kind: str, model: nn.Module, validation: torch.Tensor, batc
 
 STEPS: dict[str, tuple[Step, str]] = {
     "conv-vae": (_vae_step, "vae_epochs"), "anogan": (_gan_step, "anogan_epochs"), "mhp-vae": (_mhp_step, "mhp_epochs"),
+    "draem": (_draem_step, "draem_epochs"),
 }
 
 
 #: The settings, besides the data, that change what training a model kind produces. Epoch counts are
 #: left out: they only say when to stop, so a finished run can be resumed for more epochs (except under
-#: the conv VAE's cosine schedule, which spans all its epochs: see :func:`_fingerprint`).
+#: a cosine schedule, which spans all the epochs: see :func:`_fingerprint`).
 TRAINING_SETTINGS = {
     "conv-vae": ("vae_latent_size", "vae_channels", "vae_learning_rate", "vae_kl_weight", "vae_lr_schedule"),
     "anogan": ("anogan_latent_size", "anogan_channels", "anogan_learning_rate"),
     "mhp-vae": ("mhp_hypotheses", "mhp_latent_size", "mhp_channels", "mhp_learning_rate", "mhp_kl_weight",
                 "mhp_adversarial_weight", "mhp_wta_epsilon"),
+    "draem": ("draem_reconstruction_channels", "draem_segmentation_channels", "draem_learning_rate",
+              "draem_lr_schedule", "draem_anomaly_probability", "draem_mask_area", "draem_texture"),
 }
-COMMON_TRAINING_SETTINGS = ("seed", "horizontal_flip", "vertical_flip", "batch_size")
+#: The learning-rate schedule setting of each model kind that has one (the others keep a constant rate).
+LR_SCHEDULE_SETTING = {"conv-vae": "vae_lr_schedule", "draem": "draem_lr_schedule"}
+COMMON_TRAINING_SETTINGS = ("seed", "horizontal_flip", "vertical_flip")
+#: Model kinds that train on batches of their own size rather than ``batch_size``: DRAEM learns from many
+#: small steps (benchmarks/README.md).
+BATCH_SIZE_SETTING = {"draem": "draem_batch_size"}
 
 
 def _fingerprint(kind: str, images: np.ndarray, validation: np.ndarray | None, settings: ImageSettings) -> str:
@@ -165,25 +205,37 @@ def _fingerprint(kind: str, images: np.ndarray, validation: np.ndarray | None, s
     for array in (images, validation if validation is not None else np.zeros(0)):
         digest.update(np.ascontiguousarray(array).tobytes())
     kept = {k: getattr(settings, k) for k in COMMON_TRAINING_SETTINGS + TRAINING_SETTINGS[kind]}
-    if kind == "conv-vae" and settings.vae_lr_schedule == "cosine":
+    kept["batch_size"] = training_batch_size(kind, settings)
+    if _schedule(kind, settings) == "cosine":
         # The cosine schedule spans all epochs, so the epoch count changes every learning rate.
-        kept["vae_epochs"] = settings.vae_epochs
+        epochs_field = STEPS[kind][1]
+        kept[epochs_field] = getattr(settings, epochs_field)
     digest.update(json.dumps(kept, sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def training_batch_size(kind: str, settings: ImageSettings) -> int:
+    """Images per training step of ``kind``: its own setting (:data:`BATCH_SIZE_SETTING`), else ``batch_size``."""
+    return int(getattr(settings, BATCH_SIZE_SETTING.get(kind, "batch_size")))
+
+
+def _schedule(kind: str, settings: ImageSettings) -> str:
+    return getattr(settings, LR_SCHEDULE_SETTING[kind]) if kind in LR_SCHEDULE_SETTING else "constant"
 
 
 def learning_rate_factor(kind: str, settings: ImageSettings, epoch: int, n_epochs: int) -> float:
     """Multiplier of the base learning rate in ``epoch`` (0-based) of ``n_epochs``.
 
-    The conv VAE with ``vae_lr_schedule: cosine`` anneals it from 1 to near 0 over
-    the run (cosine, evaluated at the middle of each epoch, so the last epoch
-    still learns). With its learnt variance, constant-rate epochs jump between
-    much better and much worse fits; annealing settles them and reaches a lower
-    validation loss, though on magnetic tiles not better anomaly maps
-    (benchmarks/README.md), so ``constant`` is the default. A function of the
-    epoch only, so a resumed run follows the same schedule.
+    A model kind whose schedule (:data:`LR_SCHEDULE_SETTING`) is ``cosine``
+    anneals it from 1 to near 0 over the run (cosine, evaluated at the middle
+    of each epoch, so the last epoch still learns). For the conv VAE, with its
+    learnt variance, constant-rate epochs jump between much better and much
+    worse fits; annealing settles them and reaches a lower validation loss,
+    though on magnetic tiles not better anomaly maps (benchmarks/README.md), so
+    its default is ``constant``; DRAEM's is ``cosine``. A function of the epoch
+    only, so a resumed run follows the same schedule.
     """
-    if kind == "conv-vae" and settings.vae_lr_schedule == "cosine":
+    if _schedule(kind, settings) == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * (epoch + 0.5) / n_epochs))
     return 1.0
 
@@ -212,12 +264,12 @@ def train_image_model(
 
     Parameters
     ----------
-    kind : {"conv-vae", "anogan", "mhp-vae"}
+    kind : {"conv-vae", "anogan", "mhp-vae", "draem"}
     images : ndarray (N, C, S, S)
         Normal training inputs in [0, 1] (whole resized images, or tiles).
     settings : ImageSettings
         Epochs, learning rates and architecture of ``kind``; ``seed`` fixes
-        initialisation, shuffling, flips and latent noise.
+        initialisation, shuffling, flips, latent noise and synthetic anomalies.
     resume_path : path, optional
         Checkpoint written after every epoch and resumed from when it
         matches ``kind``, ``images`` and ``settings``.
@@ -225,20 +277,22 @@ def train_image_model(
     progress : bool
         Show a progress bar with the losses.
     validation : ndarray (M, C, S, S), optional
-        Held-out normal inputs. For the VAEs the epoch with the lowest
-        validation loss is returned, so one unstable late epoch (a learnt
-        variance can spike) cannot spoil the model; the GAN keeps its last epoch.
+        Held-out normal inputs. For the VAEs and DRAEM the epoch with the
+        lowest validation loss is returned, so one unstable late epoch (a
+        learnt variance can spike) cannot spoil the model; the GAN keeps its
+        last epoch.
 
     Returns
     -------
     model : nn.Module
         The trained model, in eval mode on ``device``.
     history : list of dict
-        Per epoch: ``epoch``, the batch-mean losses and ``val_loss`` (VAEs).
+        Per epoch: ``epoch``, the batch-mean losses and ``val_loss`` (VAEs, DRAEM).
     """
     device = torch.device(device)
     step, epochs_field = STEPS[kind]
     n_epochs = getattr(settings, epochs_field)
+    batch_size = training_batch_size(kind, settings)
     data = torch.from_numpy(np.ascontiguousarray(images, np.float32))
     model, optimizers = _fresh(kind, data, settings, device)
     data = data.to(device)
@@ -272,8 +326,8 @@ def train_image_model(
         order = torch.randperm(len(data), generator=generator, device=device)
         sums: dict[str, float] = {}
         n_batches = 0
-        for first in range(0, len(order), settings.batch_size):
-            batch = data[order[first:first + settings.batch_size]]
+        for first in range(0, len(order), batch_size):
+            batch = data[order[first:first + batch_size]]
             if len(batch) < 2:  # batch norm needs two samples
                 continue
             for enabled, axis in ((settings.horizontal_flip, -1), (settings.vertical_flip, -2)):
@@ -284,7 +338,7 @@ def train_image_model(
                 sums[name] = sums.get(name, 0.0) + value
             n_batches += 1
         record = {"epoch": epoch + 1} | {k: v / max(n_batches, 1) for k, v in sums.items()}
-        val_loss = _validation_loss(kind, model, held_out, settings.batch_size)
+        val_loss = _validation_loss(kind, model, held_out, settings)
         if val_loss is not None:
             record["val_loss"] = val_loss
             if val_loss < state["best_val"]:

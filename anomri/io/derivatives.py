@@ -9,6 +9,7 @@ Per scan, in ``<output_dir>/sub-<label>[/ses-<label>]/dwi/`` with
 ``<prefix>_space-dwi_desc-qspace_features.nii.gz``      q-space features (4-D) + ``.json``
 ``<prefix>_space-dwi_desc-<score>_novelty.nii.gz``      novelty map per score + ``.json``
 ``<prefix>_space-dwi_label-L_probseg.nii.gz``           lesion probability + ``.json``
+``<prefix>_space-dwi_label-L_desc-neglog10p_novelty.nii.gz`` -log10 p of the same calibration + ``.json``
 ``<prefix>_space-dwi_label-L_desc-learned_probseg.nii.gz`` learned lesion probability (opt-in) + ``.json``
 ``<prefix>_space-dwi_label-L_desc-<level>_mask.nii.gz`` lesions at a healthy false-positive
                                                         rate, e.g. ``p01`` = 1 % (uint8) + ``.json``
@@ -67,6 +68,10 @@ class ScanDerivatives:
     @property
     def probseg(self) -> Path:
         return self._file("label-L_probseg.nii.gz")
+
+    @property
+    def neglog10p(self) -> Path:
+        return self._file("label-L_desc-neglog10p_novelty.nii.gz")
 
     @property
     def learned_probseg(self) -> Path:

@@ -72,10 +72,15 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
     processed = {k: postprocessed_scores(scan, k, null.postprocessing) for k in null.scores}
     _, mask, img = processed[null.scores[0]]
     features = masked_features(scan, mask) if null.tissue is not None else None
-    p = null.tail_probability({k: volume[mask] for k, (volume, _, _) in processed.items()}, features)
+    log_p = null.log_tail_probability({k: volume[mask] for k, (volume, _, _) in processed.items()}, features)
+    p = np.exp(log_p)
     probability = np.zeros(mask.shape, np.float32)
     probability[mask] = 1.0 - p
     save_volume(scan.probseg, probability, img)
+    # float32 1 - p is 1 for every p below ~3e-8; -log10 p keeps ranking lesions far into the tail.
+    evidence = np.zeros(mask.shape, np.float32)
+    evidence[mask] = -log_p / np.log(10.0)
+    save_volume(scan.neglog10p, evidence, img)
     calibration = {"Path": str(null_path), "SHA256": file_sha256(null_path)} | null.record()
     sources = [str(scan.novelty(k)) for k in null.scores] + [str(scan.mask)]
     if null.tissue is not None:
@@ -89,6 +94,14 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
                        "Thresholding at 1 - a flags a fraction a of healthy voxels.",
         "Calibration": calibration,
         "Sources": sources,
+        "GeneratedBy": _generated_by(),
+    })
+    write_json(sidecar_path(scan.neglog10p), {
+        "Description": "-log10 p of the lesion probability map's calibrated tail probability p (0 outside the "
+                       "post-processed brain mask): the same ranking as 1 - p without its float32 saturation "
+                       "below p ~ 3e-8. Values >= 2 are the 1 % healthy false-positive level, >= 3 the 0.1 %.",
+        "Calibration": {"Path": str(null_path), "SHA256": calibration["SHA256"]},
+        "Sources": [str(scan.probseg)],
         "GeneratedBy": _generated_by(),
     })
     for level in levels:

@@ -170,23 +170,23 @@ def _patient_row(evaluation: list[dict[str, str]], prefix: str) -> dict[str, str
 
 def plot_overlay(derivatives_dir: str | Path, prefix: str, lesion_path: str | Path, evaluation_path: str | Path,
                  out: str | Path, n_lesions: int = 2) -> None:
-    """Lesion probability and lesion contour over the mean b0, three orthogonal slices per lesion.
+    """Lesion evidence (-log10 p) and lesion contour over the mean b0, three orthogonal slices per lesion.
 
     One row per lesion among the ``n_lesions`` largest (through the voxel
     nearest its centroid; through the most probable voxel when the mask is
     empty): sagittal, coronal and axial slices in RAS orientation, millimetre
-    aspect. The probability is drawn where it reaches the healthy-FPR
-    threshold of the evaluation table (the voxels flagged), transparent
+    aspect. The lesion probability's -log10 p is drawn where it reaches the
+    healthy-FPR threshold of the evaluation table (the voxels flagged), transparent
     elsewhere; the lesion mask is the cyan contour.
     """
     scan = ScanDerivatives(Path(derivatives_dir), prefix)
     b0_img = load_nifti(scan.b0, ndim=3)
-    prob_img = load_nifti(scan.probseg, ndim=3)
+    prob_img = load_nifti(scan.neglog10p, ndim=3)  # the map kind whose threshold the evaluation table holds
     if prob_img.shape != b0_img.shape:
-        raise InputError(scan.probseg, f"shape {prob_img.shape} differs from {scan.b0.name} {b0_img.shape}")
+        raise InputError(scan.neglog10p, f"shape {prob_img.shape} differs from {scan.b0.name} {b0_img.shape}")
     lesion = _canonical(b0_img, load_mask(lesion_path, b0_img, scan.b0))
     b0 = _canonical(b0_img, read_data(b0_img, scan.b0))
-    prob = _canonical(b0_img, read_data(prob_img, scan.probseg))
+    prob = _canonical(b0_img, read_data(prob_img, scan.neglog10p))
     brain = _canonical(b0_img, load_mask(scan.mask, b0_img, scan.b0))
     zooms = _canonical_zooms(b0_img)
     row = _patient_row(read_table(evaluation_path), prefix)
@@ -217,7 +217,7 @@ def plot_overlay(derivatives_dir: str | Path, prefix: str, lesion_path: str | Pa
             what = f"lesion {r + 1} ({size} voxels)" if size else "most probable voxel"
             ax.set_title(f"{what}: {view} {'xyz'[axis]}={centre[axis]}", fontsize=8)
             ax.set_axis_off()
-    fig.colorbar(image, ax=axes, shrink=0.8, label="lesion probability (≥ threshold)")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="-log10 p of the lesion probability (≥ threshold)")
     axes[0, 0].legend(handles=[Line2D([], [], color=LESION_COLOUR, lw=1.0, label="lesion mask")], fontsize=7,
                       loc="lower left")
     fig.suptitle(f"{prefix}: {PROBABILITY} ≥ {threshold:.4g}, flagging {_fmt(row['healthy_fpr'])} of healthy brain; "

@@ -40,10 +40,25 @@ wildcard_constraints:
     subdir=r"sub-[^/_]+(/ses-[^/_]+)?",
     prefix=r"sub-[^/_]+(_ses-[^/_]+)?",
     score=r"[a-z0-9-]+",
+    level=r"[0-9]+",
 
 
 def derivatives(prefix):
     return ScanDerivatives(OUT, prefix)
+
+
+# Noisier copies of the training controls: one derivatives tree per noise level (noise std x level / 100).
+AUGMENTED = OUT / "models" / "augmented"
+NOISE_LEVELS = [str(round(100 * factor)) for factor in config["training"]["noise_augmentation"]]
+
+
+def augmented(level, prefix):
+    return ScanDerivatives(AUGMENTED / f"noise-{level}", prefix)
+
+
+def augmented_pattern(suffix):
+    """Output pattern of a noisier copy's derivative, e.g. augmented_pattern('dwiref.nii.gz')."""
+    return str(AUGMENTED / "noise-{level}" / "{subdir}" / "dwi" / ("{prefix}_space-dwi_" + suffix))
 
 
 def novelty_maps(prefix):

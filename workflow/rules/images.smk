@@ -16,12 +16,15 @@ if config.get("images_layout", "mvtec") != "mvtec":
 IMAGE_CONFIG = config.get("images", {})
 # What `demo-images` takes; the demo's `oct_band` is a model setting instead.
 DEMO_OPTIONS = {k: v for k, v in IMAGE_CONFIG.get("demo", {}).items() if k != "oct_band"}
-_image_settings = {k: v for k, v in IMAGE_CONFIG.items() if k not in ("device", "demo")}
+_image_settings = {k: v for k, v in IMAGE_CONFIG.items() if k not in ("device", "demo", "threads")}
 if not config.get("images_root") and "oct_band" in IMAGE_CONFIG.get("demo", {}):
     # The demo images are OCT B-scans: they get the demo's band handling, a user's folder images.oct_band.
     _image_settings["oct_band"] = IMAGE_CONFIG["demo"]["oct_band"]
 IMAGE_SETTINGS = shlex.quote(json.dumps(_image_settings))
 IMAGE_DEVICE = IMAGE_CONFIG.get("device", "auto")
+# A fixed count, not workflow.cores: a cluster run has no total core count. Snakemake hands it to
+# torch through OMP_NUM_THREADS.
+IMAGE_THREADS = IMAGE_CONFIG.get("threads", 2)
 # The demo folder is an output to wait for; a user's folder is simply read.
 IMAGES_ROOT_INPUT = [] if config.get("images_root") else [IMAGES.demo]
 
@@ -57,7 +60,7 @@ rule images_train:
                        category="Images", subcategory="Training"),
     log:
         LOGS / "images" / "train_{image_model}.log",
-    threads: workflow.cores
+    threads: IMAGE_THREADS
     resources:
         mem_mb=8000,
         runtime=240,
@@ -77,7 +80,7 @@ rule images_score:
         thresholds=IMAGES.thresholds("{image_method}"),
     log:
         LOGS / "images" / "score_{image_method}.log",
-    threads: workflow.cores
+    threads: IMAGE_THREADS
     resources:
         mem_mb=8000,
         runtime=120,

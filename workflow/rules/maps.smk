@@ -84,6 +84,8 @@ rule probability:
     output:
         probseg=scan_pattern("label-L_probseg.nii.gz"),
         sidecar=scan_pattern("label-L_probseg.json"),
+        evidence=scan_pattern("label-L_desc-neglog10p_novelty.nii.gz"),
+        evidence_sidecar=scan_pattern("label-L_desc-neglog10p_novelty.json"),
         masks=[scan_pattern(f"label-L_desc-{level_label(a)}_mask.nii.gz") for a in config["probability"]["levels"]],
     log:
         LOGS / "probability" / "{subdir}" / "{prefix}.log",

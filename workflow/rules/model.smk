@@ -1,10 +1,44 @@
 # Pool healthy training voxels and train the VAE on them.
 
 
+rule augment_noise:
+    # A noisier copy of a training control (noise std x level / 100), preprocessed like the original in its
+    # brain mask: the model then learns healthy tissue across the SNR of a cohort.
+    input:
+        unpack(preprocess_inputs),
+        brain=lambda wc: derivatives(wc.prefix).mask,
+    output:
+        features=augmented_pattern("desc-qspace_features.nii.gz"),
+        sidecar=augmented_pattern("desc-qspace_features.json"),
+        mask=augmented_pattern("desc-brain_mask.nii.gz"),
+        b0=augmented_pattern("dwiref.nii.gz"),
+    log:
+        LOGS / "augment_noise" / "noise-{level}" / "{subdir}" / "{prefix}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        pre=config["preprocessing"],
+        tree=lambda wc: AUGMENTED / f"noise-{wc.level}",
+        factor=lambda wc: int(wc.level) / 100,
+        seed=config["training"]["seed"],
+        gibbs="--gibbs-removal" if config["preprocessing"]["gibbs_removal"] else "--no-gibbs-removal",
+        motion="--motion-correction" if config["preprocessing"]["motion_correction"] else "--no-motion-correction",
+    shell:
+        "{ANOMRI} --log {log} preprocess --dwi {input.dwi} --bval {input.bval} --bvec {input.bvec}"
+        " --output-dir {params.tree} --prefix {wildcards.prefix} --mask {input.brain}"
+        " --b0-threshold {params.pre[b0_threshold]} --denoise {params.pre[denoise]}"
+        " {params.gibbs} {params.motion} --noise-factor {params.factor} --noise-seed {params.seed}"
+        " --features {params.pre[features]} --context {params.pre[context]}"
+        " --context-radius {params.pre[context_radius]}"
+
+
 rule pool_training_voxels:
     input:
         [derivatives(s.prefix).features for s in PLAN.training],
         [derivatives(s.prefix).mask for s in PLAN.training],
+        [augmented(level, s.prefix).features for s in PLAN.training for level in NOISE_LEVELS],
     output:
         OUT / "models" / "training_voxels.npz",
     log:
@@ -15,11 +49,12 @@ rule pool_training_voxels:
         runtime=20,
     params:
         scans=prefixes(PLAN.training),
+        augmented=" ".join(str(AUGMENTED / f"noise-{level}") for level in NOISE_LEVELS),
         max_voxels=config["training"]["max_voxels_per_scan"],
         seed=config["training"]["seed"],
     shell:
-        "{ANOMRI} --log {log} pool --derivatives-dir {OUT} --scans {params.scans} --out {output}"
-        " --max-voxels-per-scan {params.max_voxels} --seed {params.seed}"
+        "{ANOMRI} --log {log} pool --derivatives-dir {OUT} --scans {params.scans} --augmented {params.augmented}"
+        " --out {output} --max-voxels-per-scan {params.max_voxels} --seed {params.seed}"
 
 
 rule train:
@@ -30,14 +65,15 @@ rule train:
         history=report(OUT / "models" / "training_history.tsv", category="Training"),
     log:
         LOGS / "train.log",
-    threads: workflow.cores
+    # A fixed count, not workflow.cores: a cluster run has no total core count.
+    threads: config["training"]["threads"]
     resources:
         mem_mb=8000,
         runtime=120,
         gpu=1 if config["training"]["device"] == "cuda" else 0,
     params:
-        settings=settings_json("training", exclude=("device", "max_voxels_per_scan")),
+        settings=settings_json("training", exclude=("device", "max_voxels_per_scan", "threads", "noise_augmentation")),
         device=config["training"]["device"],
     shell:
         "{ANOMRI} --log {log} train --pool {input} --out {output.model} --history {output.history}"
-        " --settings {params.settings} --device {params.device}"
+        " --settings {params.settings} --device {params.device} --threads {threads}"

@@ -29,9 +29,12 @@ rule preprocess:
         pre=config["preprocessing"],
         mask=lambda wc, input: optional_flag("--mask", input, "mask"),
         lesion=lambda wc, input: optional_flag("--lesion-mask", input, "lesion"),
+        gibbs="--gibbs-removal" if config["preprocessing"]["gibbs_removal"] else "--no-gibbs-removal",
+        motion="--motion-correction" if config["preprocessing"]["motion_correction"] else "--no-motion-correction",
     shell:
         "{ANOMRI} --log {log} preprocess --dwi {input.dwi} --bval {input.bval} --bvec {input.bvec}"
         " --output-dir {OUT} --prefix {wildcards.prefix} {params.mask} {params.lesion}"
         " --b0-threshold {params.pre[b0_threshold]} --denoise {params.pre[denoise]}"
+        " {params.gibbs} {params.motion}"
         " --features {params.pre[features]} --context {params.pre[context]}"
         " --context-radius {params.pre[context_radius]}"

@@ -39,7 +39,7 @@ rule plot_overlay:
         evaluation=OUT / "evaluation.tsv",
         b0=lambda wc: derivatives(wc.prefix).b0,
         mask=lambda wc: derivatives(wc.prefix).mask,
-        probseg=lambda wc: derivatives(wc.prefix).probseg,
+        evidence=lambda wc: derivatives(wc.prefix).neglog10p,
     output:
         report(FIGURES.overlay("{prefix}"), caption="../report/dmri_overlay.rst", category="Patients",
                subcategory="Overlays", labels={"scan": "{prefix}"}),

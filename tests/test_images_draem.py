@@ -1,0 +1,133 @@
+"""DRAEM: Perlin noise and masks, synthetic anomalies, and the segmentation network on a toy case."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+from sklearn.metrics import roc_auc_score
+
+from anomri.errors import InputError
+from anomri.images.settings import DRAEM_TEXTURES, ImageSettings
+from anomri.images.training import train_image_model
+from anomri.models.synthetic_anomalies import TEXTURE_SOURCES, perlin_masks, perlin_noise, synthesize_anomalies
+
+
+def _brute_perlin(angles: np.ndarray, i: int, j: int, height: int, width: int) -> float:
+    """Ken Perlin's gradient noise at the centre of pixel (i, j), written out for one point."""
+    ry, rx = angles.shape[0] - 1, angles.shape[1] - 1
+    u, v = (i + 0.5) * ry / height, (j + 0.5) * rx / width
+    a, b = min(int(math.floor(u)), ry - 1), min(int(math.floor(v)), rx - 1)
+    fu, fv = u - a, v - b
+
+    def fade(t: float) -> float:
+        return 6 * t**5 - 15 * t**4 + 10 * t**3
+
+    def dot(ci: int, cj: int) -> float:
+        angle = angles[a + ci, b + cj]
+        return math.cos(angle) * (fu - ci) + math.sin(angle) * (fv - cj)
+
+    top = dot(0, 0) + fade(fv) * (dot(0, 1) - dot(0, 0))
+    bottom = dot(1, 0) + fade(fv) * (dot(1, 1) - dot(1, 0))
+    return math.sqrt(2) * (top + fade(fu) * (bottom - top))
+
+
+def test_perlin_noise_is_gradient_noise() -> None:
+    rng = np.random.default_rng(0)
+    angles = rng.uniform(0, 2 * np.pi, (4, 6))  # 3 x 5 lattice cells
+    noise = perlin_noise(torch.from_numpy(angles), (21, 40)).numpy()
+    expected = np.array([[_brute_perlin(angles, i, j, 21, 40) for j in range(40)] for i in range(21)])
+    np.testing.assert_allclose(noise, expected, atol=1e-10)
+    assert np.abs(noise).max() <= 1.0
+    # At a lattice point every offset to it vanishes, and so does the noise: with half a pixel per cell,
+    # pixel centres (i + 0.5) * 2 are the odd lattice points.
+    on_lattice = perlin_noise(torch.from_numpy(rng.uniform(0, 2 * np.pi, (5, 7))), (2, 3))
+    torch.testing.assert_close(on_lattice, torch.zeros(2, 3, dtype=torch.float64), atol=1e-12, rtol=0)
+
+
+def test_perlin_masks_cover_their_drawn_area_in_smooth_blobs() -> None:
+    size, low, high = 128, 0.01, 0.2
+    masks = perlin_masks(48, size, (low, high), torch.Generator().manual_seed(0)).numpy()
+    assert masks.shape == (48, size, size) and masks.dtype == bool
+    areas = masks.mean(axis=(1, 2))
+    half_pixel = 0.5 / size**2
+    assert np.all(areas >= low - half_pixel) and np.all(areas <= high + half_pixel)
+    assert areas.max() - areas.min() > 0.5 * (high - low)  # drawn across the range, not one value
+    exact = perlin_masks(8, size, (0.05, 0.05), torch.Generator().manual_seed(1)).numpy()
+    assert np.all(exact.sum(axis=(1, 2)) == round(0.05 * size**2))
+    # Perlin-shaped: level sets of a smooth field are blobs with short borders. Measured against masks of
+    # the same areas whose pixels are drawn independently: far fewer components, and fewer border pixels.
+    rng = np.random.default_rng(0)
+    border_ratios = []
+    for mask in masks:
+        scattered = rng.random(mask.shape) < mask.mean()
+        assert ndimage.label(mask)[1] < 0.5 * ndimage.label(scattered)[1]
+        border_ratios.append(_border_fraction(mask) / _border_fraction(scattered))
+    assert np.median(border_ratios) < 0.6
+    with pytest.raises(ValueError, match="area"):
+        perlin_masks(1, size, (0.3, 0.1), torch.Generator())
+
+
+def _border_fraction(mask: np.ndarray) -> float:
+    """Fraction of the mask's pixels with a 4-neighbour outside it."""
+    return float((mask & ~ndimage.binary_erosion(mask, border_value=1)).sum() / max(mask.sum(), 1))
+
+
+@pytest.mark.parametrize("source", TEXTURE_SOURCES)
+def test_synthetic_anomalies_stay_inside_their_masks(source: str) -> None:
+    images = torch.rand(16, 3, 32, 32)
+    batch = synthesize_anomalies(images, torch.Generator().manual_seed(2), probability=0.5, area=(0.02, 0.3),
+                                 source=source)
+    masks = batch.masks.bool().expand_as(images)
+    assert batch.masks.shape == (16, 1, 32, 32) and set(batch.masks.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(batch.images[~masks], images[~masks])  # bit for bit outside the masks
+    assert (batch.images[masks] != images[masks]).float().mean() > 0.9  # and changed inside
+    assert batch.images.min() >= 0 and batch.images.max() <= 1
+    with_anomaly = batch.masks.flatten(1).any(1)
+    assert 0 < int(with_anomaly.sum()) < 16  # probability 0.5: some images kept normal
+    areas = batch.masks.flatten(1).mean(1)[with_anomaly]
+    assert torch.all(areas >= 0.02 - 1 / 32**2) and torch.all(areas <= 0.3 + 1 / 32**2)
+    none = synthesize_anomalies(images, torch.Generator().manual_seed(2), probability=0.0, source=source)
+    assert torch.equal(none.images, images) and not none.masks.any()
+
+
+def test_texture_choices_agree_and_bad_draem_settings_are_refused() -> None:
+    assert DRAEM_TEXTURES == TEXTURE_SOURCES
+    with pytest.raises(InputError, match="draem_texture"):
+        ImageSettings(draem_texture="dtd")
+    with pytest.raises(InputError, match="draem_mask_area"):
+        ImageSettings(draem_mask_area=[0.5, 0.1])
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread: these networks are tiny, and threads on a busy machine cost far more than they give."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_segmentation_network_finds_a_square_it_never_saw(one_thread: None) -> None:
+    # Trained on flat noisy images with Perlin-masked anomalies only, tested on squares pasted in.
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    size = 32
+    normal = (0.5 + 0.02 * rng.standard_normal((48, 1, size, size))).astype(np.float32)
+    settings = ImageSettings(batch_size=16, draem_epochs=80, draem_learning_rate=2e-3,
+                             draem_reconstruction_channels=[8, 16], draem_segmentation_channels=[8, 16, 32])
+    model, history = train_image_model("draem", normal, settings, progress=False)
+    assert history[-1]["focal"] < history[0]["focal"]
+    test = (0.5 + 0.02 * rng.standard_normal((8, 1, size, size))).astype(np.float32)
+    masks = np.zeros((8, size, size), bool)
+    for image, mask in zip(test, masks):
+        top, left, side = rng.integers(2, 20), rng.integers(2, 20), rng.integers(4, 10)
+        image[0, top:top + side, left:left + side] = rng.choice([0.1, 0.9])
+        mask[top:top + side, left:left + side] = True
+    anomaly_map = model.anomaly_map(torch.from_numpy(test)).numpy()
+    assert anomaly_map.shape == (8, size, size) and anomaly_map.min() >= 0 and anomaly_map.max() <= 1
+    assert roc_auc_score(masks.ravel(), anomaly_map.ravel()) > 0.95
