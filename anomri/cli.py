@@ -148,43 +148,21 @@ def run_score(args: argparse.Namespace) -> None:
     write_novelty_maps(model, scan, args.model)
 
 
-def _calibration_voxels(args: argparse.Namespace, prefixes: list[str]) -> tuple:
-    """Post-processing, the calibration scans' post-processed scores and (with tissue classes) features."""
-    from anomri.io.derivatives import ScanDerivatives
+def _postprocessing(args: argparse.Namespace):
     from anomri.maps.postprocess import PostProcessing
-    from anomri.maps.writing import masked_features, postprocessed_scores
 
     if args.tissue_classes < 1:
         raise InputError("--tissue-classes", f"must be at least 1; got {args.tissue_classes}")
-    post = PostProcessing(args.erosion_voxels, args.median_filter_voxels, args.smoothing_fwhm_mm)
-    scans = [ScanDerivatives(args.derivatives_dir, p) for p in prefixes]
-    values, features = {}, None
-    for score in args.scores:
-        processed = [postprocessed_scores(scan, score, post) for scan in scans]
-        values[score] = np.concatenate([volume[mask] for volume, mask, _ in processed])
-    if args.tissue_classes > 1:
-        # Every score of a scan is valid in the same post-processed mask: the last score's will do.
-        features = np.concatenate([masked_features(scan, mask) for scan, (_, mask, _) in zip(scans, processed)])
-    return post, values, features
-
-
-def _healthy_null(args: argparse.Namespace, post, values: dict, features, scans: list[str], tissue=None):
-    from anomri.maps.probability import HealthyNull
-
-    try:
-        return HealthyNull.fit(values, features, tissue_classes=args.tissue_classes, seed=args.seed, tissue=tissue,
-                               postprocessing=post, tail_fraction=args.tail_fraction,
-                               combination=args.combination, scans=scans)
-    except ValueError as exc:
-        raise InputError(args.out, f"cannot calibrate: {exc}") from exc
+    return PostProcessing(args.erosion_voxels, args.median_filter_voxels, args.smoothing_fwhm_mm)
 
 
 @command("calibrate")
 def run_calibrate(args: argparse.Namespace) -> None:
-    post, null, features = _calibration_voxels(args, args.scans)
-    _healthy_null(args, post, null, features, args.scans).save(args.out)
-    logger.info("calibration null of %s from %d voxels of %d held-out controls, %d tissue class(es)",
-                "+".join(args.scores), len(next(iter(null.values()))), len(args.scans), args.tissue_classes)
+    from anomri.maps.calibration import calibrate
+
+    calibrate(args.derivatives_dir, args.scans, args.scores, _postprocessing(args), tail_fraction=args.tail_fraction,
+              combination=args.combination, tissue_classes=args.tissue_classes, seed=args.seed,
+              augmented=args.augmented).save(args.out)
 
 
 @command("learn-combination")
@@ -193,16 +171,24 @@ def run_learn_combination(args: argparse.Namespace) -> None:
     from anomri.evaluate.table import load_patient
     from anomri.io.atomic import write_json
     from anomri.io.derivatives import ScanDerivatives
+    from anomri.maps.calibration import calibration_voxels
     from anomri.maps.learned import LearnedCombination, leave_one_patient_out, score_evidence
+    from anomri.maps.probability import HealthyNull
     from anomri.maps.writing import masked_features, postprocessed_scores, write_learned_probability
 
     if args.C <= 0:
         raise InputError("--C", f"must be positive; got {args.C}")
-    post, values, features = _calibration_voxels(args, args.calibration)
-    nulls, tissue = {}, None
-    for k, v in values.items():
+    post = _postprocessing(args)
+    voxels = calibration_voxels(args.derivatives_dir, args.calibration, args.scores, post, args.tissue_classes > 1)
+    features, nulls, tissue = voxels.features, {}, None
+    for k, v in voxels.values.items():
         # Every score's null lists the same calibration voxels: one tissue model serves them all.
-        nulls[k] = _healthy_null(args, post, {k: v}, features, args.calibration, tissue)
+        try:
+            nulls[k] = HealthyNull.fit({k: v}, features, tissue_classes=args.tissue_classes, seed=args.seed,
+                                       tissue=tissue, postprocessing=post, tail_fraction=args.tail_fraction,
+                                       combination=args.combination, scans=args.calibration)
+        except ValueError as exc:
+            raise InputError(args.out, f"cannot calibrate: {exc}") from exc
         tissue = nulls[k].tissue
 
     def evidence(scan: ScanDerivatives) -> tuple[np.ndarray, np.ndarray, object]:
@@ -502,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="healthy null distributions from held-out controls")
     _add_scans(p)
     p.add_argument("--out", required=True, help=".npz file")
+    p.add_argument("--augmented", nargs="*", default=[], metavar="DIR",
+                   help="derivative trees of the scans' noisier copies: each scan's null is then noise-matched")
     _add_calibration_options(p)
 
     p = sub.add_parser("learn-combination",

@@ -9,7 +9,12 @@ per-feature standardisation the VAE applies:
   (scikit-learn ``NearestNeighbors``);
 * IsolationForest: minus scikit-learn's ``score_samples``;
 * PCA reconstruction error: squared distance to the principal subspace that
-  keeps ``--pca-variance`` of the training variance.
+  keeps ``--pca-variance`` of the training variance;
+* DTI (dipy ``TensorModel``, weighted least squares, shells up to
+  ``--dti-max-b``) on each scan's source DWI: mean diffusivity (lesions raise
+  it) and 1 - FA (lesions lower it), the dMRI analogue of the plain-FLAIR
+  threshold that beat most unsupervised brain-MRI methods on MS (Meissen et
+  al. 2021). No training: only the healthy null below sees controls.
 
 Every patient's and every calibration control's brain voxels are scored. Each
 map (a baseline's, or a VAE novelty map read from the run's NIfTI outputs) is
@@ -23,7 +28,8 @@ own probability map (``label-L_probseg``) is read as well and, as a check, is
 recomputed from its novelty maps with the config's scores and combination.
 
 One table is printed: mean per-patient voxel AUROC, AUPRC and best Dice, each
-computed over the brain mask as ``anomri evaluate`` does. Deterministic for a
+computed over the brain mask as ``anomri evaluate`` does, and for probability
+maps the Dice of the mask p <= 0.01 (the healthy-calibrated 1 % level). Deterministic for a
 given ``--seed``.
 
 Usage::
@@ -44,6 +50,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 import yaml
+from dipy.core.gradients import gradient_table
+from dipy.reconst.dti import TensorModel
 from sklearn.decomposition import PCA
 from sklearn.ensemble import IsolationForest
 from sklearn.neighbors import NearestNeighbors
@@ -51,6 +59,7 @@ from sklearn.neighbors import NearestNeighbors
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomri.dmri.features import check_compatible  # noqa: E402
+from anomri.dmri.gradients import load_gradient_table  # noqa: E402
 from anomri.evaluate.metrics import auprc, auroc, best_dice  # noqa: E402
 from anomri.io.cohort import plan_from_config  # noqa: E402
 from anomri.io.derivatives import ScanDerivatives  # noqa: E402
@@ -64,6 +73,8 @@ from anomri.maps.writing import masked_features  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 #: Voxels scored per call, bounding the kNN distance matrices.
 CHUNK = 50_000
+#: Healthy false-positive level of the lesion masks whose Dice is reported.
+LEVEL = 0.01
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 
@@ -126,10 +137,24 @@ def score_volume(scorer: Scorer, features: np.ndarray, mask: np.ndarray) -> np.n
     return volume
 
 
-def patient_metrics(volume: np.ndarray, mask: np.ndarray, lesion: np.ndarray) -> tuple[float, float, float]:
-    """AUROC, AUPRC and best Dice of one map over the brain mask (as ``anomri evaluate``)."""
+def dti_maps(dwi: Path, bval: Path, bvec: Path, mask: np.ndarray, max_b: float) -> dict[str, np.ndarray]:
+    """Mean diffusivity and 1 - FA of a source scan (dipy WLS tensor fit, shells b <= ``max_b``)."""
+    img = load_nifti(dwi, ndim=4)
+    gtab = load_gradient_table(bval, bvec, img.shape[3])
+    keep = gtab.bvals <= max_b
+    data = read_data(img, dwi)[..., keep]
+    shells = gradient_table(gtab.bvals[keep], bvecs=gtab.bvecs[keep], b0_threshold=gtab.b0_threshold)
+    fit = TensorModel(shells, fit_method="WLS").fit(data, mask=mask)
+    return {"DTI mean diffusivity": np.where(mask, fit.md, 0).astype(np.float32),
+            "DTI 1 - FA": np.where(mask, 1.0 - fit.fa, 0).astype(np.float32)}
+
+
+def patient_metrics(volume: np.ndarray, mask: np.ndarray, lesion: np.ndarray,
+                    flagged: np.ndarray | None = None) -> tuple[float, float, float, float]:
+    """AUROC, AUPRC, best Dice and (given a flagged mask) its Dice, over the brain (as ``anomri evaluate``)."""
     x, y = volume[mask], lesion[mask]
-    return auroc(x, y), auprc(x, y), best_dice(x, y)[0]
+    dice = np.nan if flagged is None else 2 * (flagged & lesion).sum() / max(flagged.sum() + lesion.sum(), 1)
+    return auroc(x, y), auprc(x, y), best_dice(x, y)[0], dice
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,6 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pca-variance", type=float, default=0.95, help="training variance the PCA subspace keeps")
     p.add_argument("--n-trees", type=int, default=200, help="IsolationForest trees")
     p.add_argument("--scaling", choices=SCALINGS, default="standard", help="feature scaling of the baselines")
+    p.add_argument("--dti-max-b", type=float, default=1500.0, help="highest b-value of the DTI fit, s/mm^2")
     p.add_argument("--erosion-voxels", type=int, help="default: the config's probability section")
     p.add_argument("--median-filter-voxels", type=int, help="default: the config's probability section")
     p.add_argument("--smoothing-fwhm-mm", type=float, help="default: the config's probability section")
@@ -162,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     with np.load(out / "models" / "training_voxels.npz") as pool:
         train, pooled_scans = pool["samples"], pool["scans"].tolist()
         description = json.loads(str(pool["description"]))
-    if pooled_scans != [s.prefix for s in plan.training]:
+    # Noisier copies of the training controls are pooled as "<prefix> (noise-<level>)": the baselines train on them too.
+    if [s for s in pooled_scans if " (" not in s] != [s.prefix for s in plan.training]:
         raise SystemExit(f"the run trained on {pooled_scans}, the config's split gives "
                          f"{[s.prefix for s in plan.training]}: pass the run's --config")
     prob = config["probability"]
@@ -179,13 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     scorers = fit_baselines(train, args.knn_k, args.pca_variance, args.n_trees, args.seed, args.scaling)
     print(f"fitted baselines in {time.perf_counter() - t0:.0f} s")
 
-    def maps(scan: ScanDerivatives) -> tuple[dict[str, np.ndarray], np.ndarray, tuple]:
+    def maps(scan: ScanDerivatives, source) -> tuple[dict[str, np.ndarray], np.ndarray, tuple]:
         """Every method's raw map of one scan, its brain mask and voxel size."""
         check_compatible(description, read_feature_description(scan.features), scan.features)
         img = load_nifti(scan.features, ndim=4)
         mask = load_mask(scan.mask, img, scan.features)
         features = read_data(img, scan.features)
         volumes = {name: score_volume(f, features, mask) for name, f in scorers.items()}
+        volumes.update(dti_maps(source.dwi, source.bval, source.bvec, mask, args.dti_max_b))
         for score in vae_scores:
             volumes[f"VAE {score}"] = read_data(load_nifti(scan.novelty(score), ndim=3), scan.novelty(score))
         return volumes, mask, img.header.get_zooms()[:3]
@@ -196,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     null_features = []
     for scan in plan.calibration:
         derivatives = ScanDerivatives(out, scan.prefix)
-        volumes, mask, zooms = maps(derivatives)
+        volumes, mask, zooms = maps(derivatives, scan)
         for name, volume in volumes.items():
             processed, valid = post.apply(volume, mask, zooms)
             null_values.setdefault(name, []).append(processed[valid])
@@ -222,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     max_probseg_diff = 0.0
     for scan in plan.evaluable:
         derivatives = ScanDerivatives(out, scan.prefix)
-        volumes, mask, zooms = maps(derivatives)
+        volumes, mask, zooms = maps(derivatives, scan)
         lesion = load_mask(scan.lesion_mask, load_nifti(derivatives.mask, ndim=3), derivatives.mask)
         processed = {}
         valid = post.apply(mask.astype(np.float32), mask, zooms)[1]
@@ -231,20 +259,21 @@ def main(argv: list[str] | None = None) -> None:
             # Every map of a scan comes back with the same post-processed mask, ``valid``.
             processed[name], _ = post.apply(volume, mask, zooms)
             rows.setdefault((name, "raw score"), []).append(patient_metrics(volume, mask, lesion))
+            calibrated = probability(nulls[name], {name: processed[name]}, valid, features)
             rows.setdefault((name, "probability"), []).append(
-                patient_metrics(probability(nulls[name], {name: processed[name]}, valid, features), mask, lesion))
+                patient_metrics(calibrated, mask, lesion, calibrated >= 1 - LEVEL))
         written = read_data(load_nifti(derivatives.probseg, ndim=3), derivatives.probseg)
         recomputed = probability(run_null, {k: processed[f"VAE {k}"] for k in prob["scores"]}, valid, features)
         max_probseg_diff = max(max_probseg_diff, float(np.abs(written - recomputed).max()))
         rows.setdefault(("VAE run's label-L_probseg", "+".join(prob["scores"])), []).append(
-            patient_metrics(written, mask, lesion))
+            patient_metrics(written, mask, lesion, written >= 1 - LEVEL))
 
     print(f"\n{len(plan.evaluable)} patients; max |run's label-L_probseg - recomputed| = {max_probseg_diff:.2g} "
           "(0 when the config matches the run)\n")
-    print("| method | map | AUROC | AUPRC | best Dice |\n|---|---|---|---|---|")
+    print("| method | map | AUROC | AUPRC | best Dice | Dice at p <= 0.01 |\n|---|---|---|---|---|---|")
     for (name, kind), values in rows.items():
-        a, p_, d = np.mean(values, axis=0)
-        print(f"| {name} | {kind} | {a:.4f} | {p_:.3f} | {d:.3f} |")
+        a, p_, d, d1 = np.mean(values, axis=0)
+        print(f"| {name} | {kind} | {a:.4f} | {p_:.3f} | {d:.3f} | {'' if np.isnan(d1) else f'{d1:.3f}'} |")
 
 
 if __name__ == "__main__":

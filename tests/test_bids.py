@@ -224,3 +224,76 @@ def test_holdout_controls_neither_train_nor_calibrate(holdout: int) -> None:
     assert round(0.34 * (8 - holdout)) == len(ids[1])  # the fraction applies to the controls left
     # Calibration takes the same draw as without holdout (the first of one permutation): nested splits.
     assert ids[1] <= participants_of(split_controls(scans, 0.34, seed=1)[1])
+
+
+# --------------------------------------------------------------------------- labels
+
+
+INJECTION = "01`touch PWNED`"
+
+
+@pytest.mark.parametrize("label", [INJECTION, "01$(touch PWNED)", "01;rm", "0 1", "01'", "ü1", "01_a", "01-a", ""])
+def test_participant_folder_label_must_be_alphanumeric(tmp_path: Path, label: str) -> None:
+    write_participants(tmp_path, {"01": "control", "02": "patient"})
+    add_dwi(tmp_path, "01")
+    add_dwi(tmp_path, "02")
+    bad = add_dwi(tmp_path, label).parent.parent  # a folder that participants.tsv does not list
+    with pytest.raises(InputError) as info:
+        index_cohort(tmp_path)
+    assert info.value.path == str(bad)
+    assert repr(label) in info.value.problem and "alphanumeric" in info.value.problem
+
+
+@pytest.mark.parametrize("session", ["1`touch PWNED`", "1 2", "ü", "1_a"])
+def test_session_folder_label_must_be_alphanumeric(tmp_path: Path, session: str) -> None:
+    write_participants(tmp_path, {"01": "control", "02": "patient"})
+    add_dwi(tmp_path, "01", session="1")
+    bad = add_dwi(tmp_path, "02", session=session).parent.parent
+    with pytest.raises(InputError) as info:
+        index_cohort(tmp_path)
+    assert info.value.path == str(bad)
+    assert f"ses label {session!r}" in info.value.problem
+
+
+@pytest.mark.parametrize(("participant_id", "id_prefix"), [(INJECTION, "sub-"), (INJECTION, ""), ("0 1", "sub-"),
+                                                           ("", "sub-"), ("ü", "")])
+def test_participants_tsv_row_must_hold_an_alphanumeric_label(tmp_path: Path, participant_id: str,
+                                                               id_prefix: str) -> None:
+    tsv = write_participants(tmp_path, {"01": "control", "02": "patient", participant_id: "patient"},
+                             id_prefix=id_prefix)
+    add_dwi(tmp_path, "01")
+    add_dwi(tmp_path, "02")
+    with pytest.raises(InputError) as info:
+        index_cohort(tmp_path)
+    assert info.value.path == str(tsv)
+    # The header is line 1: the third participant is on line 4.
+    assert info.value.problem.startswith(f"line 4: participant_id {id_prefix + participant_id!r} ")
+
+
+def test_participants_tsv_row_without_a_group(tmp_path: Path) -> None:
+    tsv = tmp_path / "participants.tsv"
+    tsv.write_text("participant_id\tgroup\nsub-01\tcontrol\nsub-02\n")
+    add_dwi(tmp_path, "01")
+    with pytest.raises(InputError) as info:
+        index_cohort(tmp_path)
+    assert info.value.path == str(tsv) and info.value.problem == "line 3: sub-02 has no 'group' value"
+
+
+@pytest.mark.parametrize("entities", ["_acq-b 1000", "_acq-x`touch PWNED`", "_run-ü", "_acq", "x"])
+def test_other_entity_labels_in_dwi_names_must_be_alphanumeric(tmp_path: Path, entities: str) -> None:
+    write_participants(tmp_path, {"01": "control", "02": "patient"})
+    add_dwi(tmp_path, "01")
+    bad = add_dwi(tmp_path, "02", stem_entities=entities)
+    with pytest.raises(InputError) as info:
+        index_cohort(tmp_path)
+    assert info.value.path == str(bad)
+    assert repr(entities) in info.value.problem
+
+
+def test_alphanumeric_entities_are_accepted(tmp_path: Path) -> None:
+    write_participants(tmp_path, {"A1": "control", "b2": "patient"})
+    add_dwi(tmp_path, "A1", session="Pre1", stem_entities="_acq-b1000_run-1")
+    add_dwi(tmp_path, "b2", session="pre")
+    scans = index_cohort(tmp_path)
+    assert [s.prefix for s in scans] == ["sub-A1_ses-Pre1", "sub-b2_ses-pre"]
+    assert scans[0].dwi.name == "sub-A1_ses-Pre1_acq-b1000_run-1_dwi.nii.gz"

@@ -299,3 +299,42 @@ def test_lesion_centres_pick_the_largest_lesions_inside_them() -> None:
     assert centres[1][1] == 14 and lesion[centres[1][0]]
     assert [size for _, size in lesion_centres(lesion, 5)] == [27, 14, 1]
     assert lesion_centres(np.zeros((3, 3, 3), bool), 2) == []
+
+
+def test_unseen_healthy_controls_are_flagged_at_the_level_within_binomial_error(tmp_path) -> None:
+    """calibrate -> probability -> evaluate on controls that never calibrated: exchangeable healthy maps.
+
+    Each control's map is i.i.d. Gamma(2) noise, so an unseen control's voxels flagged at level a are
+    Binomial(n, a) / n up to the null's own sampling error (the null holds 3 x 27,000 voxels).
+    """
+    shape, rng = (30, 30, 30), np.random.default_rng(11)
+    calibration, unseen = ["sub-C01", "sub-C02", "sub-C03"], ["sub-C04", "sub-C05", "sub-C06"]
+    for prefix in calibration + unseen:
+        scan = ScanDerivatives(tmp_path, prefix)
+        for path, data in ((scan.mask, np.ones(shape)), (scan.b0, np.ones(shape)),
+                           (scan.novelty(SCORE), rng.gamma(2.0, size=shape))):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(np.asarray(data, np.float32), AFFINE), path)
+    null = tmp_path / "null.npz"
+    assert main(["calibrate", "--derivatives-dir", str(tmp_path), "--scans", *calibration, "--scores", SCORE,
+                 "--out", str(null)]) == 0
+    for prefix in calibration + unseen:  # the evaluation thresholds the calibration controls' maps too
+        assert main(["probability", "--derivatives-dir", str(tmp_path), "--prefix", prefix, "--null", str(null),
+                     "--levels", "0.01", "0.001"]) == 0
+    lesion = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), AFFINE), lesion)
+    healthy = tmp_path / "healthy.tsv"
+    # A lesion-free "patient" (sub-C06 with an empty mask) counts as unseen healthy too.
+    assert main(["evaluate", "--derivatives-dir", str(tmp_path), "--scores", SCORE, "--calibration", *calibration,
+                 "--scan", "sub-C06", str(lesion), "--healthy", "sub-C04", "sub-C05",
+                 "--out", str(tmp_path / "e.tsv"), "--summary", str(tmp_path / "s.tsv"),
+                 "--curves", str(tmp_path / "c.json"), "--healthy-out", str(healthy), "--bootstrap", "10"]) == 0
+    rows = _rows(healthy)
+    assert {r["participant_id"] for r in rows} == {*unseen, POOLED}
+    n_null = 3 * 27_000
+    for row in rows:
+        level, n = float(row["level"]), int(row["n_brain_voxels"])
+        assert n == (3 if row["participant_id"] == POOLED else 1) * 27_000
+        # Binomial error of the unseen voxels plus that of the null's own quantile, 4 sigma.
+        bound = 4 * np.sqrt(level * (1 - level) * (1 / n + 1 / n_null))
+        assert abs(float(row["realised_fpr"]) - level) <= bound, row

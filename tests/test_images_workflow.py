@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,21 +32,28 @@ TINY = {
 }
 
 
+#: A space, a single quote, a non-ASCII letter, and shell syntax that would create PWNED if a shell read it.
+AWKWARD = "my images' ü $(touch PWNED) `touch PWNED`"
+
+
 def snakemake(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=REPO, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple[Path, Path]:
-    """Run `snakemake images` on the tiny demo; return the output dir and the config file."""
+    """Run `snakemake images` on the tiny demo, written to an awkward folder; return the output dir and the
+    config file."""
     tmp = tmp_path_factory.mktemp("images_workflow")
     configfile = tmp / "tiny.yaml"
-    configfile.write_text(yaml.safe_dump({"output_dir": str(tmp / "out"), "images": TINY}))
+    configfile.write_text(yaml.safe_dump({"output_dir": str(tmp / AWKWARD / "out"), "images": TINY},
+                                         allow_unicode=True), encoding="utf-8")
     # One thread per training and scoring job, so that two of them run side by side.
     result = snakemake("--cores", "2", "images", "--configfile", str(configfile),
                        "--set-threads", "images_train=1", "images_score=1")
     assert result.returncode == 0, result.stderr[-4000:]
-    return tmp / "out", configfile
+    assert not (REPO / "PWNED").exists() and list(tmp.rglob("PWNED")) == []
+    return tmp / AWKWARD / "out", configfile
 
 
 def test_every_output_exists(run: tuple[Path, Path]) -> None:
@@ -103,3 +111,35 @@ def test_a_users_folder_keeps_images_oct_band(run: tuple[Path, Path], tmp_path: 
     assert result.returncode == 0, result.stderr[-2000:]
     train = [line for line in result.stdout.splitlines() if "images-train" in line]
     assert train and all('"oct_band": "none"' in line for line in train)
+
+
+def test_a_users_folder_with_awkward_names(run: tuple[Path, Path], tmp_path: Path) -> None:
+    # The demo images as a user's folder whose path and file names hold spaces, quotes, non-ASCII letters
+    # and shell syntax: read as they are, never by a shell. One method keeps it quick.
+    root = tmp_path / AWKWARD / "category"
+    shutil.copytree(ImageOutputs(run[0] / "images").demo, root)
+    renamed = {"train/good/000.png": "train/good/normal scan 1.png",
+               "test/fluid/000.png": "test/fluid/fluid scan 'A' ü.png",
+               "ground_truth/fluid/000_mask.png": "ground_truth/fluid/fluid scan 'A' ü_mask.png"}
+    for old, new in renamed.items():
+        (root / old).rename(root / new)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    config = yaml.safe_load(run[1].read_text(encoding="utf-8"))
+    config.update(output_dir=str(tmp_path / "out dir ü"), images_root=str(root), image_methods=["vae"])
+    configfile = tmp_path / "folder.yaml"
+    configfile.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    result = snakemake("--cores", "2", "images", "--configfile", str(configfile))
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = ImageOutputs(tmp_path / "out dir ü" / "images")
+    assert np.isfinite(np.load(out.maps("vae") / "fluid" / "fluid scan 'A' ü.npy")).all()
+    assert (out.overlays("vae") / "fluid" / "fluid scan 'A' ü.png").stat().st_size > 0
+    with open(out.image_scores, encoding="utf-8") as fh:
+        stems = {r["stem"] for r in csv.DictReader(fh, delimiter="\t") if r["split"] == "test"}
+    assert "fluid scan 'A' ü" in stems
+    # The path reached the command intact, and every training image (the renamed one too) was read.
+    metadata = load_image_model(out.model("conv-vae"))[1]
+    assert metadata["root"] == str(root)
+    n_train = len(list((root / "train" / "good").iterdir()))
+    assert metadata["n_training_images"] + len(metadata["validation_images"]) == n_train
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert not (REPO / "PWNED").exists() and list(tmp_path.rglob("PWNED")) == []

@@ -54,3 +54,37 @@ def test_added_noise_adds_in_quadrature() -> None:
     # Total std sqrt(10^2 + 300) = 20 at high SNR; the mean barely moves (Rician bias sigma^2 / 2S).
     assert noisier.std() == pytest.approx(20.0, rel=0.02)
     assert noisier.mean() == pytest.approx(np.sqrt(1000.0**2 + 20.0**2), rel=1e-3)
+
+
+def test_preprocessing_records_the_noise_level_of_a_scan_and_of_its_noisier_copy(tmp_path) -> None:
+    """A head in air with known sigma: the sidecar's sigma and SNR, measured and at twice the noise."""
+    import json
+
+    import nibabel as nib
+
+    from anomri.cli import main
+    from tests.conftest import write_gradients
+
+    rng = np.random.default_rng(5)
+    sigma = 20.0
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in (40, 40, 12)], indexing="ij"), -1)
+    head = np.linalg.norm((ijk - [19.5, 19.5, 5.5]) / [12, 14, 20], axis=-1) < 1
+    gtab = _gtab(2, 10)
+    signal = np.where(head[..., None], np.where(gtab.b0s_mask, 1000.0, 400.0), 0.0)
+    data = np.hypot(signal + sigma * rng.standard_normal(signal.shape), sigma * rng.standard_normal(signal.shape))
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), tmp_path / "dwi.nii.gz")
+    write_gradients(tmp_path / "dwi.bval", tmp_path / "dwi.bvec", gtab.bvals, gtab.bvecs)
+    nib.save(nib.Nifti1Image(head.astype(np.uint8), np.eye(4)), tmp_path / "mask.nii.gz")
+    records = {}
+    for factor in (1.0, 2.0):
+        out = tmp_path / f"out{factor:g}"
+        assert main(["preprocess", "--dwi", str(tmp_path / "dwi.nii.gz"), "--bval", str(tmp_path / "dwi.bval"),
+                     "--bvec", str(tmp_path / "dwi.bvec"), "--mask", str(tmp_path / "mask.nii.gz"),
+                     "--output-dir", str(out), "--prefix", "sub-01", "--noise-factor", str(factor)]) == 0
+        sidecar = out / "sub-01" / "dwi" / "sub-01_space-dwi_desc-qspace_features.json"
+        records[factor] = json.loads(sidecar.read_text())["Preprocessing"]["noise"]
+    # The b0 signal is 1000 in the head (Rician bias sigma^2 / 2000 = 0.2): SNR 50 measured, 25 at twice the noise.
+    assert records[1.0]["sigma"] == pytest.approx(sigma, rel=0.05)
+    assert records[1.0]["snr"] == pytest.approx(1000.0 / sigma, rel=0.05)
+    assert records[2.0]["sigma"] == pytest.approx(2 * sigma, rel=0.05)
+    assert records[2.0]["snr"] == pytest.approx(1000.0 / (2 * sigma), rel=0.05)

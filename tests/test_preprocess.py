@@ -334,3 +334,59 @@ def test_sct_non_unit_bvecs_rejected(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert len(lines) == 1 and lines[0].startswith(f"anomri: error: {bvec}: "), result.err
     assert "non-unit" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def philips_source() -> Source:
+    stem = "DTI_Biobank_2mm_MB3S2_EPI_701"
+    return Source(*(real_scan("philips_biobank", f"{stem}.{ext}") for ext in ("nii.gz", "bval", "bvec")))
+
+
+def test_philips_scan_corrected_for_a_known_head_rotation(tmp_path: Path) -> None:
+    """The clinical Philips scan (b0 volumes at b = 0.001-0.004) with one DW volume turned by 3 degrees.
+
+    Motion correction and Gibbs removal run on it and are recorded; correction finds the turn and
+    brings that volume's features back to those of the unmoved scan. Its 5 b0 and first 4 of 12
+    DW volumes keep the test quick.
+    """
+    from scipy import ndimage
+    from scipy.spatial.transform import Rotation
+
+    source = philips_source()
+    img, data = source.image()
+    bvals, bvecs = source.bvals(), np.loadtxt(source.bvec)
+    assert set(np.round(bvals[bvals < 1], 3)) == {0.0, 0.001, 0.002, 0.003, 0.004}
+    keep = np.r_[np.flatnonzero(bvals < 1), np.flatnonzero(bvals > B0_THRESHOLD)[:4]]
+    data, bvals, bvecs = data[..., keep], bvals[keep], bvecs[:, keep]
+    moved_volume = len(keep) - 2
+    rotation = Rotation.from_euler("z", 3.0, degrees=True).as_matrix()  # about the slice axis (2 mm isotropic)
+    centre = (np.array(data.shape[:3]) - 1) / 2
+    moved = data.copy()
+    moved[..., moved_volume] = ndimage.affine_transform(data[..., moved_volume], rotation,
+                                                        offset=centre - rotation @ centre, order=3)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    np.savetxt(inputs / "dwi.bval", bvals[None], fmt="%g")
+    np.savetxt(inputs / "dwi.bvec", bvecs, fmt="%.8f")
+    sources = {}
+    for name, volume in (("still", data), ("moved", moved)):
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), img.affine, img.header), inputs / f"{name}.nii.gz")
+        sources[name] = Source(inputs / f"{name}.nii.gz", inputs / "dwi.bval", inputs / "dwi.bvec")
+
+    # The reference is corrected too: the scan's own small motion is then treated alike in both.
+    reference = preprocess(sources["still"], tmp_path / "still", "--gibbs-removal", "--motion-correction")
+    corrected = preprocess(sources["moved"], tmp_path / "corrected", "--gibbs-removal", "--motion-correction")
+    plain = preprocess(sources["moved"], tmp_path / "plain", "--gibbs-removal")
+    record = corrected.sidecar["Preprocessing"]
+    assert record["gibbs_removal"] and record["motion_correction"]
+    # Mutual information between a b = 1000 volume and the mean b0 recovers the turn to within 1 degree
+    # (2.35 degrees measured); the scan's own motion is smaller.
+    assert record["motion"]["max_rotation_deg"] == pytest.approx(3.0, abs=1.0), record["motion"]
+    # The b ~ 0 volumes are b0s: only the b = 1000 directions enter the scheme.
+    assert set(corrected.sidecar["Scheme"]["bvals"]) == {1000}
+    inner = ndimage.binary_erosion(reference.mask & corrected.mask, iterations=2)
+    column = moved_volume - int((bvals < 1).sum())  # raw features: S/S0 of each DW volume, in order
+    error = {name: np.median(np.abs(out.features[inner][:, column] - reference.features[inner][:, column]))
+             for name, out in (("corrected", corrected), ("plain", plain))}
+    # Correction removes part of the moved volume's feature error (measured: median |error| 0.038 -> 0.028;
+    # what remains is the turn's unrecovered 0.65 degree, ~0.7 mm at the brain's edge, and resampling).
+    assert error["corrected"] < 0.85 * error["plain"], error

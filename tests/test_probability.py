@@ -190,3 +190,49 @@ def test_probability_map_and_lesion_masks_of_a_scan(tmp_path) -> None:
     assert lesions[5:7, 5:7, 5:7].all() and not lesions[2, 2, 2]
     sidecar = json.loads(sidecar_path(scan.lesion_mask(0.01)).read_text())
     assert abs(null.final.survival(np.array([sidecar["Threshold"]]))[0] - 0.01) < 1e-3
+
+
+def test_noise_matched_null_takes_each_controls_copy_nearest_the_scans_snr() -> None:
+    """Two controls, each measured and copied at 1.5x / 2x the noise; healthy scores scale with the noise.
+
+    Scores of a copy at noise level f are f x Exp(1). A scan at SNR s is healthy with scores
+    (30 / s) x Exp(1): against the quiet controls it would be flagged wholesale, against the
+    matched copies at the nominal rate.
+    """
+    from anomri.maps.probability import CalibrationCopy
+
+    rng = np.random.default_rng(12)
+    n, snr0 = 40_000, 30.0
+    copies, values, index = [], [], []
+    for scan in ("sub-C01", "sub-C02"):
+        for factor in (1.0, 1.5, 2.0):
+            index.append(np.full(n, len(copies)))
+            copies.append(CalibrationCopy(scan, factor, snr0 / factor))
+            values.append(factor * rng.exponential(size=n))
+    null = HealthyNull({"s": np.concatenate(values)}, copies=copies, copy_index=np.concatenate(index))
+    for snr, factor in ((30.0, 1.0), (19.0, 1.5), (14.0, 2.0), (None, 1.0), (60.0, 1.0)):
+        matched = null.matched(snr)
+        assert [(c.scan, c.factor) for c in matched.copies] == [("sub-C01", factor), ("sub-C02", factor)]
+        assert len(matched.values["s"]) == 2 * n
+        # A healthy scan at the matched noise level is flagged at the nominal 1 %.
+        p = matched.tail_probability({"s": factor * rng.exponential(size=200_000)})
+        assert abs((p <= 0.01).mean() - 0.01) < 0.002
+    # Unmatched, the noisiest scan meets the quiet controls' null: flagged far beyond the level.
+    p = null.matched(None).tail_probability({"s": 2.0 * rng.exponential(size=200_000)})
+    assert (p <= 0.01).mean() > 0.08
+
+
+def test_noise_matched_null_round_trips_through_its_file(tmp_path) -> None:
+    from anomri.maps.probability import CalibrationCopy
+
+    rng = np.random.default_rng(13)
+    copies = [CalibrationCopy("sub-C01", 1.0, 25.0), CalibrationCopy("sub-C01", 2.0, 12.5),
+              CalibrationCopy("sub-C02", 1.0, None)]
+    null = HealthyNull({"s": rng.normal(size=3000)}, copies=copies, copy_index=np.repeat([0, 1, 2], 1000))
+    null.save(tmp_path / "null.npz")
+    loaded = HealthyNull.load(tmp_path / "null.npz")
+    assert loaded.copies == copies
+    np.testing.assert_array_equal(loaded.copy_index, null.copy_index)
+    # sub-C02's SNR is unknown: it always contributes itself as measured.
+    assert [(c.scan, c.factor) for c in loaded.matched(12.0).copies] == [("sub-C01", 2.0), ("sub-C02", 1.0)]
+    np.testing.assert_array_equal(loaded.matched(12.0).values["s"], null.values["s"][1000:])

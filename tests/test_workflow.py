@@ -20,11 +20,25 @@ from anomri.io.derivatives import ScanDerivatives, sidecar_path
 from anomri.scores import score_ids
 
 REPO = Path(__file__).resolve().parents[1]
-N_CONTROLS, N_PATIENTS = 3, 2
+N_CONTROLS, N_PATIENTS = 4, 2  # 4 controls: 1 held out from training and calibration
 
 
 def snakemake(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def write_tiny_config(path: Path, output_dir: Path, n_controls: int = N_CONTROLS, n_patients: int = N_PATIENTS,
+                      **sections) -> Path:
+    """A config file for a tiny demo cohort (6 mm voxels) written to ``output_dir``; ``sections`` add or
+    replace top-level keys (``bids_dir``, ``training``, ...)."""
+    config = {
+        "output_dir": str(output_dir),
+        "demo": {"n_controls": n_controls, "n_patients": n_patients, "voxel_size": 6.0, "scheme": "3shell",
+                 "seed": 3},
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +46,14 @@ def run(tmp_path_factory) -> Path:
     """Run the default target on a tiny demo cohort; return the output dir."""
     tmp = tmp_path_factory.mktemp("workflow")
     out = tmp / "derivatives"
-    configfile = tmp / "tiny.yaml"
-    configfile.write_text(yaml.safe_dump({
-        "output_dir": str(out),
-        "demo": {"n_controls": N_CONTROLS, "n_patients": N_PATIENTS, "voxel_size": 6.0, "scheme": "3shell",
-                 "seed": 3},
-        "training": {"max_epochs": 4, "patience": 2},
+    configfile = write_tiny_config(
+        tmp / "tiny.yaml", out,
+        training={"max_epochs": 4, "patience": 2},
         # Every registered score, end to end; a small reference set keeps them quick.
-        "scoring": {"scores": "all", "n_samples": 4, "reference_size": 2000},
-        "probability": {"learned_combination": {"enabled": True, "C": 1.0}},
-    }))
+        scoring={"scores": "all", "n_samples": 4, "reference_size": 2000},
+        probability={"learned_combination": {"enabled": True, "C": 1.0}},
+        split={"holdout_controls": 1},
+    )
     result = snakemake("--cores", "2", "--configfile", str(configfile))
     assert result.returncode == 0, result.stderr[-4000:]
     return out
@@ -120,6 +132,42 @@ def test_evaluation_table(run: Path) -> None:
     for row in summary:
         assert row["n_patients"] == str(len(patients))
         assert float(row["auroc_ci_low"]) <= float(row["auroc"]) <= float(row["auroc_ci_high"])
+
+
+def test_held_out_control_false_positives_and_noise_matched_calibration(run: Path) -> None:
+    controls = [pid for pid, group in demo_participants(N_CONTROLS, N_PATIENTS) if group == "control"]
+    with np.load(run / "models" / "training_voxels.npz") as pool:
+        training = {str(s).split(" ")[0] for s in pool["scans"]}
+    calibration = json.loads(sidecar_path(ScanDerivatives(run, controls[0]).probseg).read_text())["Calibration"]
+    held_out = sorted(set(controls) - training - set(calibration["scans"]))
+    assert len(held_out) == 1 and len(calibration["scans"]) == 1
+    with open(run / "evaluation_healthy.tsv") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert {r["participant_id"] for r in rows} == {*held_out, "pooled"}
+    scan = ScanDerivatives(run, held_out[0])
+    brain = np.asarray(nib.load(scan.mask).dataobj) > 0
+    for row in rows:
+        level = float(row["level"])
+        flagged = np.asarray(nib.load(scan.lesion_mask(level)).dataobj) > 0
+        assert int(row["n_brain_voxels"]) == int(brain.sum())
+        assert float(row["realised_fpr"]) == pytest.approx(flagged[brain].sum() / brain.sum())
+    # Each scan is calibrated against, per calibration control, the noisier copy nearest its SNR.
+    copies = {}
+    for level in ("100", "150", "200"):
+        tree = run if level == "100" else run / "models" / "augmented" / f"noise-{level}"
+        features = ScanDerivatives(tree, calibration["scans"][0]).features
+        copies[int(level) / 100] = json.loads(sidecar_path(features).read_text())["Preprocessing"]["noise"]["snr"]
+    for pid, _ in demo_participants(N_CONTROLS, N_PATIENTS):
+        record = json.loads(sidecar_path(ScanDerivatives(run, pid).probseg).read_text())["Calibration"]
+        snr = json.loads(sidecar_path(ScanDerivatives(run, pid).features).read_text())["Preprocessing"]["noise"]["snr"]
+        assert record["ScanSNR"] == snr
+        nearest = min(copies, key=lambda f: abs(np.log(copies[f]) - np.log(snr)))
+        assert [(c["scan"], c["factor"]) for c in record["copies"]] == [(calibration["scans"][0], nearest)]
+        # The -log10 p map is the probability map's p, unsaturated (checked where float32 1 - p is exact enough).
+        prob = np.asarray(nib.load(ScanDerivatives(run, pid).probseg).dataobj, np.float64)
+        evidence = np.asarray(nib.load(ScanDerivatives(run, pid).neglog10p).dataobj, np.float64)
+        inside = (prob > 0) & (prob < 0.999)
+        np.testing.assert_allclose(evidence[inside], -np.log10(1 - prob[inside]), rtol=1e-3, atol=1e-4)
 
 
 def test_opt_in_learned_combination_is_cross_validated(run: Path) -> None:

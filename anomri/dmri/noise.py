@@ -54,6 +54,11 @@ def estimate_sigma(data: np.ndarray, gtab: GradientTable, mask: np.ndarray) -> f
     return float(np.sqrt(variance * k / stats.chi2.median(k)))
 
 
+def signal_to_noise(data: np.ndarray, gtab: GradientTable, brain: np.ndarray, sigma: float) -> float:
+    """The scan's SNR: median over the brain of the mean b0 signal, over the noise std ``sigma``."""
+    return float(np.median(np.asarray(data[..., gtab.b0s_mask], np.float64).mean(-1)[brain]) / sigma)
+
+
 def add_noise(data: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """|data + sigma (n1 + i n2)|: the magnitude image of ``data`` with complex Gaussian noise of std ``sigma`` added.
 

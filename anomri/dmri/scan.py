@@ -19,7 +19,7 @@ from anomri.dmri.context import add_context
 from anomri.dmri.features import FeatureSet, compute_features
 from anomri.dmri.gradients import load_gradient_table
 from anomri.dmri.motion import correct_motion, motion_record
-from anomri.dmri.noise import add_noise, estimate_sigma
+from anomri.dmri.noise import add_noise, estimate_sigma, signal_to_noise
 from anomri.dmri.preprocess import brain_mask, denoise, normalize_by_b0, remove_gibbs
 from anomri.errors import InputError
 from anomri.io.atomic import write_json
@@ -80,13 +80,16 @@ def preprocess_scan(
         brain = brain_mask(data, gtab)
     if not brain.any():
         raise InputError(mask or dwi, "the brain mask is empty")
-    noise = {}
+    noise = _noise_level(data, gtab, brain, dwi)
     if noise_factor != 1.0:
+        if noise["noise"]["sigma"] is None:
+            raise InputError(dwi, "cannot add noise: its noise level is unknown (no background for PIESNO and "
+                                  "fewer than two b0 volumes)")
         # Every scan and factor draws its own noise from the one seed.
-        try:
-            data, noise = _noisier(data, gtab, brain, noise_factor, [noise_seed, zlib.crc32(outputs.prefix.encode())])
-        except ValueError as exc:
-            raise InputError(dwi, f"cannot add noise: {exc}") from exc
+        data, augmentation = _noisier(data, noise["noise"]["sigma"], noise_factor,
+                                      [noise_seed, zlib.crc32(outputs.prefix.encode())])
+        noise = {"noise": {"sigma": round(noise["noise"]["sigma"] * noise_factor, 4),
+                           "snr": round(noise["noise"]["snr"] / noise_factor, 3)}} | augmentation
     data = denoise(data, gtab, denoising, brain)
     if gibbs:
         data = remove_gibbs(data)
@@ -118,11 +121,22 @@ def preprocess_scan(
     return features
 
 
-def _noisier(data: np.ndarray, gtab, brain: np.ndarray, factor: float, seed: list[int]) -> tuple[np.ndarray, dict]:
-    """The scan with its noise standard deviation raised ``factor``-fold, and a record of what was added."""
+def _noise_level(data: np.ndarray, gtab, brain: np.ndarray, dwi: Path) -> dict:
+    """The scan's noise std and SNR (:mod:`anomri.dmri.noise`), for its sidecar; None where unknown."""
+    try:
+        sigma = estimate_sigma(data, gtab, brain)
+    except ValueError as exc:
+        logger.warning("%s: noise level unknown (%s); its lesion probability is not noise-matched", dwi.name, exc)
+        return {"noise": {"sigma": None, "snr": None}}
+    if sigma <= 0:
+        return {"noise": {"sigma": None, "snr": None}}
+    return {"noise": {"sigma": round(sigma, 4), "snr": round(signal_to_noise(data, gtab, brain, sigma), 3)}}
+
+
+def _noisier(data: np.ndarray, sigma: float, factor: float, seed: list[int]) -> tuple[np.ndarray, dict]:
+    """The scan with its noise std ``sigma`` raised ``factor``-fold, and a record of what was added."""
     if factor < 1.0:
         raise InputError("--noise-factor", f"must be >= 1 (noise can only be added); got {factor}")
-    sigma = estimate_sigma(data, gtab, brain)
     added = sigma * float(np.sqrt(factor**2 - 1.0))
     noisy = add_noise(data, added, np.random.default_rng([*seed, round(factor * 1000)]))
     logger.info("noise augmentation: sigma %.3g -> %.3g", sigma, sigma * factor)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,24 @@ from anomri.errors import InputError
 logger = logging.getLogger(__name__)
 
 DEFAULT_LESION_TEMPLATE = "derivatives/lesions/{subdir}/dwi/{prefix}_space-dwi_desc-lesion_mask.nii.gz"
+
+#: A BIDS label: letters and digits only (the specification's "alphanumeric"; ASCII).
+LABEL = re.compile(r"[A-Za-z0-9]+")
+#: The entities between ``sub-<label>[_ses-<label>]`` and the suffix of a file name, e.g. ``_acq-b1000_run-1``.
+ENTITIES = re.compile(r"(_[A-Za-z0-9]+-[A-Za-z0-9]+)*")
+_LABEL_RULE = "BIDS labels are letters and digits only (A-Z, a-z, 0-9)"
+
+
+def is_label(text: str) -> bool:
+    """Whether ``text`` is a valid BIDS label (alphanumeric, ASCII)."""
+    return LABEL.fullmatch(text) is not None
+
+
+def _check_folder(folder: Path, entity: str) -> None:
+    """Reject a ``sub-``/``ses-`` folder whose label is not a BIDS label."""
+    label = folder.name[len(entity) + 1:]
+    if not is_label(label):
+        raise InputError(folder, f"{entity} label {label!r} is not alphanumeric ({_LABEL_RULE}); rename the folder")
 
 
 @dataclass(frozen=True)
@@ -70,15 +89,25 @@ def read_participants(bids_dir: str | Path, group_column: str = "group") -> dict
         raise InputError(path, "participants.tsv not found (required, with participant_id and group columns)")
     # utf-8-sig: spreadsheets start "UTF-8" text with a byte-order mark, which would hide participant_id.
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t"))
+        reader = csv.DictReader(fh, delimiter="\t")
+        rows, lines = [], []  # each row and the line it ends on, for error messages
+        for row in reader:
+            rows.append(row)
+            lines.append(reader.line_num)
     columns = rows[0].keys() if rows else []
     for column in ("participant_id", group_column):
         if column not in columns:
             raise InputError(path, f"no '{column}' column (columns: {', '.join(columns) or 'none'})")
     groups = {}
-    for row in rows:
-        pid = row["participant_id"].strip()
-        groups[pid if pid.startswith("sub-") else f"sub-{pid}"] = row[group_column].strip()
+    for line, row in zip(lines, rows):
+        pid = (row["participant_id"] or "").strip()
+        label = pid.removeprefix("sub-")
+        if not is_label(label):
+            raise InputError(path, f"line {line}: participant_id {pid!r} is not sub-<label> with an alphanumeric "
+                                   f"label ({_LABEL_RULE})")
+        if row[group_column] is None:
+            raise InputError(path, f"line {line}: {pid} has no '{group_column}' value")
+        groups[f"sub-{label}"] = row[group_column].strip()
     return groups
 
 
@@ -91,6 +120,8 @@ def _dwi_dirs(bids_dir: Path, participant_id: str) -> list[tuple[str | None, Pat
     if subject_dir.is_dir():
         with os.scandir(subject_dir) as entries:
             sessions = sorted(e.name for e in entries if e.is_dir() and e.name.startswith("ses-"))
+        for session in sessions:
+            _check_folder(subject_dir / session, "ses")
         found += [(s, subject_dir / s / "dwi") for s in sessions if (subject_dir / s / "dwi").is_dir()]
     return found
 
@@ -139,11 +170,17 @@ def index_cohort(
     with os.scandir(bids_dir) as entries:
         on_disk = sorted(e.name for e in entries if e.is_dir() and e.name.startswith("sub-"))
     for participant_id in on_disk:
+        _check_folder(bids_dir / participant_id, "sub")
+    for participant_id in on_disk:
         for session, dwi_dir in _dwi_dirs(bids_dir, participant_id):
             prefix = participant_id + (f"_{session}" if session else "")
             with os.scandir(dwi_dir) as entries:
                 dwis = sorted(e.name for e in entries if e.name.startswith(prefix) and e.name.endswith(dwi_suffix))
             for name in dwis:
+                entities = name[len(prefix):-len(dwi_suffix)]
+                if not ENTITIES.fullmatch(entities):
+                    raise InputError(dwi_dir / name, f"entities {entities!r} between {prefix} and {dwi_suffix} are "
+                                                     f"not _<key>-<label> pairs ({_LABEL_RULE})")
                 if participant_id not in groups:
                     raise InputError(dwi_dir / name, f"{participant_id} is not listed in {tsv}")
                 scans.append(_make_scan(bids_dir, dwi_dir / name, participant_id, session, groups, control_value,

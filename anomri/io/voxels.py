@@ -25,6 +25,12 @@ def read_feature_description(features_path: str | Path) -> dict:
     return json.loads(sidecar_path(features_path).read_text())
 
 
+def read_snr(features_path: str | Path) -> float | None:
+    """The scan's SNR recorded by preprocessing (:func:`anomri.dmri.noise.signal_to_noise`); None if unknown."""
+    noise = read_feature_description(features_path).get("Preprocessing", {}).get("noise") or {}
+    return noise.get("snr")
+
+
 def pool_samples(
     feature_paths: list[str | Path], mask_paths: list[str | Path], max_per_scan: int | None, seed: int
 ) -> tuple[np.ndarray, np.ndarray, dict]:

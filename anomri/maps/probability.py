@@ -34,7 +34,7 @@ which removes most false positives left by a brain-wide null.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +185,18 @@ class ScoreNull:
         return {k: m.record() for k, m in self.models.items()}
 
 
+@dataclass(frozen=True)
+class CalibrationCopy:
+    """One calibration scan as measured (``factor`` 1) or a noisier copy of it, and its SNR (None if unknown)."""
+
+    scan: str
+    factor: float
+    snr: float | None
+
+    def record(self) -> dict:
+        return asdict(self)
+
+
 class HealthyNull:
     """Healthy null distributions of the scores that make the lesion probability.
 
@@ -208,6 +220,10 @@ class HealthyNull:
         ``tissue.log_posterior`` of the calibration voxels' q-space features;
         required with ``tissue``. Each voxel joins the null of its most
         probable class.
+    copies : list of CalibrationCopy, optional
+        The calibration scans as measured and their noisier copies; then
+        ``copy_index`` (N,) names each voxel's copy, and :meth:`matched`
+        gives the null of the copies nearest a scan's noise level.
 
     Notes
     -----
@@ -219,7 +235,8 @@ class HealthyNull:
 
     def __init__(self, values: dict[str, np.ndarray], postprocessing: PostProcessing = PostProcessing(),
                  tail_fraction: float = 0.01, combination: str = "fisher", scans: list[str] | None = None,
-                 tissue: TissueModel | None = None, log_posterior: np.ndarray | None = None) -> None:
+                 tissue: TissueModel | None = None, log_posterior: np.ndarray | None = None,
+                 copies: list[CalibrationCopy] | None = None, copy_index: np.ndarray | None = None) -> None:
         if combination not in COMBINATIONS:
             raise ValueError(f"unknown combination {combination!r}; choose from {sorted(COMBINATIONS)}")
         if not values:
@@ -229,7 +246,11 @@ class HealthyNull:
             raise ValueError(f"every score's null must list the same voxels; got lengths {sorted(lengths)}")
         if (tissue is None) != (log_posterior is None):
             raise ValueError("tissue classes need the calibration voxels' class posteriors, and vice versa")
+        if (copies is None) != (copy_index is None) or (copy_index is not None and len(copy_index) != next(iter(lengths))):
+            raise ValueError("calibration copies need every voxel's copy index, and vice versa")
         self.values = {k: np.asarray(v, np.float32).ravel() for k, v in values.items()}
+        self.copies = copies
+        self.copy_index = None if copy_index is None else np.asarray(copy_index, np.int32)
         self.postprocessing = postprocessing
         self.tail_fraction = tail_fraction
         self.combination = combination
@@ -271,6 +292,32 @@ class HealthyNull:
         if tissue is None:
             tissue = TissueModel.fit(features, tissue_classes, seed)
         return cls(values, tissue=tissue, log_posterior=tissue.log_posterior(features), **kwargs)
+
+    def matched(self, snr: float | None) -> HealthyNull:
+        """The null of the calibration copies matched to a scan of SNR ``snr``.
+
+        Per calibration scan, the copy whose log SNR is nearest ``log(snr)``;
+        with ``snr`` None, or a null without copies, the scans as measured.
+        Scores grow with the noise, so a noisier scan judged against quieter
+        controls would be flagged everywhere; matched, it meets a null of its
+        own noise level. The tissue model stays the one fitted at calibration.
+        """
+        if self.copies is None:
+            return self
+        chosen = {}
+        for i, copy in enumerate(self.copies):
+            if snr is None or copy.snr is None or any(c.snr is None for c in self.copies if c.scan == copy.scan):
+                distance = abs(np.log(copy.factor))
+            else:
+                distance = abs(np.log(copy.snr) - np.log(snr))
+            if copy.scan not in chosen or distance < chosen[copy.scan][0]:
+                chosen[copy.scan] = (distance, i)
+        keep = sorted(i for _, i in chosen.values())
+        voxels = np.isin(self.copy_index, keep)
+        return HealthyNull({k: v[voxels] for k, v in self.values.items()}, self.postprocessing, self.tail_fraction,
+                           self.combination, self.scans, self.tissue,
+                           None if self.log_posterior is None else self.log_posterior[voxels],
+                           [self.copies[i] for i in keep], np.searchsorted(keep, self.copy_index[voxels]))
 
     def _log_mixture(self, scores: dict[str, np.ndarray], log_posterior: np.ndarray) -> np.ndarray:
         """log sum_k pi_k(x) p_k(s) of every voxel."""
@@ -324,6 +371,7 @@ class HealthyNull:
     def record(self) -> dict:
         """Settings and fits, for JSON sidecars."""
         out = {"scans": self.scans, "scores": self.scores,
+               "copies": None if self.copies is None else [c.record() for c in self.copies],
                "combination": self.combination if len(self.values) > 1 else "none",
                "tail_fraction": self.tail_fraction, "postprocessing": self.postprocessing.record()}
         if self.tissue is None:
@@ -337,8 +385,11 @@ class HealthyNull:
         arrays = {f"score/{k}": v for k, v in self.values.items()}
         if self.tissue is not None:
             arrays |= self.tissue.to_arrays() | {"log_posterior": self.log_posterior}
+        if self.copies is not None:
+            arrays |= {"copy_index": self.copy_index}
         settings = {"postprocessing": self.postprocessing.record(), "tail_fraction": self.tail_fraction,
-                    "combination": self.combination, "scans": self.scans}
+                    "combination": self.combination, "scans": self.scans,
+                    "copies": None if self.copies is None else [c.record() for c in self.copies]}
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, settings=json.dumps(settings), **arrays)
 
@@ -351,7 +402,10 @@ class HealthyNull:
                 values = {k.removeprefix("score/"): data[k] for k in data.files if k.startswith("score/")}
                 tissue = TissueModel.from_arrays(data)
                 log_posterior = data["log_posterior"] if tissue is not None else None
+                copies = settings.get("copies")
+                copy_index = data["copy_index"] if copies is not None else None
         except (OSError, KeyError, ValueError) as exc:
             raise InputError(path, f"not a healthy-null file written by `anomri calibrate` ({exc})") from exc
         return cls(values, PostProcessing(**settings["postprocessing"]), settings["tail_fraction"],
-                   settings["combination"], settings["scans"], tissue, log_posterior)
+                   settings["combination"], settings["scans"], tissue, log_posterior,
+                   None if copies is None else [CalibrationCopy(**c) for c in copies], copy_index)

@@ -11,6 +11,7 @@ from anomri import __version__
 from anomri.io.atomic import write_json
 from anomri.io.derivatives import ScanDerivatives, sidecar_path
 from anomri.io.nifti import load_mask, load_nifti, read_data, save_volume
+from anomri.io.voxels import read_snr
 from anomri.maps.novelty import NoveltyModel
 from anomri.maps.postprocess import PostProcessing, label_components
 from anomri.maps.probability import HealthyNull
@@ -67,8 +68,11 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
     healthy calibration voxels (:class:`~anomri.maps.probability.HealthyNull`).
     The mask at level a holds the voxels with p <= a, so a fraction a of
     healthy voxels is flagged, less any connected component (26-connectivity)
-    smaller than ``min_component_voxels``.
+    smaller than ``min_component_voxels``. A null with noisier calibration
+    copies is first matched to the scan's SNR (:meth:`HealthyNull.matched`).
     """
+    snr = read_snr(scan.features) if null.copies is not None else None
+    null = null.matched(snr)
     processed = {k: postprocessed_scores(scan, k, null.postprocessing) for k in null.scores}
     _, mask, img = processed[null.scores[0]]
     features = masked_features(scan, mask) if null.tissue is not None else None
@@ -81,9 +85,9 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
     evidence = np.zeros(mask.shape, np.float32)
     evidence[mask] = -log_p / np.log(10.0)
     save_volume(scan.neglog10p, evidence, img)
-    calibration = {"Path": str(null_path), "SHA256": file_sha256(null_path)} | null.record()
+    calibration = {"Path": str(null_path), "SHA256": file_sha256(null_path), "ScanSNR": snr} | null.record()
     sources = [str(scan.novelty(k)) for k in null.scores] + [str(scan.mask)]
-    if null.tissue is not None:
+    if null.tissue is not None or null.copies is not None:
         sources.append(str(scan.features))
     write_json(sidecar_path(scan.probseg), {
         "Description": "Lesion probability 1 - p, with p the tail probability of the post-processed novelty "

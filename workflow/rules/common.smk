@@ -11,6 +11,10 @@ from anomri.scores import get_scores
 
 # The interpreter running Snakemake has anomri installed; calling it directly
 # works whether or not the virtual environment is activated.
+# Every other value reaches a shell command through params/input/output/log with `:q` (shell-quoted,
+# element by element for lists): paths may hold spaces, quotes and non-ASCII characters.
+# The command itself stays a global, already quoted, and not a param: as a param, a new interpreter path
+# (another virtual environment) would make Snakemake rerun every job.
 ANOMRI = f"{shlex.quote(sys.executable)} -m anomri"
 
 OUT = Path(config["output_dir"])
@@ -26,6 +30,7 @@ except (KeyError, ValueError) as exc:
 SCORES = [s.id for s in SELECTED_SCORES]
 NEEDS_REFERENCE = any(s.needs_reference for s in SELECTED_SCORES)
 PROBABILITY_SCORES = config["probability"]["scores"]
+PROBABILITY_NEEDS_REFERENCE = any(s.needs_reference for s in SELECTED_SCORES if s.id in PROBABILITY_SCORES)
 _missing = [s for s in PROBABILITY_SCORES if s not in SCORES]
 if _missing:
     sys.exit(f"anomri: error: config: probability.scores {_missing} are not among the computed scores {SCORES}")
@@ -36,9 +41,10 @@ if LEARNED and len(PLAN.evaluable) < 2:
 
 SCANS = {scan.prefix: scan for scan in PLAN.scans}
 
+# BIDS labels are alphanumeric (anomri.io.bids rejects any other before the run starts).
 wildcard_constraints:
-    subdir=r"sub-[^/_]+(/ses-[^/_]+)?",
-    prefix=r"sub-[^/_]+(_ses-[^/_]+)?",
+    subdir=r"sub-[a-zA-Z0-9]+(/ses-[a-zA-Z0-9]+)?",
+    prefix=r"sub-[a-zA-Z0-9]+(_ses-[a-zA-Z0-9]+)?",
     score=r"[a-z0-9-]+",
     level=r"[0-9]+",
 
@@ -47,9 +53,11 @@ def derivatives(prefix):
     return ScanDerivatives(OUT, prefix)
 
 
-# Noisier copies of the training controls: one derivatives tree per noise level (noise std x level / 100).
+# Noisier copies of the training controls (and, with probability.noise_matching, of the calibration
+# controls): one derivatives tree per noise level (noise std x level / 100).
 AUGMENTED = OUT / "models" / "augmented"
 NOISE_LEVELS = [str(round(100 * factor)) for factor in config["training"]["noise_augmentation"]]
+CALIBRATION_LEVELS = NOISE_LEVELS if config["probability"]["noise_matching"] else []
 
 
 def augmented(level, prefix):
@@ -70,13 +78,24 @@ def scan_pattern(suffix):
     return str(OUT / "{subdir}" / "dwi" / ("{prefix}_space-dwi_" + suffix))
 
 
+# The helpers below return lists of arguments: a rule's shell command quotes each with `{params.x:q}`.
 def prefixes(scans):
-    return " ".join(scan.prefix for scan in scans)
+    return [scan.prefix for scan in scans]
+
+
+def scan_args(scans):
+    """``--scan PREFIX LESION_MASK`` for every scan."""
+    return [arg for scan in scans for arg in ("--scan", scan.prefix, str(scan.lesion_mask))]
 
 
 def optional_flag(flag, inputs, key):
-    return f"{flag} {inputs[key]}" if key in inputs.keys() else ""
+    return [flag, str(inputs[key])] if key in inputs.keys() else []
+
+
+def option_args(options):
+    """``--key value`` for every item of a dict (underscores in keys become dashes)."""
+    return [arg for k, v in options.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def settings_json(section, exclude=()):
-    return shlex.quote(json.dumps({k: v for k, v in config[section].items() if k not in exclude}))
+    return json.dumps({k: v for k, v in config[section].items() if k not in exclude})

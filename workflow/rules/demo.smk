@@ -15,8 +15,9 @@ if config["bids_dir"] == "demo":
             mem_mb=4000,
             runtime=20,
         params:
+            bids_dir=PLAN.bids_dir,
             demo=config["demo"],
         shell:
-            "{ANOMRI} --log {log} demo-cohort {PLAN.bids_dir} --n-controls {params.demo[n_controls]}"
-            " --n-patients {params.demo[n_patients]} --voxel-size {params.demo[voxel_size]}"
-            " --scheme {params.demo[scheme]} --seed {params.demo[seed]}"
+            "{ANOMRI} --log {log:q} demo-cohort {params.bids_dir:q} --n-controls {params.demo[n_controls]:q}"
+            " --n-patients {params.demo[n_patients]:q} --voxel-size {params.demo[voxel_size]:q}"
+            " --scheme {params.demo[scheme]:q} --seed {params.demo[seed]:q}"

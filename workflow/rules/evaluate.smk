@@ -30,17 +30,20 @@ rule evaluate:
         mem_mb=4000,
         runtime=20,
     params:
-        scans=" ".join(f"--scan {s.prefix} {s.lesion_mask}" for s in PLAN.evaluable),
+        derivatives=OUT,
+        scans=scan_args(PLAN.evaluable),
         calibration=prefixes(PLAN.calibration),
         healthy=prefixes(PLAN.holdout),
-        levels=" ".join(str(a) for a in config["probability"]["levels"]),
-        scores=" ".join(SCORES),
+        levels=config["probability"]["levels"],
+        scores=SCORES,
         ev=config["evaluation"],
     shell:
-        "{ANOMRI} --log {log} evaluate --derivatives-dir {OUT} {params.scans} --calibration {params.calibration}"
-        " --scores {params.scores} --fpr {params.ev[fpr]} --bootstrap {params.ev[bootstrap]} --seed {params.ev[seed]}"
-        " --min-lesion-overlap {params.ev[min_lesion_overlap]} --healthy {params.healthy} --levels {params.levels}"
-        " --out {output.table} --summary {output.summary} --curves {output.curves} --healthy-out {output.healthy}"
+        "{ANOMRI} --log {log:q} evaluate --derivatives-dir {params.derivatives:q} {params.scans:q}"
+        " --calibration {params.calibration:q} --scores {params.scores:q} --fpr {params.ev[fpr]:q}"
+        " --bootstrap {params.ev[bootstrap]:q} --seed {params.ev[seed]:q}"
+        " --min-lesion-overlap {params.ev[min_lesion_overlap]:q} --healthy {params.healthy:q}"
+        " --levels {params.levels:q} --out {output.table:q} --summary {output.summary:q} --curves {output.curves:q}"
+        " --healthy-out {output.healthy:q}"
 
 
 rule dataset_description:
@@ -53,6 +56,7 @@ rule dataset_description:
         mem_mb=500,
         runtime=5,
     params:
+        derivatives=OUT,
         source=PLAN.bids_dir,
     shell:
-        "{ANOMRI} --log {log} dataset-description --derivatives-dir {OUT} --source {params.source}"
+        "{ANOMRI} --log {log:q} dataset-description --derivatives-dir {params.derivatives:q} --source {params.source:q}"

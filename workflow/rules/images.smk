@@ -20,7 +20,7 @@ _image_settings = {k: v for k, v in IMAGE_CONFIG.items() if k not in ("device", 
 if not config.get("images_root") and "oct_band" in IMAGE_CONFIG.get("demo", {}):
     # The demo images are OCT B-scans: they get the demo's band handling, a user's folder images.oct_band.
     _image_settings["oct_band"] = IMAGE_CONFIG["demo"]["oct_band"]
-IMAGE_SETTINGS = shlex.quote(json.dumps(_image_settings))
+IMAGE_SETTINGS = json.dumps(_image_settings)
 IMAGE_DEVICE = IMAGE_CONFIG.get("device", "auto")
 # A fixed count, not workflow.cores: a cluster run has no total core count. Snakemake hands it to
 # torch through OMP_NUM_THREADS.
@@ -46,9 +46,9 @@ if not config.get("images_root"):
             mem_mb=1000,
             runtime=10,
         params:
-            demo=" ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_OPTIONS.items()),
+            demo=option_args(DEMO_OPTIONS),
         shell:
-            "{ANOMRI} --log {log} demo-images {output} {params.demo}"
+            "{ANOMRI} --log {log:q} demo-images {output:q} {params.demo:q}"
 
 
 rule images_train:
@@ -65,9 +65,14 @@ rule images_train:
         mem_mb=8000,
         runtime=240,
         gpu=1 if IMAGE_DEVICE == "cuda" else 0,
+    params:
+        root=IMAGES_ROOT,
+        settings=IMAGE_SETTINGS,
+        device=IMAGE_DEVICE,
     shell:
-        "{ANOMRI} --log {log} images-train --root {IMAGES_ROOT} --model {wildcards.image_model}"
-        " --out {output.model} --history {output.history} --settings {IMAGE_SETTINGS} --device {IMAGE_DEVICE}"
+        "{ANOMRI} --log {log:q} images-train --root {params.root:q} --model {wildcards.image_model:q}"
+        " --out {output.model:q} --history {output.history:q} --settings {params.settings:q}"
+        " --device {params.device:q}"
 
 
 rule images_score:
@@ -85,9 +90,15 @@ rule images_score:
         mem_mb=8000,
         runtime=120,
         gpu=1 if IMAGE_DEVICE == "cuda" else 0,
+    params:
+        root=IMAGES_ROOT,
+        images_dir=IMAGES.root,
+        settings=IMAGE_SETTINGS,
+        device=IMAGE_DEVICE,
     shell:
-        "{ANOMRI} --log {log} images-score --root {IMAGES_ROOT} --method {wildcards.image_method}"
-        " --model {input.model} --images-dir {IMAGES.root} --settings {IMAGE_SETTINGS} --device {IMAGE_DEVICE}"
+        "{ANOMRI} --log {log:q} images-score --root {params.root:q} --method {wildcards.image_method:q}"
+        " --model {input.model:q} --images-dir {params.images_dir:q} --settings {params.settings:q}"
+        " --device {params.device:q}"
 
 
 rule images_evaluate:
@@ -109,10 +120,13 @@ rule images_evaluate:
         mem_mb=12000,
         runtime=60,
     params:
-        methods=" ".join(IMAGE_METHODS),
+        root=IMAGES_ROOT,
+        images_dir=IMAGES.root,
+        methods=IMAGE_METHODS,
+        settings=IMAGE_SETTINGS,
     shell:
-        "{ANOMRI} --log {log} images-evaluate --root {IMAGES_ROOT} --methods {params.methods}"
-        " --images-dir {IMAGES.root} --settings {IMAGE_SETTINGS}"
+        "{ANOMRI} --log {log:q} images-evaluate --root {params.root:q} --methods {params.methods:q}"
+        " --images-dir {params.images_dir:q} --settings {params.settings:q}"
 
 
 rule images_report:
@@ -134,10 +148,13 @@ rule images_report:
         mem_mb=4000,
         runtime=60,
     params:
-        methods=" ".join(IMAGE_METHODS),
+        root=IMAGES_ROOT,
+        images_dir=IMAGES.root,
+        methods=IMAGE_METHODS,
+        settings=IMAGE_SETTINGS,
     shell:
-        "{ANOMRI} --log {log} images-report --root {IMAGES_ROOT} --methods {params.methods}"
-        " --images-dir {IMAGES.root} --settings {IMAGE_SETTINGS}"
+        "{ANOMRI} --log {log:q} images-report --root {params.root:q} --methods {params.methods:q}"
+        " --images-dir {params.images_dir:q} --settings {params.settings:q}"
 
 
 rule images:

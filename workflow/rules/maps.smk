@@ -16,11 +16,13 @@ rule reference_set:
         runtime=30,
         gpu=1 if config["scoring"]["device"] == "cuda" else 0,
     params:
+        derivatives=OUT,
         scans=prefixes(PLAN.training),
         sc=config["scoring"],
     shell:
-        "{ANOMRI} --log {log} reference --derivatives-dir {OUT} --scans {params.scans} --model {input.model}"
-        " --size {params.sc[reference_size]} --seed {params.sc[seed]} --out {output} --device {params.sc[device]}"
+        "{ANOMRI} --log {log:q} reference --derivatives-dir {params.derivatives:q} --scans {params.scans:q}"
+        " --model {input.model:q} --size {params.sc[reference_size]:q} --seed {params.sc[seed]:q} --out {output:q}"
+        " --device {params.sc[device]:q}"
 
 
 rule score:
@@ -40,14 +42,44 @@ rule score:
         runtime=60,
         gpu=1 if config["scoring"]["device"] == "cuda" else 0,
     params:
+        derivatives=OUT,
         sc=config["scoring"],
-        scores=" ".join(SCORES),
+        scores=SCORES,
         reference=lambda wc, input: optional_flag("--reference", input, "reference"),
     shell:
-        "{ANOMRI} --log {log} score --model {input.model} {params.reference} --derivatives-dir {OUT}"
-        " --prefix {wildcards.prefix}"
-        " --scores {params.scores} --n-samples {params.sc[n_samples]} --seed {params.sc[seed]}"
-        " --batch-size {params.sc[batch_size]} --device {params.sc[device]}"
+        "{ANOMRI} --log {log:q} score --model {input.model:q} {params.reference:q}"
+        " --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
+        " --scores {params.scores:q} --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
+        " --batch-size {params.sc[batch_size]:q} --device {params.sc[device]:q}"
+
+
+rule score_augmented:
+    # The probability scores of a calibration control's noisier copy: the null each scan is matched to.
+    input:
+        unpack(lambda wc: {"reference": OUT / "models" / "reference_set.pt"} if PROBABILITY_NEEDS_REFERENCE else {}),
+        model=OUT / "models" / "vae.pt",
+        features=augmented_pattern("desc-qspace_features.nii.gz"),
+        mask=augmented_pattern("desc-brain_mask.nii.gz"),
+    output:
+        maps=[augmented_pattern(f"desc-{k}_novelty.nii.gz") for k in PROBABILITY_SCORES],
+        sidecars=[augmented_pattern(f"desc-{k}_novelty.json") for k in PROBABILITY_SCORES],
+    log:
+        LOGS / "score_augmented" / "noise-{level}" / "{subdir}" / "{prefix}.log",
+    threads: 1
+    resources:
+        mem_mb=6000,
+        runtime=30,
+        gpu=1 if config["scoring"]["device"] == "cuda" else 0,
+    params:
+        tree=lambda wc: AUGMENTED / f"noise-{wc.level}",
+        sc=config["scoring"],
+        scores=PROBABILITY_SCORES,
+        reference=lambda wc, input: optional_flag("--reference", input, "reference"),
+    shell:
+        "{ANOMRI} --log {log:q} score --model {input.model:q} {params.reference:q}"
+        " --derivatives-dir {params.tree:q} --prefix {wildcards.prefix:q}"
+        " --scores {params.scores:q} --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
+        " --batch-size {params.sc[batch_size]:q} --device {params.sc[device]:q}"
 
 
 rule calibrate:
@@ -55,6 +87,8 @@ rule calibrate:
         [derivatives(s.prefix).novelty(k) for s in PLAN.calibration for k in PROBABILITY_SCORES],
         [derivatives(s.prefix).mask for s in PLAN.calibration],
         [derivatives(s.prefix).features for s in PLAN.calibration],
+        [augmented(level, s.prefix).novelty(k) for s in PLAN.calibration for level in CALIBRATION_LEVELS
+         for k in PROBABILITY_SCORES],
     output:
         OUT / "calibration" / "healthy_null.npz",
     log:
@@ -64,15 +98,19 @@ rule calibrate:
         mem_mb=4000,
         runtime=20,
     params:
+        derivatives=OUT,
         scans=prefixes(PLAN.calibration),
-        scores=" ".join(PROBABILITY_SCORES),
+        scores=PROBABILITY_SCORES,
         pp=config["probability"],
+        augmented=[AUGMENTED / f"noise-{level}" for level in CALIBRATION_LEVELS],
     shell:
-        "{ANOMRI} --log {log} calibrate --derivatives-dir {OUT} --scans {params.scans}"
-        " --scores {params.scores} --out {output} --erosion-voxels {params.pp[erosion_voxels]}"
-        " --median-filter-voxels {params.pp[median_filter_voxels]}"
-        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]} --tail-fraction {params.pp[tail_fraction]}"
-        " --combination {params.pp[combination]} --tissue-classes {params.pp[tissue_classes]} --seed {params.pp[seed]}"
+        "{ANOMRI} --log {log:q} calibrate --derivatives-dir {params.derivatives:q} --scans {params.scans:q}"
+        " --augmented {params.augmented:q}"
+        " --scores {params.scores:q} --out {output:q} --erosion-voxels {params.pp[erosion_voxels]:q}"
+        " --median-filter-voxels {params.pp[median_filter_voxels]:q}"
+        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]:q} --tail-fraction {params.pp[tail_fraction]:q}"
+        " --combination {params.pp[combination]:q} --tissue-classes {params.pp[tissue_classes]:q}"
+        " --seed {params.pp[seed]:q}"
 
 
 rule probability:
@@ -94,12 +132,13 @@ rule probability:
         mem_mb=2000,
         runtime=10,
     params:
+        derivatives=OUT,
         pp=config["probability"],
-        levels=" ".join(str(a) for a in config["probability"]["levels"]),
+        levels=config["probability"]["levels"],
     shell:
-        "{ANOMRI} --log {log} probability --derivatives-dir {OUT} --prefix {wildcards.prefix}"
-        " --null {input.null} --levels {params.levels}"
-        " --min-component-voxels {params.pp[min_component_voxels]}"
+        "{ANOMRI} --log {log:q} probability --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
+        " --null {input.null:q} --levels {params.levels:q}"
+        " --min-component-voxels {params.pp[min_component_voxels]:q}"
 
 
 rule learn_combination:
@@ -120,15 +159,17 @@ rule learn_combination:
         mem_mb=6000,
         runtime=30,
     params:
+        derivatives=OUT,
         calibration=prefixes(PLAN.calibration),
-        labelled=" ".join(f"--scan {s.prefix} {s.lesion_mask}" for s in PLAN.evaluable),
+        labelled=scan_args(PLAN.evaluable),
         others=prefixes([s for s in PLAN.scans if s not in PLAN.evaluable]),
-        scores=" ".join(SCORES),
+        scores=SCORES,
         pp=config["probability"],
     shell:
-        "{ANOMRI} --log {log} learn-combination --derivatives-dir {OUT} --calibration {params.calibration}"
-        " {params.labelled} --apply {params.others} --scores {params.scores} --out {output.model}"
-        " --C {params.pp[learned_combination][C]} --erosion-voxels {params.pp[erosion_voxels]}"
-        " --median-filter-voxels {params.pp[median_filter_voxels]}"
-        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]} --tail-fraction {params.pp[tail_fraction]}"
-        " --tissue-classes {params.pp[tissue_classes]} --seed {params.pp[seed]}"
+        "{ANOMRI} --log {log:q} learn-combination --derivatives-dir {params.derivatives:q}"
+        " --calibration {params.calibration:q} {params.labelled:q} --apply {params.others:q}"
+        " --scores {params.scores:q} --out {output.model:q}"
+        " --C {params.pp[learned_combination][C]:q} --erosion-voxels {params.pp[erosion_voxels]:q}"
+        " --median-filter-voxels {params.pp[median_filter_voxels]:q}"
+        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]:q} --tail-fraction {params.pp[tail_fraction]:q}"
+        " --tissue-classes {params.pp[tissue_classes]:q} --seed {params.pp[seed]:q}"

@@ -26,12 +26,12 @@ rule augment_noise:
         gibbs="--gibbs-removal" if config["preprocessing"]["gibbs_removal"] else "--no-gibbs-removal",
         motion="--motion-correction" if config["preprocessing"]["motion_correction"] else "--no-motion-correction",
     shell:
-        "{ANOMRI} --log {log} preprocess --dwi {input.dwi} --bval {input.bval} --bvec {input.bvec}"
-        " --output-dir {params.tree} --prefix {wildcards.prefix} --mask {input.brain}"
-        " --b0-threshold {params.pre[b0_threshold]} --denoise {params.pre[denoise]}"
-        " {params.gibbs} {params.motion} --noise-factor {params.factor} --noise-seed {params.seed}"
-        " --features {params.pre[features]} --context {params.pre[context]}"
-        " --context-radius {params.pre[context_radius]}"
+        "{ANOMRI} --log {log:q} preprocess --dwi {input.dwi:q} --bval {input.bval:q} --bvec {input.bvec:q}"
+        " --output-dir {params.tree:q} --prefix {wildcards.prefix:q} --mask {input.brain:q}"
+        " --b0-threshold {params.pre[b0_threshold]:q} --denoise {params.pre[denoise]:q}"
+        " {params.gibbs:q} {params.motion:q} --noise-factor {params.factor:q} --noise-seed {params.seed:q}"
+        " --features {params.pre[features]:q} --context {params.pre[context]:q}"
+        " --context-radius {params.pre[context_radius]:q}"
 
 
 rule pool_training_voxels:
@@ -48,13 +48,15 @@ rule pool_training_voxels:
         mem_mb=8000,
         runtime=20,
     params:
+        derivatives=OUT,
         scans=prefixes(PLAN.training),
-        augmented=" ".join(str(AUGMENTED / f"noise-{level}") for level in NOISE_LEVELS),
+        augmented=[AUGMENTED / f"noise-{level}" for level in NOISE_LEVELS],
         max_voxels=config["training"]["max_voxels_per_scan"],
         seed=config["training"]["seed"],
     shell:
-        "{ANOMRI} --log {log} pool --derivatives-dir {OUT} --scans {params.scans} --augmented {params.augmented}"
-        " --out {output} --max-voxels-per-scan {params.max_voxels} --seed {params.seed}"
+        "{ANOMRI} --log {log:q} pool --derivatives-dir {params.derivatives:q} --scans {params.scans:q}"
+        " --augmented {params.augmented:q} --out {output:q} --max-voxels-per-scan {params.max_voxels:q}"
+        " --seed {params.seed:q}"
 
 
 rule train:
@@ -75,5 +77,5 @@ rule train:
         settings=settings_json("training", exclude=("device", "max_voxels_per_scan", "threads", "noise_augmentation")),
         device=config["training"]["device"],
     shell:
-        "{ANOMRI} --log {log} train --pool {input} --out {output.model} --history {output.history}"
-        " --settings {params.settings} --device {params.device} --threads {threads}"
+        "{ANOMRI} --log {log:q} train --pool {input:q} --out {output.model:q} --history {output.history:q}"
+        " --settings {params.settings:q} --device {params.device:q} --threads {threads:q}"

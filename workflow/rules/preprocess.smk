@@ -26,15 +26,16 @@ rule preprocess:
         mem_mb=4000,
         runtime=30,
     params:
+        derivatives=OUT,
         pre=config["preprocessing"],
         mask=lambda wc, input: optional_flag("--mask", input, "mask"),
         lesion=lambda wc, input: optional_flag("--lesion-mask", input, "lesion"),
         gibbs="--gibbs-removal" if config["preprocessing"]["gibbs_removal"] else "--no-gibbs-removal",
         motion="--motion-correction" if config["preprocessing"]["motion_correction"] else "--no-motion-correction",
     shell:
-        "{ANOMRI} --log {log} preprocess --dwi {input.dwi} --bval {input.bval} --bvec {input.bvec}"
-        " --output-dir {OUT} --prefix {wildcards.prefix} {params.mask} {params.lesion}"
-        " --b0-threshold {params.pre[b0_threshold]} --denoise {params.pre[denoise]}"
-        " {params.gibbs} {params.motion}"
-        " --features {params.pre[features]} --context {params.pre[context]}"
-        " --context-radius {params.pre[context_radius]}"
+        "{ANOMRI} --log {log:q} preprocess --dwi {input.dwi:q} --bval {input.bval:q} --bvec {input.bvec:q}"
+        " --output-dir {params.derivatives:q} --prefix {wildcards.prefix:q} {params.mask:q} {params.lesion:q}"
+        " --b0-threshold {params.pre[b0_threshold]:q} --denoise {params.pre[denoise]:q}"
+        " {params.gibbs:q} {params.motion:q}"
+        " --features {params.pre[features]:q} --context {params.pre[context]:q}"
+        " --context-radius {params.pre[context_radius]:q}"

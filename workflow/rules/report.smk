@@ -29,8 +29,10 @@ rule plot_curves:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        figures=FIGURES.root,
     shell:
-        "{ANOMRI} --log {log} plot-curves --curves {input} --figures-dir {FIGURES.root}"
+        "{ANOMRI} --log {log:q} plot-curves --curves {input:q} --figures-dir {params.figures:q}"
 
 
 rule plot_overlay:
@@ -49,9 +51,11 @@ rule plot_overlay:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        derivatives=OUT,
     shell:
-        "{ANOMRI} --log {log} plot-overlay --derivatives-dir {OUT} --prefix {wildcards.prefix}"
-        " --lesion-mask {input.lesion} --evaluation {input.evaluation} --out {output}"
+        "{ANOMRI} --log {log:q} plot-overlay --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
+        " --lesion-mask {input.lesion:q} --evaluation {input.evaluation:q} --out {output:q}"
 
 
 rule plot_training:
@@ -67,4 +71,4 @@ rule plot_training:
         mem_mb=1000,
         runtime=5,
     shell:
-        "{ANOMRI} --log {log} plot-training --history {input} --out {output}"
+        "{ANOMRI} --log {log:q} plot-training --history {input:q} --out {output:q}"
