@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from anomri.dmri.features import check_compatible  # noqa: E402
 from anomri.dmri.gradients import load_gradient_table  # noqa: E402
 from anomri.evaluate.metrics import auprc, auroc, best_dice  # noqa: E402
+from anomri.demo.plan import planned_scans  # noqa: E402
 from anomri.io.cohort import plan_from_config  # noqa: E402
 from anomri.io.derivatives import ScanDerivatives  # noqa: E402
 from anomri.io.nifti import load_mask, load_nifti, read_data  # noqa: E402
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         if Path(config["bids_dir"]) == (out / "sourcedata" / "demo").resolve():
             config["bids_dir"] = "demo"  # the demo's plan is built from its settings
     config["output_dir"] = str(out)
-    plan = plan_from_config(config)
+    plan = plan_from_config(config, planned_scans(config))
 
     with np.load(out / "models" / "training_voxels.npz") as pool:
         train, pooled_scans = pool["samples"], pool["scans"].tolist()

@@ -15,6 +15,11 @@ from anomri.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: The CLI defaults most tests were written against, before the flags took the pipeline's (config.yaml) values:
+#: raw S/S0 features, and calibration without erosion, smoothing or tissue classes.
+RAW_FEATURES = ["--features", "raw"]
+PLAIN_CALIBRATION = ["--erosion-voxels", "0", "--smoothing-fwhm-mm", "0", "--tissue-classes", "1"]
+
 #: Grid of the synthetic scan: small enough to preprocess in milliseconds.
 SHAPE = (8, 8, 6)
 AFFINE = np.array([[2.0, 0, 0, -8], [0, 2.0, 0, -8], [0, 0, 2.5, -7.5], [0, 0, 0, 1]])
@@ -40,7 +45,7 @@ class SyntheticScan:
     def preprocess_argv(self, output_dir: Path, prefix: str = "sub-01") -> list[str]:
         """``anomri preprocess`` arguments for this scan."""
         return ["preprocess", "--dwi", str(self.dwi), "--bval", str(self.bval), "--bvec", str(self.bvec),
-                "--output-dir", str(output_dir), "--prefix", prefix]
+                "--output-dir", str(output_dir), "--prefix", prefix, *RAW_FEATURES]
 
 
 @dataclass(frozen=True)

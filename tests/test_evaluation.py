@@ -34,6 +34,7 @@ from matplotlib.image import imread
 from anomri.cli import main
 from anomri.evaluate.table import POOLED, PROBABILITY, SUMMARY_METRICS, summarise
 from anomri.io.derivatives import ScanDerivatives
+from conftest import PLAIN_CALIBRATION
 
 SHAPE = (10, 10, 10)
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
@@ -317,7 +318,7 @@ def test_unseen_healthy_controls_are_flagged_at_the_level_within_binomial_error(
             nib.save(nib.Nifti1Image(np.asarray(data, np.float32), AFFINE), path)
     null = tmp_path / "null.npz"
     assert main(["calibrate", "--derivatives-dir", str(tmp_path), "--scans", *calibration, "--scores", SCORE,
-                 "--out", str(null)]) == 0
+                 "--out", str(null), *PLAIN_CALIBRATION]) == 0
     for prefix in calibration + unseen:  # the evaluation thresholds the calibration controls' maps too
         assert main(["probability", "--derivatives-dir", str(tmp_path), "--prefix", prefix, "--null", str(null),
                      "--levels", "0.01", "0.001"]) == 0

@@ -13,11 +13,12 @@ from anomri.images.settings import SLOW_IMAGE_SCORES, ImageSettings
 from anomri.images import training as image_training
 from anomri.images.training import learning_rate_factor, load_image_model, save_image_model, train_image_model
 from anomri.models.anogan import DCGAN, latent_search
-from anomri.models.conv_vae import PIXELWISE_SCORES, ConvVAE, FlatImageVAE, PixelwiseContext
+from anomri.models.conv_vae import ConvVAE, FlatImageVAE
 from anomri.models.mhp_vae import MultiHypothesisVAE, winner_takes_all
 from anomri.models.projection import energy, project, projection_map
 from anomri.scores import get_scores
 from anomri.scores.context import ScoreContext
+from anomri.scores.pixelwise import PIXELWISE_SCORES, PixelwiseContext
 from anomri.scores.reference import ReferenceSet
 
 

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import derivative_grid, new_derivative_scan
+from conftest import PLAIN_CALIBRATION, derivative_grid, new_derivative_scan
 
 from anomri.maps.learned import LearnedCombination, leave_one_patient_out, score_evidence
 from anomri.maps.probability import HealthyNull
@@ -85,7 +85,8 @@ def test_learn_combination_command(tmp_path, run_cli) -> None:
     for c in ("sub-C01", "sub-C02"):
         write_scan(c, np.zeros(shape, bool))
     argv = ["learn-combination", "--derivatives-dir", str(tmp_path), "--calibration", "sub-C01", "sub-C02",
-            "--scores", "vae-reg", "neg-elbo", "--out", str(tmp_path / "learned.json"), "--apply", "sub-C01"]
+            "--scores", "vae-reg", "neg-elbo", "--out", str(tmp_path / "learned.json"), "--apply", "sub-C01",
+            *PLAIN_CALIBRATION]
     for i in range(3):
         lesion = np.zeros(shape, bool)
         lesion[3 + 3 * i:6 + 3 * i, 4:8, 5:9] = True

@@ -63,7 +63,7 @@ def test_preprocessing_records_the_noise_level_of_a_scan_and_of_its_noisier_copy
     import nibabel as nib
 
     from anomri.cli import main
-    from tests.conftest import write_gradients
+    from tests.conftest import RAW_FEATURES, write_gradients
 
     rng = np.random.default_rng(5)
     sigma = 20.0
@@ -80,7 +80,8 @@ def test_preprocessing_records_the_noise_level_of_a_scan_and_of_its_noisier_copy
         out = tmp_path / f"out{factor:g}"
         assert main(["preprocess", "--dwi", str(tmp_path / "dwi.nii.gz"), "--bval", str(tmp_path / "dwi.bval"),
                      "--bvec", str(tmp_path / "dwi.bvec"), "--mask", str(tmp_path / "mask.nii.gz"),
-                     "--output-dir", str(out), "--prefix", "sub-01", "--noise-factor", str(factor)]) == 0
+                     "--output-dir", str(out), "--prefix", "sub-01", "--noise-factor", str(factor),
+                     *RAW_FEATURES]) == 0
         sidecar = out / "sub-01" / "dwi" / "sub-01_space-dwi_desc-qspace_features.json"
         records[factor] = json.loads(sidecar.read_text())["Preprocessing"]["noise"]
     # The b0 signal is 1000 in the head (Rician bias sigma^2 / 2000 = 0.2): SNR 50 measured, 25 at twice the noise.

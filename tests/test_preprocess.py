@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import CliResult
+from conftest import RAW_FEATURES, CliResult
 from dipy.data import get_fnames
 from dipy.io.gradients import read_bvals_bvecs
 from dipy.segment.mask import median_otsu
@@ -89,7 +89,7 @@ class Outputs:
 def preprocess(source: Source, output_dir: Path, *extra: str) -> Outputs:
     """Run ``anomri preprocess`` and load what it wrote."""
     code = main(["preprocess", "--dwi", str(source.dwi), "--bval", str(source.bval), "--bvec", str(source.bvec),
-                 "--output-dir", str(output_dir), "--prefix", "sub-01", *extra])
+                 "--output-dir", str(output_dir), "--prefix", "sub-01", *RAW_FEATURES, *extra])
     assert code == 0
     folder = output_dir / "sub-01" / "dwi"
     return Outputs(nib.load(folder / "sub-01_space-dwi_desc-brain_mask.nii.gz"),
@@ -327,7 +327,7 @@ def test_sct_non_unit_bvecs_rejected(tmp_path: Path, capsys: pytest.CaptureFixtu
     np.savetxt(bvec, 0.9 * np.loadtxt(source.bvec), fmt="%.10f")
     capsys.readouterr()
     code = main(["preprocess", "--dwi", str(dwi), "--bval", str(bval), "--bvec", str(bvec),
-                 "--output-dir", str(tmp_path / "out"), "--prefix", "sub-01"])
+                 "--output-dir", str(tmp_path / "out"), "--prefix", "sub-01", *RAW_FEATURES])
     result = CliResult(code, *capsys.readouterr())
     assert result.code == 2
     lines = result.err.splitlines()

@@ -122,7 +122,7 @@ def test_smoothing_never_leaks_across_the_mask() -> None:
     volume = rng.normal(size=mask.shape).astype(np.float32)
     other = volume.copy()
     other[~mask] = 1e6  # whatever lies outside the brain must not matter
-    post = PostProcessing(smoothing_fwhm_mm=4.0)
+    post = PostProcessing(erosion_voxels=0, smoothing_fwhm_mm=4.0)
     a, mask_a = post.apply(volume, mask, (2.0, 2.0, 2.0))
     b, _ = post.apply(other, mask, (2.0, 2.0, 2.0))
     np.testing.assert_array_equal(a, b)
@@ -138,7 +138,7 @@ def test_constant_map_stays_constant_after_smoothing() -> None:
     mask = np.zeros((15, 15, 15), bool)
     mask[3:12, 2:13, 5:10] = True
     volume = np.full(mask.shape, 7.0, np.float32)
-    out, _ = PostProcessing(smoothing_fwhm_mm=6.0).apply(volume, mask, (3.0, 3.0, 3.0))
+    out, _ = PostProcessing(erosion_voxels=0, smoothing_fwhm_mm=6.0).apply(volume, mask, (3.0, 3.0, 3.0))
     np.testing.assert_allclose(out[mask], 7.0, rtol=1e-5)
 
 
@@ -172,7 +172,7 @@ def test_probability_map_and_lesion_masks_of_a_scan(tmp_path) -> None:
     volume[1:4, 1:4, 1:4] = 0.0
     volume[2, 2, 2] = 50.0  # and an isolated voxel
     save_volume(scan.novelty("s"), np.where(mask, volume, 0), reference)
-    null = HealthyNull({"s": rng.normal(size=20_000)})
+    null = HealthyNull({"s": rng.normal(size=20_000)}, PostProcessing(0, 0, 0.0))
     null_path = tmp_path / "null.npz"
     null.save(null_path)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomri.scores import indexes, search
+from anomri.scores import indexes, screen, search
 from anomri.scores.indexes import BhattacharyyaIndex, EuclideanIndex, GaussianKernelIndex, bhattacharyya_diagonal
 from anomri.scores.search import LowerBoundTree
 
@@ -77,8 +77,8 @@ def test_streaming_screen_is_exact(monkeypatch: pytest.MonkeyPatch, screen_eleme
     """Screen blocks far smaller than the candidates force the piecewise hand-over of the minimum's
     candidates, and tiny exact blocks the streaming log-sum-exp; results stay exact."""
     monkeypatch.setattr(search, "_DENSE_FRACTION", 10**9)  # every ball goes to the GEMM screen / exact blocks
-    monkeypatch.setattr(search, "_SCREEN_ELEMENTS", screen_elements)
-    monkeypatch.setattr(search, "_EXACT_ROWS", screen_elements // 64)
+    monkeypatch.setattr(screen, "SCREEN_ELEMENTS", screen_elements)
+    monkeypatch.setattr(screen, "EXACT_ROWS", screen_elements // 64)
     points = low_rank_points(3000, 8, rank=3, seed=6)
     queries = torch.cat([low_rank_points(100, 8, rank=3, seed=7), 3.0 * torch.randn(20, 8)])
     np.testing.assert_allclose(EuclideanIndex(points).min_sqdist(queries).numpy(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import derivative_grid, new_derivative_scan
+from conftest import PLAIN_CALIBRATION, derivative_grid, new_derivative_scan
 from scipy import stats
 
 from anomri.maps.probability import HealthyNull
@@ -129,7 +129,7 @@ def test_calibrate_and_probability_commands_with_tissue_classes(tmp_path, run_cl
     score, features = write_scan("sub-P01")
     null_path = tmp_path / "null.npz"
     common = ["--derivatives-dir", str(tmp_path), "--scans", "sub-C01", "sub-C02", "sub-C03", "--scores", "vae-reg",
-              "--out", str(null_path)]
+              "--out", str(null_path), *PLAIN_CALIBRATION]
     assert run_cli(["calibrate", *common, "--tissue-classes", "3", "--seed", "0"]).code == 0
     assert run_cli(["probability", "--derivatives-dir", str(tmp_path), "--prefix", "sub-P01",
                     "--null", str(null_path), "--levels", "0.01"]).code == 0

@@ -2,7 +2,8 @@
 
 Each representation returns a ``FeatureSet``: the feature volume, feature names
 and a *scheme* description stored in the sidecar, which decides whether two
-scans' features may be compared (raw signals need identical acquisitions).
+scans' features may be compared (raw signals need identical acquisitions);
+:func:`pool_samples` gathers the compatible features of several scans.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dipy.core.gradients import GradientTable
 from anomri.dmri.invariants import sh_invariants
 from anomri.dmri.preprocess import NormalizedDWI
 from anomri.errors import InputError
+from anomri.io.voxels import load_masked, read_feature_description
 
 REPRESENTATIONS = ("raw", "sh-invariant")
 
@@ -118,3 +120,33 @@ def check_compatible(expected: dict, actual: dict, path: str | Path) -> None:
             "gradient scheme differs from the training scans' (b-values or directions); "
             "raw-signal features need identical schemes (use an invariant representation)",
         )
+
+
+def pool_samples(
+    feature_paths: list[str | Path], mask_paths: list[str | Path], max_per_scan: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Pool in-mask feature vectors of several scans, at most ``max_per_scan`` from each.
+
+    Sub-sampling is uniform within a scan and seeded, so every scan is
+    represented equally however large it is.
+
+    Returns
+    -------
+    samples : ndarray, (N, D) float32
+    scan_index : ndarray, (N,) int
+        Which scan (position in ``feature_paths``) each sample came from.
+    description : dict
+        The shared feature description; every scan must be compatible with
+        the first one.
+    """
+    rng = np.random.default_rng(seed)
+    description = read_feature_description(feature_paths[0])
+    parts, index = [], []
+    for k, (features, mask) in enumerate(zip(feature_paths, mask_paths, strict=True)):
+        check_compatible(description, read_feature_description(features), features)
+        values, _, _ = load_masked(features, mask)
+        if max_per_scan is not None and len(values) > max_per_scan:
+            values = values[np.sort(rng.choice(len(values), max_per_scan, replace=False))]
+        parts.append(values)
+        index.append(np.full(len(values), k))
+    return np.concatenate(parts).astype(np.float32), np.concatenate(index), description

@@ -25,6 +25,7 @@ from anomri.errors import InputError
 from anomri.io.atomic import write_json
 from anomri.io.derivatives import ScanDerivatives, sidecar_path
 from anomri.io.nifti import load_mask, load_nifti, read_data, save_volume
+from anomri.settings import default
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +37,13 @@ def preprocess_scan(
     outputs: ScanDerivatives,
     mask: str | Path | None = None,
     lesion_mask: str | Path | None = None,
-    b0_threshold: float = 50.0,
-    denoising: str = "none",
-    representation: str = "raw",
-    context: str = "none",
-    context_radius: int = 1,
-    gibbs: bool = False,
-    motion_correction: bool = False,
+    b0_threshold: float = default("preprocessing.b0_threshold"),
+    denoising: str = default("preprocessing.denoise"),
+    representation: str = default("preprocessing.features"),
+    context: str = default("preprocessing.context"),
+    context_radius: int = default("preprocessing.context_radius"),
+    gibbs: bool = default("preprocessing.gibbs_removal"),
+    motion_correction: bool = default("preprocessing.motion_correction"),
     noise_factor: float = 1.0,
     noise_seed: int = 0,
 ) -> FeatureSet:

@@ -63,11 +63,12 @@ from anomri.images.settings import MODEL_OF_METHOD, PRIMARY_SCORE, ImageSettings
 from anomri.io.atomic import atomic_path, write_json
 from anomri.io.images import ImageGeometry, ImageRecord, ModelInputs, load_model_inputs, scan_mvtec, split_validation
 from anomri.models.anogan import DCGAN, latent_search
-from anomri.models.conv_vae import PIXELWISE_SCORES, ConvVAE, FlatImageVAE, PixelwiseContext
+from anomri.models.conv_vae import ConvVAE, FlatImageVAE
 from anomri.models.draem import DRAEM
 from anomri.models.mhp_vae import MultiHypothesisVAE
 from anomri.models.projection import project, projection_map
 from anomri.scores.context import ScoreContext
+from anomri.scores.pixelwise import PIXELWISE_SCORES, PixelwiseContext
 from anomri.scores.reference import ReferenceSet
 from anomri.scores.registry import NoveltyScore, get_scores
 

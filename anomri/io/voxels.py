@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from anomri.dmri.features import check_compatible
 from anomri.io.derivatives import sidecar_path
 from anomri.io.nifti import load_mask, load_nifti, read_data
 
@@ -29,33 +28,3 @@ def read_snr(features_path: str | Path) -> float | None:
     """The scan's SNR recorded by preprocessing (:func:`anomri.dmri.noise.signal_to_noise`); None if unknown."""
     noise = read_feature_description(features_path).get("Preprocessing", {}).get("noise") or {}
     return noise.get("snr")
-
-
-def pool_samples(
-    feature_paths: list[str | Path], mask_paths: list[str | Path], max_per_scan: int | None, seed: int
-) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Pool in-mask feature vectors of several scans, at most ``max_per_scan`` from each.
-
-    Sub-sampling is uniform within a scan and seeded, so every scan is
-    represented equally however large it is.
-
-    Returns
-    -------
-    samples : ndarray, (N, D) float32
-    scan_index : ndarray, (N,) int
-        Which scan (position in ``feature_paths``) each sample came from.
-    description : dict
-        The shared feature description; every scan must be compatible with
-        the first one.
-    """
-    rng = np.random.default_rng(seed)
-    description = read_feature_description(feature_paths[0])
-    parts, index = [], []
-    for k, (features, mask) in enumerate(zip(feature_paths, mask_paths, strict=True)):
-        check_compatible(description, read_feature_description(features), features)
-        values, _, _ = load_masked(features, mask)
-        if max_per_scan is not None and len(values) > max_per_scan:
-            values = values[np.sort(rng.choice(len(values), max_per_scan, replace=False))]
-        parts.append(values)
-        index.append(np.full(len(values), k))
-    return np.concatenate(parts).astype(np.float32), np.concatenate(index), description

@@ -20,6 +20,7 @@ from anomri.maps.postprocess import PostProcessing
 from anomri.maps.probability import CalibrationCopy, HealthyNull
 from anomri.maps.tissue import TissueModel
 from anomri.maps.writing import masked_features, postprocessed_scores
+from anomri.settings import default
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +84,9 @@ def _copy(scan: ScanDerivatives) -> CalibrationCopy:
 
 
 def calibrate(derivatives_dir: str | Path, prefixes: Sequence[str], scores: Sequence[str],
-              postprocessing: PostProcessing, *, tail_fraction: float = 0.01,
-              combination: str = "fisher",
-              tissue_classes: int = 1, seed: int = 0,
+              postprocessing: PostProcessing, *, tail_fraction: float = default("probability.tail_fraction"),
+              combination: str = default("probability.combination"),
+              tissue_classes: int = default("probability.tissue_classes"), seed: int = default("probability.seed"),
               augmented: Sequence[str | Path] = ()) -> HealthyNull:
     """The healthy null of the calibration scans (and their noisier copies, for :meth:`HealthyNull.matched`).
 

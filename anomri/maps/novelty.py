@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from anomri.models.vae import GaussianVAE
 from anomri.scores.context import ScoreContext
 from anomri.scores.registry import NoveltyScore, get_scores
+from anomri.settings import default
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +54,10 @@ class NoveltyModel:
         self,
         vae: GaussianVAE,
         scores: str | Sequence[str] = "all",
-        n_samples: int = 45,
-        seed: int = 0,
+        n_samples: int = default("scoring.n_samples"),
+        seed: int = default("scoring.seed"),
         reference: object | None = None,
-        batch_size: int = 4096,
+        batch_size: int = default("scoring.batch_size"),
         device: str | torch.device | None = None,
     ) -> None:
         self.device = torch.device(device) if device is not None else next(vae.parameters()).device

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
+from anomri.settings import default
+
 FWHM_TO_SIGMA = 1.0 / np.sqrt(8.0 * np.log(2.0))
 
 
@@ -31,9 +33,9 @@ class PostProcessing:
         (normalised convolution, so outside values never leak in).
     """
 
-    erosion_voxels: int = 0
-    median_filter_voxels: int = 0
-    smoothing_fwhm_mm: float = 0.0
+    erosion_voxels: int = default("probability.erosion_voxels")
+    median_filter_voxels: int = default("probability.median_filter_voxels")
+    smoothing_fwhm_mm: float = default("probability.smoothing_fwhm_mm")
 
     def __post_init__(self) -> None:
         if self.median_filter_voxels > 1 and self.median_filter_voxels % 2 == 0:

@@ -1,4 +1,4 @@
-"""Convolutional VAE with a Gaussian decoder for 2-D images, and its adapter to the score registry.
+"""Convolutional VAE with a Gaussian decoder for 2-D images, and its flattened view for the score registry.
 
 The image counterpart of the voxel :class:`~anomri.models.vae.GaussianVAE`:
 q(z|x) = N(mu(x), diag sigma^2(x)) from a MONAI ``Regressor`` (strided
@@ -9,13 +9,13 @@ has 2C channels: the mean and log s of each pixel.
 :class:`FlatImageVAE` presents the model over *flattened* images, shape (N, C*H*W),
 with the ``encode``/``decode``/``standardize`` of ``GaussianVAE``, so every
 registry score (which sums over the last axis) gives an image-level score
-unchanged, and :class:`PixelwiseContext` gives the per-pixel terms of the
-reconstruction scores as anomaly maps.
+unchanged (:class:`anomri.scores.pixelwise.PixelwiseContext` gives the per-pixel
+terms of the reconstruction scores as anomaly maps).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from monai.networks.nets import Generator, Regressor
@@ -23,18 +23,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from anomri.models.vae import gaussian_nll, kl_to_standard_normal
-from anomri.scores.context import ScoreContext
 
 __all__ = [
-    "ChannelStandardizer", "ConvEncoderModel", "ConvVAE", "FlatImageVAE", "PixelwiseContext", "PIXELWISE_SCORES",
+    "ChannelStandardizer", "ConvEncoderModel", "ConvVAE", "FlatImageVAE",
     "conv_encoder", "conv_decoder", "check_image_shape",
 ]
-
-#: Registry scores that are a sum over pixels of a per-pixel term (possibly averaged over Monte Carlo
-#: samples), so their terms form an anomaly map. Minima over samples and KL terms are not.
-PIXELWISE_SCORES = ("det-rec-err", "det-rec-lik", "enc-stoch-rec-err", "enc-stoch-rec-lik", "dec-stoch-rec-err",
-                    "full-stoch-rec-err")
-
 
 def check_image_shape(in_shape: Sequence[int], n_levels: int) -> int:
     """Side of the smallest feature map; the image must be square and divisible by 2**n_levels."""
@@ -204,76 +197,3 @@ class FlatImageVAE(nn.Module):
         lead = z.shape[:-1]
         mean, log_sigma = self.vae.decode(z.reshape(-1, self.latent_size))
         return mean.reshape(*lead, -1), log_sigma.reshape(*lead, -1)
-
-
-class PixelwiseContext:
-    """A :class:`ScoreContext` whose per-pixel tensors carry a trailing singleton axis.
-
-    A score of :data:`PIXELWISE_SCORES` sums a per-pixel term over the last
-    axis (and averages over Monte Carlo samples); evaluated on this view it
-    returns the un-summed terms, shape (N, D), which add up exactly to the
-    image score of the wrapped context: the same cached posterior and Monte
-    Carlo draws are reused.
-    """
-
-    def __init__(self, ctx: ScoreContext) -> None:
-        self._ctx = ctx
-        self._shared: dict[str, torch.Tensor] = {}
-        self.model = ctx.model
-        self.n_samples = ctx.n_samples
-        self.generator = ctx.generator
-        self.reference = ctx.reference
-        self.x = ctx.x.unsqueeze(-1)
-
-    def randn(self, *shape: int) -> torch.Tensor:
-        return self._ctx.randn(*shape)
-
-    def stream_randn(self, stream: str, *shape: int) -> torch.Tensor:
-        return self._ctx.stream_randn(stream, *shape)
-
-    def shared(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        # Its own cache: the wrapped context's entries are already summed over pixels.
-        if key not in self._shared:
-            self._shared[key] = compute()
-        return self._shared[key]
-
-    @property
-    def posterior(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ctx.posterior
-
-    @property
-    def mu(self) -> torch.Tensor:
-        return self._ctx.mu
-
-    @property
-    def logvar(self) -> torch.Tensor:
-        return self._ctx.logvar
-
-    @property
-    def latent_samples(self) -> torch.Tensor:
-        return self._ctx.latent_samples
-
-    @property
-    def reference_set(self) -> object:
-        return self._ctx.reference_set
-
-    @property
-    def reconstruction(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(t.unsqueeze(-1) for t in self._ctx.reconstruction)
-
-    @property
-    def sample_decodings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(t.unsqueeze(-1) for t in self._ctx.sample_decodings)
-
-    @property
-    def decoder_samples(self) -> torch.Tensor:
-        return self._ctx.decoder_samples.unsqueeze(-1)
-
-    @property
-    def full_samples(self) -> torch.Tensor:
-        return self._ctx.full_samples.unsqueeze(-1)
-
-    @property
-    def sample_nll(self) -> torch.Tensor:
-        """Per-pixel -log p(x|z_i), shape (S, N, D)."""
-        return gaussian_nll(self.x, *self.sample_decodings)

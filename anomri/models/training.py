@@ -13,28 +13,29 @@ from tqdm.auto import trange
 
 from anomri.io.atomic import atomic_path
 from anomri.models.vae import GaussianVAE
+from anomri.settings import default
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainingConfig:
-    """Hyper-parameters of VAE training (see ``config.yaml`` ``training:``)."""
+    """Hyper-parameters of VAE training; the defaults are the pipeline's (``config.yaml`` ``training:``)."""
 
-    latent_size: int = 8
-    hidden_channels: list[int] = field(default_factory=lambda: [128, 64])
-    kl_weight: float = 1.0
-    n_latent_samples: int = 1
-    batch_size: int = 512
-    learning_rate: float = 1e-3
-    max_epochs: int = 100
-    patience: int = 8
-    validation_fraction: float = 0.1
-    seed: int = 0
+    latent_size: int = default("training.latent_size")
+    hidden_channels: list[int] = field(default_factory=lambda: default("training.hidden_channels"))
+    kl_weight: float = default("training.kl_weight")
+    n_latent_samples: int = default("training.n_latent_samples")
+    batch_size: int = default("training.batch_size")
+    learning_rate: float = default("training.learning_rate")
+    max_epochs: int = default("training.max_epochs")
+    patience: int = default("training.patience")
+    validation_fraction: float = default("training.validation_fraction")
+    seed: int = default("training.seed")
     # The Gaussian decoder's variance floor makes the likelihood's gradient up to
     # exp(-2 * min_log_sigma) times larger for well-fitted voxels; without a cap a
     # single such batch can throw the weights (and the KL) off by orders of magnitude.
-    grad_clip_norm: float = 5.0
+    grad_clip_norm: float = default("training.grad_clip_norm")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 
 from anomri.models.vae import LOG_2PI
+from anomri.scores.screen import BUILD_ROWS, InnerProductForm
 from anomri.scores.search import (
-    BUILD_ROWS,
-    InnerProductForm,
     LowerBoundTree,
     PairFunction,
     SearchQueries,

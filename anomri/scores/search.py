@@ -32,14 +32,15 @@ instead, summed by a streaming log-sum-exp. Where f has no such form
 (Bhattacharyya) the rare huge balls are evaluated against every y; there the
 search is split over subsets of Y with tighter bounds (:func:`lower_min`).
 
-Peak memory is bounded by the block sizes below, never by |X| |Y|.
+The GEMM screen is :class:`~anomri.scores.screen.InnerProductForm`. Peak memory is bounded by the block
+sizes below and there, never by |X| |Y|.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -47,12 +48,14 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from anomri.scores import screen
+from anomri.scores.screen import BUILD_ROWS, InnerProductForm
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "PairFunction",
     "LowerBoundTree",
-    "InnerProductForm",
     "SearchQueries",
     "exact_min",
     "lower_min",
@@ -75,12 +78,10 @@ _BALL_MEMBERS = 1 << 20
 #: Neighbours first asked for when listing a ball, and queries sharing one distance bound.
 _FIRST_K = 128
 _BLOCK_QUERIES = 64
-#: Entries of one float32 screening block (|X chunk| x |Y chunk|), and queries screened together.
-_SCREEN_ELEMENTS = 1 << 23
+#: Queries screened together (see :data:`anomri.scores.screen.SCREEN_ELEMENTS`).
 _SCREEN_QUERIES = 2048
-#: Reference rows of one exact float64 block of a log-sum-exp, and queries sharing the blocks: blocks
-#: that no query's ball reaches are skipped, so both are small enough for the bounding boxes to be tight.
-_EXACT_ROWS = 1024
+#: Queries sharing the exact float64 blocks of a log-sum-exp (:data:`anomri.scores.screen.EXACT_ROWS` rows each):
+#: blocks that no query's ball reaches are skipped, so both are small enough for the bounding boxes to be tight.
 _EXACT_QUERIES = 512
 #: A query whose ball holds more than |Y| / _DENSE_FRACTION points is screened
 #: instead: around there one GEMM pass over Y costs less than the tree search
@@ -90,8 +91,6 @@ _DENSE_FRACTION = 256
 _BRUTE_FRACTION = 4
 #: Every _SAMPLE_STRIDE-th reference point forms the small tree that estimates ball sizes.
 _SAMPLE_STRIDE = 64
-#: Reference rows converted to float64 at once while building (bounds the build's memory).
-BUILD_ROWS = 1 << 16
 
 
 def kernel_sum_band(n_reference: int) -> float:
@@ -204,126 +203,6 @@ class LowerBoundTree:
         data = self.tree.data if order is None else self.tree.data[order]
         starts = np.arange(0, self.n, rows)
         return np.minimum.reduceat(data, starts), np.maximum.reduceat(data, starts)
-
-
-class InnerProductForm:
-    """f(x, y) = <Phi(x), Psi(y)> + a(x) + b(y), evaluated in matrix products.
-
-    Two uses: a float32 screen (:meth:`screen`) that lists the candidates of a
-    minimum, and exact float64 blocks (:meth:`exact_blocks`) for a log-sum-exp
-    over so many points that listing them costs more than evaluating them all.
-
-    Parameters
-    ----------
-    psi : Tensor
-        Psi(Y), shape (M, K), kept in its own dtype: pass float64 unless the values
-        are exactly representable in float32, since the exact blocks read it.
-    b : Tensor
-        b(Y), shape (M,), kept in float64.
-    order : ndarray, optional
-        Store the rows in this order, e.g. a tree's leaf order
-        (``LowerBoundTree.tree.indices``), so that consecutive rows lie close
-        together and an exact block far from every query can be skipped whole.
-
-    A subclass may compute Psi block by block instead of storing it, by
-    overriding :meth:`psi_rows` and calling ``_set_offsets`` from its constructor.
-    """
-
-    def __init__(self, psi: torch.Tensor, b: torch.Tensor, order: np.ndarray | None = None) -> None:
-        self.order = order
-        rows = slice(None) if order is None else torch.as_tensor(order, device=psi.device)
-        self.psi = psi[rows].contiguous()
-        self._set_offsets(b[rows], psi.shape[1])
-
-    def _set_offsets(self, b: torch.Tensor, width: int) -> None:
-        """Store b (in stored row order) and the norms the float32 error bound needs; Psi is read by psi_rows."""
-        self.width = width
-        self.b = b.double()
-        self.psi_norm_max = max(float(torch.linalg.vector_norm(self.psi_rows(s, s + BUILD_ROWS).double(), dim=1).max())
-                                for s in range(0, len(self.b), BUILD_ROWS))
-        self.b_abs_max = float(self.b.abs().max())
-
-    def psi_rows(self, start: int, stop: int) -> torch.Tensor:
-        """Psi of the stored rows [start, stop), (stop - start, K) in the stored dtype."""
-        return self.psi[start:stop]
-
-    def exact_blocks(self, phi: torch.Tensor, a: torch.Tensor, blocks: np.ndarray) -> Iterator[torch.Tensor]:
-        """f of the queries against stored rows [_EXACT_ROWS k, _EXACT_ROWS (k + 1)), k in ``blocks``, float64.
-
-        The float64 products carry a rounding error of order 1e-16 times the
-        largest term, the float64 rounding the exact refine has as well.
-        """
-        phi, a = phi.double(), a.double()
-        for k in blocks:
-            start, stop = int(k) * _EXACT_ROWS, (int(k) + 1) * _EXACT_ROWS
-            yield torch.addmm(self.b[start:stop], phi, self.psi_rows(start, stop).double().T).add_(a[:, None])
-
-    def error_bound(self, phi: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """Bound on |float32 f - f| per query.
-
-        Higham's gamma_K bound on a float32 dot product, with K raised by 8 for the
-        rounding of Phi, Psi, a, b to float32 and the two additions, then doubled.
-        """
-        k = self.width + 8
-        unit = 2.0**-24
-        gamma = 2.0 * k * unit / (1.0 - k * unit)
-        phi_norm = torch.linalg.vector_norm(phi.double(), dim=1)
-        return gamma * (phi_norm * self.psi_norm_max + a.double().abs() + self.b_abs_max)
-
-    def screen(self, phi: torch.Tensor, a: torch.Tensor, consume: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
-        """Pass ``consume(query rows, reference rows)`` pairs covering every y that attains min_y f.
-
-        Candidates are kept while their float32 value is within twice the error
-        bound of the running float32 minimum, and handed over in pieces of at
-        most about ``_SCREEN_ELEMENTS`` pairs, so memory stays bounded even when
-        many points tie within the error bound. A piece may hold pairs that a
-        later, lower minimum would have excluded: harmless for a minimum.
-
-        Parameters
-        ----------
-        phi, a : Tensor
-            Phi(x) (Q, K) and a(x) (Q,) of the queries, float64.
-        consume : callable
-            Receives (query rows, reference rows) index tensors.
-        """
-        margin = (2.0 * self.error_bound(phi, a)).float()
-        phi32, a32, b32 = phi.float(), a.float(), self.b.float()
-        running = torch.full((len(phi),), math.inf, device=phi.device)
-        rows = max(1, _SCREEN_ELEMENTS // max(len(phi), 1))
-        kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        n_kept = 0
-        # One buffer for every full chunk: reallocating tens of MB per chunk fragments the C heap,
-        # which then holds gigabytes.
-        buffer = torch.empty(len(phi), rows, device=phi.device)
-        mask = torch.empty(len(phi), rows, dtype=torch.bool, device=phi.device)
-        for start in range(0, len(self.b), rows):
-            psi, b = self.psi_rows(start, start + rows).float(), b32[start : start + rows]
-            full = len(psi) == rows
-            values = torch.addmm(b, phi32, psi.T, out=buffer) if full else torch.addmm(b, phi32, psi.T)
-            values += a32[:, None]
-            running = torch.minimum(running, values.min(1).values)
-            limit = (running + margin)[:, None]
-            below = torch.le(values, limit, out=mask) if full else values <= limit
-            q, r = torch.nonzero(below, as_tuple=True)
-            refs = r + start if self.order is None else torch.as_tensor(self.order, device=r.device)[r + start]
-            kept.append((q, refs, values[q, r]))
-            n_kept += len(q)
-            if n_kept > _SCREEN_ELEMENTS:  # a lower running minimum has ruled many of them out since
-                kept = [_below(kept, running + margin)]
-                n_kept = len(kept[0][0])
-                if n_kept > _SCREEN_ELEMENTS // 2:
-                    consume(*kept[0][:2])
-                    kept, n_kept = [], 0
-        if kept:
-            consume(*_below(kept, running + margin)[:2])
-
-
-def _below(kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-           limit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The (query, reference, value) triples whose value is at most the query's limit."""
-    q, r, v = (torch.cat(parts) for parts in zip(*kept, strict=True))
-    keep = v <= limit[q]
-    return q[keep], r[keep], v[keep]
 
 
 @dataclass
@@ -478,7 +357,7 @@ def _refine_dense(
         # A log-sum-exp: its band holds a large share of Y (a sixth of it on the demo), so f in float64
         # products costs less than listing the candidates and evaluating them pair by pair. Blocks of
         # neighbouring queries skip the reference blocks whose bounding box no query's ball reaches.
-        lower, upper = tree.block_boxes(form.order, _EXACT_ROWS)
+        lower, upper = tree.block_boxes(form.order, screen.EXACT_ROWS)
         todo = todo[np.argsort(queries.rank[todo])]
         for start in range(0, len(todo), _EXACT_QUERIES):
             ids = todo[start : start + _EXACT_QUERIES]

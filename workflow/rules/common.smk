@@ -4,6 +4,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from anomri.demo.plan import planned_scans
 from anomri.errors import InputError
 from anomri.io.cohort import plan_from_config
 from anomri.io.derivatives import ScanDerivatives, level_label
@@ -21,7 +22,7 @@ OUT = Path(config["output_dir"])
 LOGS = OUT / "logs"
 
 try:
-    PLAN = plan_from_config(config)
+    PLAN = plan_from_config(config, planned_scans(config))
     SELECTED_SCORES = get_scores(config["scoring"]["scores"])
 except InputError as exc:
     sys.exit(f"anomri: error: {exc}")

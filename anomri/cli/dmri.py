@@ -1,57 +1,21 @@
-"""The ``anomri`` command line: one subcommand per pipeline step.
-
-Each Snakemake rule calls exactly one of these. Bad input ends with one line
-``anomri: error: <file>: <problem>`` on stderr and exit status 2.
-"""
+"""The dMRI subcommands: preprocess, pool, train, reference, score, calibrate, learn-combination,
+probability, evaluate, the figures and the dataset description."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from anomri import __version__
+from anomri.cli.registry import command
 from anomri.errors import InputError
+from anomri.settings import default
 
 logger = logging.getLogger("anomri")
-
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
-
-
-def command(name: str) -> Callable[[Callable[[argparse.Namespace], None]], Callable[[argparse.Namespace], None]]:
-    """Register the handler of subcommand ``name``."""
-
-    def decorator(func: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
-        COMMANDS[name] = func
-        return func
-
-    return decorator
-
-
-# --------------------------------------------------------------------------- dMRI commands
-
-
-@command("demo-cohort")
-def run_demo_cohort(args: argparse.Namespace) -> None:
-    from anomri.demo.cohort import CohortSettings, make_demo_cohort
-
-    overrides = {k: v for k, v in vars(args).items() if k in COHORT_OPTIONS and v is not None}
-    if "lesion_masks" in overrides:
-        overrides["lesion_masks"] = tuple(overrides["lesion_masks"])
-    for key in ("snr", "severity"):
-        if key in overrides:
-            overrides[key] = tuple(overrides[key])
-    try:
-        settings = CohortSettings.legacy() if args.preset == "legacy" else CohortSettings()
-        make_demo_cohort(args.out, n_controls=args.n_controls, n_patients=args.n_patients, seed=args.seed,
-                         settings=settings, **overrides)
-    except ValueError as exc:
-        raise InputError(args.out, str(exc)) from exc
 
 
 @command("preprocess")
@@ -71,9 +35,9 @@ def run_preprocess(args: argparse.Namespace) -> None:
 
 @command("pool")
 def run_pool(args: argparse.Namespace) -> None:
+    from anomri.dmri.features import pool_samples
     from anomri.io.atomic import atomic_path
     from anomri.io.derivatives import ScanDerivatives
-    from anomri.io.voxels import pool_samples
 
     # Every scan, then every noisier copy of every scan (one derivatives tree per noise level).
     trees = [args.derivatives_dir, *args.augmented]
@@ -112,7 +76,7 @@ def run_train(args: argparse.Namespace) -> None:
 @command("reference")
 def run_reference(args: argparse.Namespace) -> None:
     from anomri.io.derivatives import ScanDerivatives
-    from anomri.io.voxels import pool_samples
+    from anomri.dmri.features import pool_samples
     from anomri.models.checkpoint import load_vae
     from anomri.models.training import resolve_device
     from anomri.scores.reference import ReferenceSet
@@ -301,133 +265,8 @@ def run_dataset_description(args: argparse.Namespace) -> None:
     write_dataset_description(args.derivatives_dir, args.source)
 
 
-# --- image commands ---
-
-
-@command("demo-images")
-def run_demo_images(args: argparse.Namespace) -> None:
-    from anomri.demo.images import make_demo_images
-
-    make_demo_images(args.out, n_train=args.n_train, n_test_good=args.n_test_good,
-                     n_test_per_defect=args.n_test_per_defect, height=args.height, seed=args.seed)
-
-
-@command("images-train")
-def run_images_train(args: argparse.Namespace) -> None:
-    from anomri.evaluate.table import write_table
-    from anomri.images.training import save_image_model, train_image_model
-    from anomri.images.settings import ImageSettings
-    from anomri.io.images import infer_channels, load_model_inputs, scan_mvtec, split_validation
-    from anomri.models.training import resolve_device
-
-    settings = ImageSettings.from_json(args.settings)
-    folder = scan_mvtec(args.root)
-    train, validation = split_validation(folder.train, settings.validation_fraction, settings.seed)
-    channels = infer_channels(folder.train) if settings.channels == "auto" else int(settings.channels)
-    inputs = load_model_inputs(train, settings.image_geometry, channels).inputs
-    held_out = load_model_inputs(validation, settings.image_geometry, channels).inputs
-    resume = Path(args.out).with_suffix(".resume.pt")
-    model, history = train_image_model(args.model, inputs, settings, resume, resolve_device(args.device),
-                                       validation=held_out)
-    save_image_model(args.out, model.cpu(), {"root": str(args.root), "settings": json.loads(settings.to_json()),
-                                             "n_training_images": len(train), "n_training_inputs": len(inputs),
-                                             "validation_images": [str(r.path) for r in validation]})
-    write_table(args.history, history, list(history[0]) if history else ["epoch"])
-    resume.unlink(missing_ok=True)
-
-
-@command("images-score")
-def run_images_score(args: argparse.Namespace) -> None:
-    from anomri.images.outputs import ImageOutputs
-    from anomri.images.scoring import score_folder
-    from anomri.images.settings import ImageSettings
-    from anomri.images.training import load_image_model
-    from anomri.models.checkpoint import file_sha256
-    from anomri.models.training import resolve_device
-
-    out = ImageOutputs(args.images_dir)
-    model, metadata = load_image_model(args.model, resolve_device(args.device))
-    score_folder(args.method, model, {"path": str(args.model), "sha256": file_sha256(args.model)}, args.root,
-                 ImageSettings.from_json(args.settings), out.maps(args.method), out.scores(args.method), out.thresholds(args.method))
-
-
-@command("images-evaluate")
-def run_images_evaluate(args: argparse.Namespace) -> None:
-    from anomri.images.evaluation import evaluate_methods
-    from anomri.images.outputs import ImageOutputs
-    from anomri.images.settings import ImageSettings
-
-    out = ImageOutputs(args.images_dir)
-    settings = ImageSettings.from_json(args.settings)
-    evaluate_methods(args.root, {m: out.scores(m) for m in args.methods}, {m: out.thresholds(m) for m in args.methods},
-                     {m: out.maps(m) for m in args.methods}, out.image_scores, out.evaluation, out.curves,
-                     settings.threshold_percentile, settings.aupro_fpr_limit)
-
-
-@command("images-report")
-def run_images_report(args: argparse.Namespace) -> None:
-    from anomri.images.figures import plot_examples, plot_roc_curves, write_overlays
-    from anomri.images.outputs import ImageOutputs
-    from anomri.images.settings import PRIMARY_SCORE
-
-    out = ImageOutputs(args.images_dir)
-    plot_roc_curves(out.curves, out.roc_figure)
-    for method in args.methods:
-        plot_examples(args.root, method, out.scores(method), PRIMARY_SCORE[method], out.maps(method),
-                      out.examples_figure(method))
-        write_overlays(args.root, out.maps(method), out.overlays(method))
-
-
-def _add_image_parsers(sub: argparse._SubParsersAction) -> None:
-    from anomri.images.settings import METHODS, MODEL_OF_METHOD
-
-    p = sub.add_parser("demo-images", help="write the synthetic OCT-like demo images (MVTec layout)")
-    p.add_argument("out", help="new image folder")
-    p.add_argument("--n-train", type=int, default=60)
-    p.add_argument("--n-test-good", type=int, default=12)
-    p.add_argument("--n-test-per-defect", type=int, default=12)
-    p.add_argument("--height", type=int, default=128, help="B-scan height in pixels")
-    p.add_argument("--seed", type=int, default=0)
-
-    def common(p: argparse.ArgumentParser, device: bool = False) -> None:
-        p.add_argument("--root", required=True, help="MVTec-layout image folder")
-        p.add_argument("--settings", default="{}", help="JSON object of ImageSettings fields")
-        if device:
-            p.add_argument("--device", default="auto")
-
-    p = sub.add_parser("images-train", help="train one image model on the normal training images")
-    common(p, device=True)
-    p.add_argument("--model", required=True, choices=sorted(set(MODEL_OF_METHOD.values())))
-    p.add_argument("--out", required=True, help="model checkpoint (.pt)")
-    p.add_argument("--history", required=True, help="training curve (.tsv)")
-
-    p = sub.add_parser("images-score", help="anomaly maps and scores of one method")
-    common(p, device=True)
-    p.add_argument("--method", required=True, choices=METHODS)
-    p.add_argument("--model", required=True, help="checkpoint from images-train")
-    p.add_argument("--images-dir", required=True, help="<output_dir>/images")
-
-    for name, help_text in (("images-evaluate", "metrics of every method, by defect type"),
-                            ("images-report", "ROC curves, best/worst examples and per-image overlays")):
-        p = sub.add_parser(name, help=help_text)
-        common(p)
-        p.add_argument("--methods", nargs="+", required=True, choices=METHODS)
-        p.add_argument("--images-dir", required=True)
-
-
-# --------------------------------------------------------------------------- parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="anomri", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"anomri {__version__}")
-    parser.add_argument("--log", help="also append log messages to this file")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    _add_demo_cohort_parser(sub)
-
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """The parsers of the dMRI subcommands."""
     p = sub.add_parser("preprocess", help="validate and preprocess one scan")
     p.add_argument("--dwi", required=True)
     p.add_argument("--bval", required=True)
@@ -436,15 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", required=True, help="sub-<label>[_ses-<label>]")
     p.add_argument("--mask", help="provided brain mask (else median_otsu)")
     p.add_argument("--lesion-mask", help="lesion mask, checked against the DWI grid")
-    p.add_argument("--b0-threshold", type=float, default=50.0)
-    p.add_argument("--denoise", default="none", choices=["none", "mppca", "patch2self"])
-    p.add_argument("--features", default="raw", choices=["raw", "sh-invariant"], help="feature representation")
-    p.add_argument("--context", default="none", choices=["none", "stats"],
+    p.add_argument("--b0-threshold", type=float, default=default("preprocessing.b0_threshold"))
+    p.add_argument("--denoise", default=default("preprocessing.denoise"), choices=["none", "mppca", "patch2self"])
+    p.add_argument("--features", default=default("preprocessing.features"), choices=["raw", "sh-invariant"],
+                   help="feature representation")
+    p.add_argument("--context", default=default("preprocessing.context"), choices=["none", "stats"],
                    help="spatial context: append the in-mask neighbourhood mean and std of every feature")
-    p.add_argument("--context-radius", type=int, default=1, help="neighbourhood half-width, voxels (1: 3x3x3)")
-    p.add_argument("--gibbs-removal", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--context-radius", type=int, default=default("preprocessing.context_radius"),
+                   help="neighbourhood half-width, voxels (1: 3x3x3)")
+    p.add_argument("--gibbs-removal", action=argparse.BooleanOptionalAction,
+                   default=default("preprocessing.gibbs_removal"),
                    help="remove Gibbs ringing (dipy, slice by slice along the third axis)")
-    p.add_argument("--motion-correction", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--motion-correction", action=argparse.BooleanOptionalAction,
+                   default=default("preprocessing.motion_correction"),
                    help="register every volume to the mean b0 (dipy) and rotate the b-vectors")
     p.add_argument("--noise-factor", type=float, default=1.0,
                    help="first raise the scan's noise standard deviation this many times (training augmentation)")
@@ -455,24 +298,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augmented", nargs="*", default=[], metavar="DIR",
                    help="derivatives trees of noisier copies of the same scans (preprocess --noise-factor)")
     p.add_argument("--out", required=True, help=".npz file")
-    p.add_argument("--max-voxels-per-scan", type=int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-voxels-per-scan", type=int, default=default("training.max_voxels_per_scan"))
+    p.add_argument("--seed", type=int, default=default("training.seed"))
 
     p = sub.add_parser("train", help="train the VAE on pooled healthy voxels")
     p.add_argument("--pool", required=True)
     p.add_argument("--out", required=True, help="model checkpoint (.pt)")
     p.add_argument("--history", required=True, help="training curve (.tsv)")
-    p.add_argument("--settings", default="{}", help="JSON object of TrainingConfig fields")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--settings", default="{}", help="JSON object of TrainingConfig fields (others: their defaults)")
+    p.add_argument("--device", default=default("training.device"))
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice, one per core)")
 
     p = sub.add_parser("reference", help="build the healthy reference set of the reference-based scores")
     _add_scans(p)
     p.add_argument("--model", required=True)
-    p.add_argument("--size", type=int, default=200_000, help="reference samples, stratified across scans")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=default("scoring.reference_size"),
+                   help="reference samples, stratified across scans")
+    p.add_argument("--seed", type=int, default=default("scoring.seed"))
     p.add_argument("--out", required=True, help=".pt file")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default=default("scoring.device"))
 
     p = sub.add_parser("score", help="write the novelty maps of one scan")
     p.add_argument("--model", required=True)
@@ -480,10 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--derivatives-dir", required=True)
     p.add_argument("--prefix", required=True)
     p.add_argument("--scores", nargs="+", default=["all"])
-    p.add_argument("--n-samples", type=int, default=45, help="Monte Carlo samples")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--n-samples", type=int, default=default("scoring.n_samples"), help="Monte Carlo samples")
+    p.add_argument("--seed", type=int, default=default("scoring.seed"))
+    p.add_argument("--batch-size", type=int, default=default("scoring.batch_size"))
+    p.add_argument("--device", default=default("scoring.device"))
 
     p = sub.add_parser("calibrate", help="healthy null distributions from held-out controls")
     _add_scans(p)
@@ -499,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan", nargs=2, action="append", required=True, metavar=("PREFIX", "LESION_MASK"),
                    help="a labelled patient (repeat; at least 2)")
     p.add_argument("--apply", nargs="*", default=[], metavar="PREFIX", help="other scans: all-patient model")
-    p.add_argument("--C", type=float, default=1.0, help="inverse L2 penalty strength of the logistic model")
+    p.add_argument("--C", type=float, default=default("probability.learned_combination.C"), help="inverse L2 penalty strength of the logistic model")
     p.add_argument("--out", required=True, help=".json file: models and cross-validated metrics")
     _add_calibration_options(p)
 
@@ -507,9 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--derivatives-dir", required=True)
     p.add_argument("--prefix", required=True)
     p.add_argument("--null", required=True)
-    p.add_argument("--levels", type=float, nargs="+", default=[0.01, 0.001],
+    p.add_argument("--levels", type=float, nargs="+", default=default("probability.levels"),
                    help="healthy false-positive rates of the lesion masks")
-    p.add_argument("--min-component-voxels", type=int, default=1, help="drop smaller lesion-mask components")
+    p.add_argument("--min-component-voxels", type=int, default=default("probability.min_component_voxels"),
+                   help="drop smaller lesion-mask components")
 
     p = sub.add_parser("evaluate", help="score every map against lesion masks")
     p.add_argument("--derivatives-dir", required=True)
@@ -517,14 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", nargs="+", required=True)
     p.add_argument("--calibration", nargs="+", required=True, metavar="PREFIX",
                    help="calibration controls: their maps set each map kind's healthy-FPR threshold")
-    p.add_argument("--fpr", type=float, default=0.01, help="fraction of calibration brain voxels flagged")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the cohort summary")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    p.add_argument("--min-lesion-overlap", type=float, default=0.1,
+    p.add_argument("--fpr", type=float, default=default("evaluation.fpr"),
+                   help="fraction of calibration brain voxels flagged")
+    p.add_argument("--bootstrap", type=int, default=default("evaluation.bootstrap"),
+                   help="bootstrap resamples of the cohort summary")
+    p.add_argument("--seed", type=int, default=default("evaluation.seed"), help="seed of the bootstrap")
+    p.add_argument("--min-lesion-overlap", type=float, default=default("evaluation.min_lesion_overlap"),
                    help="share of a lesion's voxels to flag for it to count as detected")
     p.add_argument("--healthy", nargs="*", default=[], metavar="PREFIX",
                    help="held-out controls: their realised false-positive rate (patients with empty masks join)")
-    p.add_argument("--levels", type=float, nargs="+", default=[0.01, 0.001],
+    p.add_argument("--levels", type=float, nargs="+", default=default("probability.levels"),
                    help="levels of the lesion masks whose realised false-positive rate is reported")
     p.add_argument("--out", required=True, help="per-patient and pooled table (.tsv)")
     p.add_argument("--summary", required=True, help="cohort summary table (.tsv)")
@@ -550,116 +397,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dataset-description", help="write dataset_description.json")
     p.add_argument("--derivatives-dir", required=True)
     p.add_argument("--source", required=True)
-    _add_image_parsers(sub)
-    return parser
-
-
-#: ``demo-cohort`` options that set a field of :class:`anomri.demo.cohort.CohortSettings`.
-COHORT_OPTIONS = (
-    "voxel_size", "scheme", "bvals", "bvecs", "n_b0", "max_dirs_per_shell", "snr", "pose_rotation_deg",
-    "pose_translation_mm", "head_scaling", "warp_mm", "ventricle_mm", "cortex_thinning", "diffusivity_jitter",
-    "axon_fraction_jitter", "bias_field", "volume_motion_deg", "volume_motion_mm", "gibbs", "lesions",
-    "lesion_masks", "severity", "t2_shine_through",
-)
-
-
-def _add_demo_cohort_parser(sub: argparse._SubParsersAction) -> None:
-    """``demo-cohort``: every simulation setting, unset ones taken from the preset."""
-    p = sub.add_parser("demo-cohort", help="write a synthetic BIDS cohort (realistic MS patients by default)",
-                       description="Options left out take the preset's value (anomri.demo.cohort.CohortSettings).")
-    p.add_argument("out", help="new BIDS directory")
-    p.add_argument("--preset", choices=["realistic", "legacy"], default="realistic",
-                   help="realistic: per-subject anatomy, real MS lesion masks, motion and bias; legacy: the "
-                        "earlier cohort (one anatomy, blob lesions), reproduced byte for byte")
-    p.add_argument("--n-controls", type=int, default=6)
-    p.add_argument("--n-patients", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    g = p.add_argument_group("acquisition")
-    g.add_argument("--voxel-size", type=float, help="isotropic voxel size, mm")
-    g.add_argument("--scheme", help="dipy gradient table (3shell, isbi2013-2shell) or shells 'b:n,b:n'")
-    g.add_argument("--bvals", help="FSL .bval of your own scheme (with --bvecs; replaces --scheme)")
-    g.add_argument("--bvecs", help="FSL .bvec of your own scheme, world (RAS) axes")
-    g.add_argument("--n-b0", type=int, help="interleaved b0 volumes")
-    g.add_argument("--max-dirs-per-shell", type=int, help="subsample each shell of a dipy table")
-    g.add_argument("--snr", type=float, nargs=2, metavar=("LOW", "HIGH"), help="SNR range (mean WM b0 / sigma)")
-    g.add_argument("--bias-field", type=float, help="receive bias strength (0.2: +-20-40 %%)")
-    g.add_argument("--volume-motion-deg", type=float, help="head rotation between volumes, per axis, degrees")
-    g.add_argument("--volume-motion-mm", type=float, help="head translation between volumes, mm")
-    g.add_argument("--gibbs", action=argparse.BooleanOptionalAction, default=None, help="Gibbs ringing")
-    g = p.add_argument_group("anatomy")
-    g.add_argument("--pose-rotation-deg", type=float, help="head pose rotation per axis, degrees")
-    g.add_argument("--pose-translation-mm", type=float, help="head pose translation, mm")
-    g.add_argument("--head-scaling", type=float, help="head size per axis in [1 - h, 1 + h]")
-    g.add_argument("--warp-mm", type=float, help="amplitude of the smooth nonlinear warp, mm")
-    g.add_argument("--ventricle-mm", type=float, help="patients' largest ventricle enlargement, mm")
-    g.add_argument("--cortex-thinning", type=float, help="patients' largest share of outer cortex lost")
-    g.add_argument("--diffusivity-jitter", type=float, help="subject diffusivity scaling in [1 - j, 1 + j]")
-    g.add_argument("--axon-fraction-jitter", type=float, help="subject axon-fraction scaling in [1 - j, 1 + j]")
-    g = p.add_argument_group("lesions")
-    g.add_argument("--lesions", choices=["ms", "blobs"], help="real MS lesion masks or deep-WM ellipsoids")
-    g.add_argument("--lesion-masks", nargs="+", metavar="NIFTI",
-                   help="MNI-space lesion masks that patients take in turn (default: the five shipped with anomri)")
-    g.add_argument("--severity", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="range of per-lesion severity, 0 barely visible to 1 a black hole")
-    g.add_argument("--t2-shine-through", action=argparse.BooleanOptionalAction, default=None,
-                   help="lesions hyperintense on b0")
 
 
 def _add_calibration_options(p: argparse.ArgumentParser) -> None:
     """Scores, post-processing and calibration settings shared by ``calibrate`` and ``learn-combination``."""
     p.add_argument("--scores", nargs="+", required=True)
-    p.add_argument("--erosion-voxels", type=int, default=0, help="brain-mask erosion before calibration")
-    p.add_argument("--median-filter-voxels", type=int, default=0, help="side of an in-mask median filter (odd; 0 = off)")
-    p.add_argument("--smoothing-fwhm-mm", type=float, default=0.0, help="Gaussian smoothing within the mask")
-    p.add_argument("--tail-fraction", type=float, default=0.01,
+    p.add_argument("--erosion-voxels", type=int, default=default("probability.erosion_voxels"),
+                   help="brain-mask erosion before calibration")
+    p.add_argument("--median-filter-voxels", type=int, default=default("probability.median_filter_voxels"),
+                   help="side of an in-mask median filter (odd; 0 = off)")
+    p.add_argument("--smoothing-fwhm-mm", type=float, default=default("probability.smoothing_fwhm_mm"),
+                   help="Gaussian smoothing within the mask")
+    p.add_argument("--tail-fraction", type=float, default=default("probability.tail_fraction"),
                    help="fraction of the healthy null modelled by the generalised Pareto tail")
-    p.add_argument("--combination", choices=["fisher", "tippett"], default="fisher",
+    p.add_argument("--combination", choices=["fisher", "tippett"], default=default("probability.combination"),
                    help="how several scores' tail probabilities combine")
-    p.add_argument("--tissue-classes", type=int, default=1,
+    p.add_argument("--tissue-classes", type=int, default=default("probability.tissue_classes"),
                    help="calibrate each of K tissue classes (Gaussian mixture of log features) on its own; 1 = one null")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tissue-class mixture")
+    p.add_argument("--seed", type=int, default=default("probability.seed"), help="seed of the tissue-class mixture")
 
 
 def _add_scans(p: argparse.ArgumentParser) -> None:
     p.add_argument("--derivatives-dir", required=True)
     p.add_argument("--scans", nargs="+", required=True, metavar="PREFIX")
 
-
-def _setup_logging(log_file: str | None, verbose: bool) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
-
-
-def _resolve_scores(selection: list[str]) -> list[str]:
-    from anomri.scores import get_scores
-
-    try:
-        return [s.id for s in get_scores("all" if selection == ["all"] else selection)]
-    except KeyError as exc:
-        raise InputError("--scores", exc.args[0]) from exc
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``anomri`` console script."""
-    args = build_parser().parse_args(argv)
-    _setup_logging(args.log, args.verbose)
-    try:
-        if "scores" in args:
-            args.scores = _resolve_scores(args.scores)
-        COMMANDS[args.command](args)
-    except InputError as exc:
-        # One line, naming the file: the whole message a user needs.
-        sys.stderr.write(f"anomri: error: {exc}\n")
-        if args.log:
-            with open(args.log, "a") as fh:
-                fh.write(f"anomri: error: {exc}\n")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,73 @@
+"""The ``anomri`` command line: one subcommand per pipeline step.
+
+Each Snakemake rule calls exactly one of these. Bad input ends with one line
+``anomri: error: <file>: <problem>`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from anomri import __version__
+from anomri.cli import demo, dmri, images
+from anomri.cli.registry import COMMANDS
+from anomri.errors import InputError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="anomri", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"anomri {__version__}")
+    parser.add_argument("--log", help="also append log messages to this file")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo.add_parser(sub)
+    dmri.add_parsers(sub)
+    images.add_parsers(sub)
+    return parser
+
+
+def _setup_logging(log_file: str | None, verbose: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
+
+
+def _resolve_scores(selection: list[str]) -> list[str]:
+    from anomri.scores import get_scores
+
+    try:
+        return [s.id for s in get_scores("all" if selection == ["all"] else selection)]
+    except KeyError as exc:
+        raise InputError("--scores", exc.args[0]) from exc
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``anomri`` console script."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log, args.verbose)
+    try:
+        if "scores" in args:
+            args.scores = _resolve_scores(args.scores)
+        COMMANDS[args.command](args)
+    except InputError as exc:
+        # One line, naming the file: the whole message a user needs.
+        sys.stderr.write(f"anomri: error: {exc}\n")
+        if args.log:
+            with open(args.log, "a") as fh:
+                fh.write(f"anomri: error: {exc}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
