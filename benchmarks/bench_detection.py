@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                             for k in ("erosion_voxels", "median_filter_voxels", "smoothing_fwhm_mm")))
     first = ScanDerivatives(out, plan.calibration[0].prefix)
     vae_scores = sorted(path.name.removeprefix(f"{first.prefix}_space-dwi_desc-").removesuffix("_novelty.nii.gz")
-                        for path in first.dir.glob("*_novelty.nii.gz"))
+                        for path in first.dir.glob(f"{first.prefix}_space-dwi_desc-*_novelty.nii.gz"))
     print(f"run {out}: {len(train)} training voxels x {train.shape[1]} features from {pooled_scans}; "
           f"calibration {[s.prefix for s in plan.calibration]}; patients {[s.prefix for s in plan.evaluable]}; "
           f"post-processing {post.record()}, tail fraction {prob['tail_fraction']}")

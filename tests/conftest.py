@@ -99,6 +99,23 @@ def synthetic_scan(tmp_path: Path) -> SyntheticScan:
 
 
 @pytest.fixture
+def restore_threads(monkeypatch: pytest.MonkeyPatch):
+    """Put torch's thread count, every BLAS/OpenMP limit and the thread variables back after the test
+    (``anomri --threads N`` sets them for the whole process)."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from anomri.cli import THREAD_VARIABLES
+
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)  # undone (the old value restored) after the test
+    before = torch.get_num_threads()
+    with threadpool_limits(limits=None):  # restores the original limits on exit
+        yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[[list[str]], CliResult]:
     """Run ``anomri.cli.main`` in-process and capture what it printed."""
 

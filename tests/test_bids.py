@@ -152,6 +152,18 @@ def test_scan_of_unlisted_participant_is_an_input_error(tmp_path: Path) -> None:
     assert "sub-03" in info.value.problem and "participants.tsv" in info.value.problem
 
 
+def test_listed_participant_without_a_scan_is_an_input_error(tmp_path: Path) -> None:
+    # sub-03 is listed but its DWI folder is missing: the run must not go on without it.
+    write_participants(tmp_path, {"01": "control", "02": "patient", "03": "patient"})
+    for label in ("01", "02"):
+        add_dwi(tmp_path, label)
+    (tmp_path / "sub-03" / "anat").mkdir(parents=True)
+    with pytest.raises(InputError) as info:
+        index_cohort(tmp_path)
+    assert info.value.path == str(tmp_path / "participants.tsv")
+    assert info.value.problem.startswith("sub-03 listed but without a diffusion scan")
+
+
 def test_missing_participants_tsv_is_an_input_error(tmp_path: Path) -> None:
     add_dwi(tmp_path, "01")
     with pytest.raises(InputError) as info:

@@ -103,7 +103,8 @@ def test_gradient_norm_is_capped(samples: np.ndarray, cap: float) -> None:
         assert max(norms) > 0.5
 
 
-def test_train_command_trains_on_the_threads_it_is_given(samples: np.ndarray, tmp_path, capsys) -> None:
+def test_train_command_trains_on_the_threads_it_is_given(samples: np.ndarray, tmp_path, capsys,
+                                                      restore_threads) -> None:
     pool = tmp_path / "pool.npz"
     np.savez(pool, samples=samples, description=json.dumps({"Representation": "raw"}), scans=np.array(["sub-01"]))
     wanted = torch.get_num_threads() + 1  # differs from torch's own choice on any machine

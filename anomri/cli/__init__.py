@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,7 +17,11 @@ from anomri.cli import demo, dmri, images
 from anomri.cli.registry import COMMANDS
 from anomri.errors import InputError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "limit_threads", "main"]
+
+#: Thread-count variables of OpenMP and the BLAS libraries, read when a library loads.
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+                    "NUMEXPR_NUM_THREADS")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"anomri {__version__}")
     parser.add_argument("--log", help="also append log messages to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads of the command: torch, BLAS/OpenMP and the nearest-neighbour search "
+                             "(what a scheduler reserved; default: every core)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo.add_parser(sub)
@@ -42,6 +50,27 @@ def _setup_logging(log_file: str | None, verbose: bool) -> None:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", force=True)
 
 
+def limit_threads(threads: int) -> None:
+    """Keep this process to ``threads`` CPU threads: torch, BLAS/OpenMP and the search code.
+
+    The environment variables reach the libraries loaded later, and child processes: torch,
+    imported only by the commands that need it (seconds and hundreds of MB), takes its intra-op
+    thread count from ``OMP_NUM_THREADS``. torch, if already imported, and every BLAS/OpenMP
+    library already loaded (numpy's) are limited at once. The nearest-neighbour search sizes its
+    cKDTree workers from torch's count.
+    """
+    if threads < 1:
+        raise InputError("--threads", f"must be positive; got {threads}")
+    for name in THREAD_VARIABLES:
+        os.environ[name] = str(threads)
+    import numpy  # noqa: F401  (loads numpy's BLAS, so that threadpoolctl limits it)
+    from threadpoolctl import threadpool_limits
+
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    threadpool_limits(limits=threads)
+
+
 def _resolve_scores(selection: list[str]) -> list[str]:
     from anomri.scores import get_scores
 
@@ -56,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log, args.verbose)
     try:
+        if args.threads is not None:
+            limit_threads(args.threads)
         if "scores" in args:
             args.scores = _resolve_scores(args.scores)
         COMMANDS[args.command](args)

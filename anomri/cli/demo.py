@@ -22,9 +22,19 @@ def run_demo_cohort(args: argparse.Namespace) -> None:
     try:
         settings = CohortSettings.legacy() if args.preset == "legacy" else CohortSettings()
         make_demo_cohort(args.out, n_controls=args.n_controls, n_patients=args.n_patients, seed=args.seed,
-                         settings=settings, **overrides)
+                         settings=settings, workers=_workers(args.threads), **overrides)
     except ValueError as exc:
         raise InputError(args.out, str(exc)) from exc
+
+
+def _workers(threads: int | None) -> int:
+    """Subjects simulated at once: the global ``--threads`` (default 2), each worker's BLAS kept to one thread."""
+    if threads is None:
+        return 2
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)  # the workers are the parallelism: N workers x 1 BLAS thread = N threads
+    return threads
 
 
 #: ``demo-cohort`` options that set a field of :class:`anomri.demo.cohort.CohortSettings`.

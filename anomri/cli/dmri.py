@@ -52,16 +52,11 @@ def run_pool(args: argparse.Namespace) -> None:
 
 @command("train")
 def run_train(args: argparse.Namespace) -> None:
-    import torch
-
+    # `train --threads N` (kept for older scripts) sets the global --threads: main() applies it before this.
     from anomri.evaluate.table import write_table
     from anomri.models.checkpoint import save_vae
     from anomri.models.training import TrainingConfig, resolve_device, train_vae
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise InputError("--threads", f"must be positive; got {args.threads}")
-        torch.set_num_threads(args.threads)  # the cores the scheduler reserved; else torch takes every core
     with np.load(args.pool) as pool:
         samples, description, scans = pool["samples"], json.loads(str(pool["description"])), pool["scans"].tolist()
     config = TrainingConfig(**json.loads(args.settings))
@@ -307,7 +302,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--history", required=True, help="training curve (.tsv)")
     p.add_argument("--settings", default="{}", help="JSON object of TrainingConfig fields (others: their defaults)")
     p.add_argument("--device", default=default("training.device"))
-    p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice, one per core)")
+    # The global `anomri --threads N` does the same; SUPPRESS keeps its value when this one is left out.
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="the same as `anomri --threads N train` (kept for older scripts)")
 
     p = sub.add_parser("reference", help="build the healthy reference set of the reference-based scores")
     _add_scans(p)

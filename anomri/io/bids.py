@@ -155,8 +155,8 @@ def index_cohort(
     Raises
     ------
     InputError
-        No participants.tsv, missing columns, no controls, no scans, or a scan
-        whose participant is not listed.
+        No participants.tsv, missing columns, no controls, no scans, a scan
+        whose participant is not listed, or a listed participant without a scan.
     """
     bids_dir = Path(bids_dir)
     if not bids_dir.is_dir():
@@ -187,6 +187,11 @@ def index_cohort(
                                         lesion_template, brain_mask_suffix))
     if not scans:
         raise InputError(bids_dir, f"no diffusion scans found (expected sub-*/[ses-*/]dwi/*{dwi_suffix})")
+    # A listed participant without a scan would silently leave the cohort (and a run "succeed" without it).
+    missing = sorted(set(groups) - {s.participant_id for s in scans})
+    if missing:
+        raise InputError(tsv, f"{', '.join(missing)} listed but without a diffusion scan "
+                              f"(expected {missing[0]}/[ses-*/]dwi/*{dwi_suffix}); add the scan or remove the row")
     prefixes = [s.prefix for s in scans]
     if len(set(prefixes)) != len(prefixes):
         dup = sorted({p for p in prefixes if prefixes.count(p) > 1})

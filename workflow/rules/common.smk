@@ -20,6 +20,11 @@ ANOMRI = f"{shlex.quote(sys.executable)} -m anomri"
 
 OUT = Path(config["output_dir"])
 LOGS = OUT / "logs"
+# Every rule's `benchmark:` file (wall time, max RSS, CPU time of each job), the measurements behind mem_mb:
+# each rule's mem_mb is about 1.5x the largest max RSS of its jobs on the demo cohort of config.yaml (8 controls,
+# 4 patients, 3 mm, 3shell; issue 14 in benchmarks/README.md), rounded up to 500 MB. Larger scans and cohorts
+# need more: read a first run's files (benchmarks/rule_table.py) and raise it with --set-resources.
+BENCHMARKS = OUT / "benchmarks"
 
 try:
     PLAN = plan_from_config(config, planned_scans(config))
@@ -29,6 +34,8 @@ except InputError as exc:
 except (KeyError, ValueError) as exc:
     sys.exit(f"anomri: error: config: {exc}")
 SCORES = [s.id for s in SELECTED_SCORES]
+# The scoring settings as the rules' params, less `threads`: changing a job's threads reruns nothing.
+SCORING = {k: v for k, v in config["scoring"].items() if k != "threads"}
 NEEDS_REFERENCE = any(s.needs_reference for s in SELECTED_SCORES)
 PROBABILITY_SCORES = config["probability"]["scores"]
 PROBABILITY_NEEDS_REFERENCE = any(s.needs_reference for s in SELECTED_SCORES if s.id in PROBABILITY_SCORES)
@@ -48,6 +55,12 @@ wildcard_constraints:
     prefix=r"sub-[a-zA-Z0-9]+(_ses-[a-zA-Z0-9]+)?",
     score=r"[a-z0-9-]+",
     level=r"[0-9]+",
+
+
+def benchmark_file(rule, *parts):
+    """``<output_dir>/benchmarks/<rule>/<parts...>.tsv``, ``.../<rule>/<rule>.tsv`` for a rule without wildcards."""
+    parts = parts or (rule,)
+    return str(BENCHMARKS.joinpath(rule, *parts[:-1], parts[-1] + ".tsv"))
 
 
 def derivatives(prefix):

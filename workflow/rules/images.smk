@@ -22,9 +22,10 @@ if not config.get("images_root") and "oct_band" in IMAGE_CONFIG.get("demo", {}):
     _image_settings["oct_band"] = IMAGE_CONFIG["demo"]["oct_band"]
 IMAGE_SETTINGS = json.dumps(_image_settings)
 IMAGE_DEVICE = IMAGE_CONFIG.get("device", "auto")
-# A fixed count, not workflow.cores: a cluster run has no total core count. Snakemake hands it to
-# torch through OMP_NUM_THREADS.
+# A fixed count, not workflow.cores: a cluster run has no total core count. The rules pass it to
+# `anomri --threads` (torch, BLAS/OpenMP).
 IMAGE_THREADS = IMAGE_CONFIG.get("threads", 2)
+# The image rules' mem_mb are estimates, not yet measured (their benchmark files record the real peaks).
 # The demo folder is an output to wait for; a user's folder is simply read.
 IMAGES_ROOT_INPUT = [] if config.get("images_root") else [IMAGES.demo]
 
@@ -41,6 +42,8 @@ if not config.get("images_root"):
             directory(IMAGES.demo),
         log:
             LOGS / "images" / "demo.log",
+        benchmark:
+            benchmark_file("images_demo"),
         threads: 1
         resources:
             mem_mb=1000,
@@ -48,7 +51,7 @@ if not config.get("images_root"):
         params:
             demo=option_args(DEMO_OPTIONS),
         shell:
-            "{ANOMRI} --log {log:q} demo-images {output:q} {params.demo:q}"
+            "{ANOMRI} --log {log:q} --threads {threads:q} demo-images {output:q} {params.demo:q}"
 
 
 rule images_train:
@@ -60,6 +63,8 @@ rule images_train:
                        category="Images", subcategory="Training"),
     log:
         LOGS / "images" / "train_{image_model}.log",
+    benchmark:
+        benchmark_file("images_train", "{image_model}"),
     threads: IMAGE_THREADS
     resources:
         mem_mb=8000,
@@ -70,7 +75,8 @@ rule images_train:
         settings=IMAGE_SETTINGS,
         device=IMAGE_DEVICE,
     shell:
-        "{ANOMRI} --log {log:q} images-train --root {params.root:q} --model {wildcards.image_model:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} images-train"
+        " --root {params.root:q} --model {wildcards.image_model:q}"
         " --out {output.model:q} --history {output.history:q} --settings {params.settings:q}"
         " --device {params.device:q}"
 
@@ -85,6 +91,8 @@ rule images_score:
         thresholds=IMAGES.thresholds("{image_method}"),
     log:
         LOGS / "images" / "score_{image_method}.log",
+    benchmark:
+        benchmark_file("images_score", "{image_method}"),
     threads: IMAGE_THREADS
     resources:
         mem_mb=8000,
@@ -96,7 +104,8 @@ rule images_score:
         settings=IMAGE_SETTINGS,
         device=IMAGE_DEVICE,
     shell:
-        "{ANOMRI} --log {log:q} images-score --root {params.root:q} --method {wildcards.image_method:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} images-score"
+        " --root {params.root:q} --method {wildcards.image_method:q}"
         " --model {input.model:q} --images-dir {params.images_dir:q} --settings {params.settings:q}"
         " --device {params.device:q}"
 
@@ -115,6 +124,8 @@ rule images_evaluate:
         curves=IMAGES.curves,
     log:
         LOGS / "images" / "evaluate.log",
+    benchmark:
+        benchmark_file("images_evaluate"),
     threads: 1
     resources:
         mem_mb=12000,
@@ -125,7 +136,8 @@ rule images_evaluate:
         methods=IMAGE_METHODS,
         settings=IMAGE_SETTINGS,
     shell:
-        "{ANOMRI} --log {log:q} images-evaluate --root {params.root:q} --methods {params.methods:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} images-evaluate"
+        " --root {params.root:q} --methods {params.methods:q}"
         " --images-dir {params.images_dir:q} --settings {params.settings:q}"
 
 
@@ -143,6 +155,8 @@ rule images_report:
         overlays=[directory(IMAGES.overlays(m)) for m in IMAGE_METHODS],
     log:
         LOGS / "images" / "report.log",
+    benchmark:
+        benchmark_file("images_report"),
     threads: 1
     resources:
         mem_mb=4000,
@@ -153,7 +167,7 @@ rule images_report:
         methods=IMAGE_METHODS,
         settings=IMAGE_SETTINGS,
     shell:
-        "{ANOMRI} --log {log:q} images-report --root {params.root:q} --methods {params.methods:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} images-report --root {params.root:q} --methods {params.methods:q}"
         " --images-dir {params.images_dir:q} --settings {params.settings:q}"
 
 

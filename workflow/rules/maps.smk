@@ -10,17 +10,20 @@ rule reference_set:
         OUT / "models" / "reference_set.pt",
     log:
         LOGS / "reference_set.log",
-    threads: 1
+    benchmark:
+        benchmark_file("reference_set"),
+    threads: config["scoring"]["threads"]
     resources:
-        mem_mb=8000,
+        mem_mb=1000,  # 1.5x peak RSS 513 MB on the demo cohort
         runtime=30,
         gpu=1 if config["scoring"]["device"] == "cuda" else 0,
     params:
         derivatives=OUT,
         scans=prefixes(PLAN.training),
-        sc=config["scoring"],
+        sc=SCORING,
     shell:
-        "{ANOMRI} --log {log:q} reference --derivatives-dir {params.derivatives:q} --scans {params.scans:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} reference"
+        " --derivatives-dir {params.derivatives:q} --scans {params.scans:q}"
         " --model {input.model:q} --size {params.sc[reference_size]:q} --seed {params.sc[seed]:q} --out {output:q}"
         " --device {params.sc[device]:q}"
 
@@ -36,18 +39,20 @@ rule score:
         sidecars=[scan_pattern(f"desc-{s}_novelty.json") for s in SCORES],
     log:
         LOGS / "score" / "{subdir}" / "{prefix}.log",
-    threads: 1
+    benchmark:
+        benchmark_file("score", "{subdir}", "{prefix}"),
+    threads: config["scoring"]["threads"]
     resources:
-        mem_mb=6000,
+        mem_mb=1500,  # 1.5x peak RSS 917 MB on the demo cohort, the default scores
         runtime=60,
         gpu=1 if config["scoring"]["device"] == "cuda" else 0,
     params:
         derivatives=OUT,
-        sc=config["scoring"],
+        sc=SCORING,
         scores=SCORES,
         reference=lambda wc, input: optional_flag("--reference", input, "reference"),
     shell:
-        "{ANOMRI} --log {log:q} score --model {input.model:q} {params.reference:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} score --model {input.model:q} {params.reference:q}"
         " --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
         " --scores {params.scores:q} --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
         " --batch-size {params.sc[batch_size]:q} --device {params.sc[device]:q}"
@@ -65,18 +70,20 @@ rule score_augmented:
         sidecars=[augmented_pattern(f"desc-{k}_novelty.json") for k in PROBABILITY_SCORES],
     log:
         LOGS / "score_augmented" / "noise-{level}" / "{subdir}" / "{prefix}.log",
-    threads: 1
+    benchmark:
+        benchmark_file("score_augmented", "noise-{level}", "{subdir}", "{prefix}"),
+    threads: config["scoring"]["threads"]
     resources:
-        mem_mb=6000,
+        mem_mb=1500,  # 1.5x peak RSS 771 MB on the demo cohort, 4 jobs
         runtime=30,
         gpu=1 if config["scoring"]["device"] == "cuda" else 0,
     params:
         tree=lambda wc: AUGMENTED / f"noise-{wc.level}",
-        sc=config["scoring"],
+        sc=SCORING,
         scores=PROBABILITY_SCORES,
         reference=lambda wc, input: optional_flag("--reference", input, "reference"),
     shell:
-        "{ANOMRI} --log {log:q} score --model {input.model:q} {params.reference:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} score --model {input.model:q} {params.reference:q}"
         " --derivatives-dir {params.tree:q} --prefix {wildcards.prefix:q}"
         " --scores {params.scores:q} --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
         " --batch-size {params.sc[batch_size]:q} --device {params.sc[device]:q}"
@@ -93,9 +100,11 @@ rule calibrate:
         OUT / "calibration" / "healthy_null.npz",
     log:
         LOGS / "calibrate.log",
+    benchmark:
+        benchmark_file("calibrate"),
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=1000,  # 1.5x peak RSS 549 MB on the demo cohort
         runtime=20,
     params:
         derivatives=OUT,
@@ -104,7 +113,8 @@ rule calibrate:
         pp=config["probability"],
         augmented=[AUGMENTED / f"noise-{level}" for level in CALIBRATION_LEVELS],
     shell:
-        "{ANOMRI} --log {log:q} calibrate --derivatives-dir {params.derivatives:q} --scans {params.scans:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} calibrate"
+        " --derivatives-dir {params.derivatives:q} --scans {params.scans:q}"
         " --augmented {params.augmented:q}"
         " --scores {params.scores:q} --out {output:q} --erosion-voxels {params.pp[erosion_voxels]:q}"
         " --median-filter-voxels {params.pp[median_filter_voxels]:q}"
@@ -127,16 +137,19 @@ rule probability:
         masks=[scan_pattern(f"label-L_desc-{level_label(a)}_mask.nii.gz") for a in config["probability"]["levels"]],
     log:
         LOGS / "probability" / "{subdir}" / "{prefix}.log",
+    benchmark:
+        benchmark_file("probability", "{subdir}", "{prefix}"),
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=1000,  # 1.5x peak RSS 495 MB on the demo cohort, 12 jobs
         runtime=10,
     params:
         derivatives=OUT,
         pp=config["probability"],
         levels=config["probability"]["levels"],
     shell:
-        "{ANOMRI} --log {log:q} probability --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} probability"
+        " --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
         " --null {input.null:q} --levels {params.levels:q}"
         " --min-component-voxels {params.pp[min_component_voxels]:q}"
 
@@ -154,9 +167,11 @@ rule learn_combination:
         maps=[derivatives(s.prefix).learned_probseg for s in PLAN.scans],
     log:
         LOGS / "learn_combination.log",
+    benchmark:
+        benchmark_file("learn_combination"),
     threads: 1
     resources:
-        mem_mb=6000,
+        mem_mb=6000,  # not measured (opt-in, off in the demo): every computed score of every scan at once
         runtime=30,
     params:
         derivatives=OUT,
@@ -166,7 +181,7 @@ rule learn_combination:
         scores=SCORES,
         pp=config["probability"],
     shell:
-        "{ANOMRI} --log {log:q} learn-combination --derivatives-dir {params.derivatives:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} learn-combination --derivatives-dir {params.derivatives:q}"
         " --calibration {params.calibration:q} {params.labelled:q} --apply {params.others:q}"
         " --scores {params.scores:q} --out {output.model:q}"
         " --C {params.pp[learned_combination][C]:q} --erosion-voxels {params.pp[erosion_voxels]:q}"

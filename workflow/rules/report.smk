@@ -25,14 +25,16 @@ rule plot_curves:
                 subcategory="ROC and PR curves", labels={"score": m}) for m in EVALUATED_MAPS],
     log:
         LOGS / "figures" / "curves.log",
+    benchmark:
+        benchmark_file("plot_curves"),
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=500,  # 1.5x peak RSS 212 MB on the demo cohort
         runtime=10,
     params:
         figures=FIGURES.root,
     shell:
-        "{ANOMRI} --log {log:q} plot-curves --curves {input:q} --figures-dir {params.figures:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} plot-curves --curves {input:q} --figures-dir {params.figures:q}"
 
 
 rule plot_overlay:
@@ -47,14 +49,17 @@ rule plot_overlay:
                subcategory="Overlays", labels={"scan": "{prefix}"}),
     log:
         LOGS / "figures" / "overlay_{prefix}.log",
+    benchmark:
+        benchmark_file("plot_overlay", "{prefix}"),
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=500,  # 1.5x peak RSS 208 MB on the demo cohort, 4 jobs
         runtime=10,
     params:
         derivatives=OUT,
     shell:
-        "{ANOMRI} --log {log:q} plot-overlay --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} plot-overlay"
+        " --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
         " --lesion-mask {input.lesion:q} --evaluation {input.evaluation:q} --out {output:q}"
 
 
@@ -66,9 +71,11 @@ rule plot_training:
                subcategory="Curves"),
     log:
         LOGS / "figures" / "training.log",
+    benchmark:
+        benchmark_file("plot_training"),
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=500,  # 1.5x peak RSS 196 MB on the demo cohort
         runtime=5,
     shell:
-        "{ANOMRI} --log {log:q} plot-training --history {input:q} --out {output:q}"
+        "{ANOMRI} --log {log:q} --threads {threads:q} plot-training --history {input:q} --out {output:q}"
