@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from anomri.demo.images import make_demo_images
+from anomri.images.geometry import ImageGeometry, load_model_inputs
 from anomri.images.training import load_image_model
-from anomri.io.images import ImageGeometry, load_model_inputs, scan_mvtec
+from anomri.io.images import scan_mvtec
 from anomri.models.anogan import DCGAN, latent_search
 from anomri.models.training import resolve_device
 

@@ -70,6 +70,7 @@ from anomri.maps.postprocess import PostProcessing  # noqa: E402
 from anomri.maps.probability import HealthyNull  # noqa: E402
 from anomri.maps.tissue import TissueModel  # noqa: E402
 from anomri.maps.writing import masked_features  # noqa: E402
+from anomri.scores import score_ids  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 #: Voxels scored per call, bounding the kNN distance matrices.
@@ -197,8 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     post = PostProcessing(*(prob[k] if getattr(args, k) is None else getattr(args, k)
                             for k in ("erosion_voxels", "median_filter_voxels", "smoothing_fwhm_mm")))
     first = ScanDerivatives(out, plan.calibration[0].prefix)
-    vae_scores = sorted(path.name.removeprefix(f"{first.prefix}_space-dwi_desc-").removesuffix("_novelty.nii.gz")
-                        for path in first.dir.glob(f"{first.prefix}_space-dwi_desc-*_novelty.nii.gz"))
+    vae_scores = [score for score in score_ids() if first.novelty(score).exists()]
     print(f"run {out}: {len(train)} training voxels x {train.shape[1]} features from {pooled_scans}; "
           f"calibration {[s.prefix for s in plan.calibration]}; patients {[s.prefix for s in plan.evaluable]}; "
           f"post-processing {post.record()}, tail fraction {prob['tail_fraction']}")

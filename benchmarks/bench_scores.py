@@ -26,6 +26,11 @@ Usage::
     python benchmarks/bench_scores.py --scaling             # cost when test / reference grow 4x
     python benchmarks/bench_scores.py --scale               # peak memory, 1M test x 500k reference
     python benchmarks/bench_scores.py --demo results/anomri # every score on one demo subject, as the workflow runs them
+    python benchmarks/bench_scores.py --libraries           # Euclidean NN scores: ours vs FAISS, cKDTree, cdist
+
+``--libraries`` runs ``bench_search.py`` (same synthetic problem and thread count): the exact Euclidean
+nearest-neighbour search against ``faiss.IndexFlatL2`` (faiss-cpu), ``scipy.spatial.cKDTree`` and ``torch.cdist``,
+with each one's efficiency against the machine's matrix-multiply rate.
 """
 
 from __future__ import annotations
@@ -459,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scale-test", type=int, default=1_000_000)
     parser.add_argument("--scale-ref", type=int, default=500_000)
     parser.add_argument("--scale-batches", type=int, default=4)
+    parser.add_argument("--libraries", action="store_true",
+                        help="Euclidean NN scores against FAISS, cKDTree and cdist (bench_search.py)")
     parser.add_argument("--demo", help="derivatives directory of a finished demo run (models/, sub-*/)")
     parser.add_argument("--subject", default="sub-P01", help="with --demo: the subject to score")
     parser.add_argument("--demo-voxels", type=int, default=16384, help="with --demo: voxels timed")
@@ -466,6 +473,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
+    if args.libraries:
+        from bench_search import main as search_main
+
+        search_main(["--device", args.device, "--threads", str(args.threads), "--n-test", str(args.n_test),
+                     "--n-ref", str(args.n_ref), "--train-steps", str(args.train_steps)])
+        return
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {device}, {args.threads} thread(s), {os.cpu_count()} CPU(s), "
           f"load average {os.getloadavg()[0]:.1f}")

@@ -32,7 +32,7 @@ from anomri.settings import default
 
 def train_command(run: Path, work: Path, epochs: int) -> list[str]:
     settings = {k: v for k, v in default("training").items()
-                if k not in ("device", "max_voxels_per_scan", "threads", "noise_augmentation")}
+                if k not in ("device", "max_voxels_per_scan", "max_training_voxels", "threads", "noise_augmentation")}
     settings["max_epochs"] = epochs
     return ["train", "--pool", str(run / "models" / "training_voxels.npz"), "--out", str(work / "vae.pt"),
             "--history", str(work / "history.tsv"), "--settings", json.dumps(settings), "--device", "cpu"]

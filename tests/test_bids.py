@@ -6,13 +6,15 @@ The trees are empty placeholder files made here: indexing reads names only.
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pytest
 
 from anomri.errors import InputError
-from anomri.io.bids import Scan, index_cohort
-from anomri.io.cohort import split_controls
+from anomri.io.bids import Scan, SelectionError, index_cohort
+from anomri.io.cohort import plan_from_config, split_controls
+from anomri.settings import defaults
 
 
 def touch(path: Path) -> Path:
@@ -129,7 +131,7 @@ def test_qsiprep_layout(tmp_path: Path) -> None:
         add_dwi(tmp_path, label, session="1", stem_entities="_space-T1w", suffix="_desc-preproc_dwi")
         touch(tmp_path / f"sub-{label}" / "ses-1" / "dwi" / f"sub-{label}_ses-1_space-T1w_desc-brain_mask.nii.gz")
         touch(tmp_path / f"sub-{label}" / "ses-1" / "dwi" / f"sub-{label}_ses-1_space-T1w_dwiref.nii.gz")
-    scans = index_cohort(tmp_path, dwi_suffix="_desc-preproc_dwi.nii.gz",
+    scans = index_cohort(tmp_path, dwi_suffix="_desc-preproc_dwi",
                          brain_mask_suffix="_desc-brain_mask.nii.gz")
     assert len(scans) == 2
     for scan in scans:
@@ -172,15 +174,21 @@ def test_missing_participants_tsv_is_an_input_error(tmp_path: Path) -> None:
 
 
 def test_large_cohort_is_indexed_completely(tmp_path: Path) -> None:
-    # 150 subjects x 2 sessions; a slow (quadratic) indexer would show up as a
-    # slow test, but speed itself is measured by benchmarks, not asserted here.
-    labels = [f"{i:03d}" for i in range(150)]
+    # 200 subjects x 2 sessions x 2 runs, half of them with the top-level gradients; a slow (quadratic)
+    # indexer would show up as a slow test, but speed itself is measured by benchmarks/bench_indexing.py.
+    labels = [f"{i:03d}" for i in range(200)]
     write_participants(tmp_path, {label: "control" if i % 3 else "patient" for i, label in enumerate(labels)})
-    for label, session in itertools.product(labels, ("1", "2")):
-        add_dwi(tmp_path, label, session)
+    top = [touch(tmp_path / "dwi.bval"), touch(tmp_path / "dwi.bvec")]
+    for (i, label), session, run in itertools.product(enumerate(labels), ("1", "2"), ("1", "2")):
+        dwi = add_dwi(tmp_path, label, session, stem_entities=f"_run-{run}")
+        if i % 2:
+            for ext in (".bval", ".bvec"):
+                dwi.with_name(dwi.name.replace(".nii.gz", ext)).unlink()
     scans = index_cohort(tmp_path)
-    assert [s.prefix for s in scans] == [f"sub-{label}_ses-{s}" for label in labels for s in ("1", "2")]
-    assert sum(s.is_control for s in scans) == 2 * sum(1 for i in range(150) if i % 3)
+    assert [s.prefix for s in scans] == [f"sub-{label}_ses-{s}_run-{r}" for label in labels for s in ("1", "2")
+                                         for r in ("1", "2")]
+    assert sum(s.is_control for s in scans) == 4 * sum(1 for i in range(200) if i % 3)
+    assert sum([s.bval, s.bvec] == top for s in scans) == 4 * 100
 
 
 # --------------------------------------------------------------------------- control split
@@ -307,5 +315,194 @@ def test_alphanumeric_entities_are_accepted(tmp_path: Path) -> None:
     add_dwi(tmp_path, "A1", session="Pre1", stem_entities="_acq-b1000_run-1")
     add_dwi(tmp_path, "b2", session="pre")
     scans = index_cohort(tmp_path)
-    assert [s.prefix for s in scans] == ["sub-A1_ses-Pre1", "sub-b2_ses-pre"]
+    assert [s.prefix for s in scans] == ["sub-A1_ses-Pre1_acq-b1000_run-1", "sub-b2_ses-pre"]
+    assert [s.subdir for s in scans] == ["sub-A1/ses-Pre1", "sub-b2/ses-pre"]
     assert scans[0].dwi.name == "sub-A1_ses-Pre1_acq-b1000_run-1_dwi.nii.gz"
+
+
+# --------------------------------------------------------------------------- inheritance, runs, .nii
+
+
+def test_top_level_gradients_are_inherited(tmp_path: Path) -> None:
+    write_participants(tmp_path, {"01": "control", "02": "patient"})
+    dwis = [touch(tmp_path / f"sub-{label}" / "dwi" / f"sub-{label}_dwi.nii.gz") for label in ("01", "02")]
+    bval, bvec = touch(tmp_path / "dwi.bval"), touch(tmp_path / "dwi.bvec")
+    # sub-02's own b-vectors are closer than the top-level ones, and win.
+    own_bvec = touch(dwis[1].with_name("sub-02_dwi.bvec"))
+    scans = index_cohort(tmp_path)
+    assert [(s.dwi, s.bval, s.bvec) for s in scans] == [(dwis[0], bval, bvec), (dwis[1], bval, own_bvec)]
+
+
+def test_session_and_subject_level_files_are_inherited(tmp_path: Path) -> None:
+    write_participants(tmp_path, {"01": "control"})
+    dwi = touch(tmp_path / "sub-01" / "ses-1" / "dwi" / "sub-01_ses-1_acq-b1000_dwi.nii.gz")
+    touch(tmp_path / "dwi.bval")
+    bval = touch(tmp_path / "sub-01" / "ses-1" / "sub-01_ses-1_dwi.bval")  # deeper: wins over the top level
+    bvec = touch(tmp_path / "sub-01" / "sub-01_acq-b1000_dwi.bvec")
+    touch(tmp_path / "sub-01" / "sub-01_acq-b3000_dwi.bvec")  # another acquisition's: does not apply
+    (scan,) = index_cohort(tmp_path)
+    assert (scan.dwi, scan.bval, scan.bvec) == (dwi, bval, bvec)
+
+
+def test_json_sidecars_merge_from_the_top(tmp_path: Path) -> None:
+    write_participants(tmp_path, {"01": "control"})
+    add_dwi(tmp_path, "01", session="1")
+    top = tmp_path / "dwi.json"
+    top.write_text('{"PhaseEncodingDirection": "j", "TotalReadoutTime": 0.05}')
+    own = tmp_path / "sub-01" / "ses-1" / "dwi" / "sub-01_ses-1_dwi.json"
+    own.write_text('{"PhaseEncodingDirection": "j-"}')
+    touch(tmp_path / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_T1w.json")  # another suffix
+    (scan,) = index_cohort(tmp_path)
+    assert scan.sidecars == (top, own)
+    assert scan.metadata() == {"PhaseEncodingDirection": "j-", "TotalReadoutTime": 0.05}
+
+
+def test_two_applicable_files_in_one_folder_are_ambiguous(tmp_path: Path) -> None:
+    write_participants(tmp_path, {"01": "control"})
+    add_dwi(tmp_path, "01", stem_entities="_run-1")
+    folder = tmp_path / "sub-01" / "dwi"
+    touch(folder / "sub-01_dwi.bval")  # applies to run 1 as well as its own sub-01_run-1_dwi.bval
+    with pytest.raises(InputError) as info:
+        index_cohort(tmp_path)
+    assert info.value.path == str(folder)
+    assert "sub-01_dwi.bval and sub-01_run-1_dwi.bval" in info.value.problem
+
+
+def test_missing_gradients_name_the_scan(tmp_path: Path) -> None:
+    write_participants(tmp_path, {"01": "control"})
+    dwi = touch(tmp_path / "sub-01" / "dwi" / "sub-01_dwi.nii.gz")
+    touch(tmp_path / "sub-01" / "dwi" / "sub-01_dwi.bvec")
+    with pytest.raises(InputError) as info:
+        index_cohort(tmp_path)
+    assert info.value.path == str(dwi) and info.value.problem.startswith("no .bval file applies")
+
+
+def test_each_run_is_its_own_scan(tmp_path: Path) -> None:
+    write_participants(tmp_path, {"01": "control", "02": "control"})
+    runs = [add_dwi(tmp_path, "01", session="1", stem_entities=f"_dir-AP_run-{run}") for run in (1, 2)]
+    add_dwi(tmp_path, "02", session="1")
+    scans = index_cohort(tmp_path)
+    assert [s.prefix for s in scans] == ["sub-01_ses-1_dir-AP_run-1", "sub-01_ses-1_dir-AP_run-2", "sub-02_ses-1"]
+    assert [s.subdir for s in scans] == ["sub-01/ses-1"] * 2 + ["sub-02/ses-1"]
+    assert [s.dwi for s in scans[:2]] == runs
+    assert [s.bval.name for s in scans[:2]] == ["sub-01_ses-1_dir-AP_run-1_dwi.bval",
+                                               "sub-01_ses-1_dir-AP_run-2_dwi.bval"]
+    # Both runs of a participant fall on one side of the control split.
+    training, calibration, _ = split_controls(scans, 0.5, seed=0)
+    assert sorted(len(side) for side in (training, calibration)) == [1, 2]
+
+
+def test_run_outputs_share_the_session_folder(tmp_path: Path) -> None:
+    from anomri.io.bids import PREFIX_PATTERN
+    from anomri.io.derivatives import ScanDerivatives
+
+    assert ScanDerivatives(tmp_path, "sub-01_ses-1_acq-b1000_run-2").dir == tmp_path / "sub-01" / "ses-1" / "dwi"
+    assert ScanDerivatives(tmp_path, "sub-01_run-2").dir == tmp_path / "sub-01" / "dwi"
+    for prefix in ("sub-01", "sub-01_ses-1", "sub-01_ses-1_acq-b1000_dir-AP_run-2", "sub-01_run-1"):
+        assert re.fullmatch(PREFIX_PATTERN, prefix), prefix
+    for other in ("sub-01_space-dwi", "sub-01_run-2_acq-b1000", "sub-01/ses-1", "sub-0 1"):
+        assert not re.fullmatch(PREFIX_PATTERN, other), other
+
+
+def test_dwi_filters_choose_among_runs(tmp_path: Path) -> None:
+    write_participants(tmp_path, {"01": "control", "02": "patient"})
+    for label in ("01", "02"):
+        for direction in ("AP", "PA"):
+            add_dwi(tmp_path, label, stem_entities=f"_dir-{direction}")
+    scans = index_cohort(tmp_path, dwi_filters={"dir": ["AP"]})
+    assert [s.prefix for s in scans] == ["sub-01_dir-AP", "sub-02_dir-AP"]
+    with pytest.raises(SelectionError) as info:
+        index_cohort(tmp_path, dwi_filters={"dir": ["LR"]})
+    assert "select no DWI file" in info.value.problem
+
+
+def test_uncompressed_nifti(tmp_path: Path) -> None:
+    write_participants(tmp_path, {"01": "control", "02": "patient"})
+    folder = tmp_path / "sub-01" / "dwi"
+    dwi = touch(folder / "sub-01_dwi.nii")
+    touch(folder / "sub-01_dwi.bval")
+    touch(folder / "sub-01_dwi.bvec")
+    add_dwi(tmp_path, "02")
+    scans = index_cohort(tmp_path)
+    assert (scans[0].dwi, scans[0].bval, scans[0].prefix) == (dwi, folder / "sub-01_dwi.bval", "sub-01")
+    # The same scan twice, compressed and not, is ambiguous.
+    touch(folder / "sub-01_dwi.nii.gz")
+    with pytest.raises(InputError) as info:
+        index_cohort(tmp_path)
+    assert info.value.path == str(folder)
+    assert info.value.problem.startswith("several DWI files make scan sub-01 (sub-01_dwi.nii, sub-01_dwi.nii.gz)")
+
+
+def test_qsiprep_brain_mask_must_exist(tmp_path: Path) -> None:
+    write_participants(tmp_path, {"01": "control"})
+    dwi = add_dwi(tmp_path, "01", suffix="_desc-preproc_dwi")
+    with pytest.raises(InputError) as info:
+        index_cohort(tmp_path, dwi_suffix="_desc-preproc_dwi", brain_mask_suffix="_desc-brain_mask.nii.gz")
+    assert info.value.path == str(dwi) and "sub-01_desc-brain_mask.nii.gz is missing" in info.value.problem
+
+
+# --------------------------------------------------------------------------- participant selection
+
+
+def selection_cohort(root: Path) -> None:
+    """sub-01..04 with a DWI scan (01, 02 controls), sub-05 listed without one."""
+    write_participants(root, {"01": "control", "02": "control", "03": "patient", "04": "patient", "05": "patient"})
+    for label in ("01", "02", "03", "04"):
+        add_dwi(root, label)
+
+
+def test_participant_label_selects(tmp_path: Path) -> None:
+    selection_cohort(tmp_path)
+    # sub-05 has no scan, but it is not selected: no error.
+    scans = index_cohort(tmp_path, participant_label=["01", "sub-02", "03"])
+    assert [s.participant_id for s in scans] == ["sub-01", "sub-02", "sub-03"]
+
+
+def test_excluded_participant_is_left_out(tmp_path: Path) -> None:
+    selection_cohort(tmp_path)
+    scans = index_cohort(tmp_path, exclude_participant_label=["04", "05"])
+    assert [s.participant_id for s in scans] == ["sub-01", "sub-02", "sub-03"]
+
+
+@pytest.mark.parametrize(("key", "labels"), [("participant_label", ["01", "09"]),
+                                             ("exclude_participant_label", ["sub-09"])])
+def test_label_matching_nobody_is_an_error(tmp_path: Path, key: str, labels: list[str]) -> None:
+    selection_cohort(tmp_path)
+    with pytest.raises(SelectionError) as info:
+        index_cohort(tmp_path, **{key: labels, "exclude_participant_label": ["05"]} if key == "participant_label"
+                     else {key: labels})
+    assert info.value.path == str(tmp_path / "participants.tsv")
+    assert info.value.problem.startswith(f"{key} {labels[-1]!r} matches no participant")
+
+
+def test_selection_without_controls_or_anybody(tmp_path: Path) -> None:
+    selection_cohort(tmp_path)
+    with pytest.raises(SelectionError, match="no controls among the selected participants"):
+        index_cohort(tmp_path, participant_label=["03"])
+    with pytest.raises(SelectionError, match="leave no participant"):
+        index_cohort(tmp_path, participant_label=["03"], exclude_participant_label=["03"])
+    with pytest.raises(InputError, match="not a participant label"):
+        index_cohort(tmp_path, participant_label=["0 1"])
+
+
+def test_models_train_on_the_selected_controls(tmp_path: Path) -> None:
+    labels = [f"C{i}" for i in range(6)] + ["P1", "P2"]
+    write_participants(tmp_path, {label: "control" if label[0] == "C" else "patient" for label in labels})
+    for label in labels:
+        add_dwi(tmp_path, label)
+    config = defaults()
+    config.update(bids_dir=str(tmp_path), participant_label=["C0", "C1", "C2", "P1"],
+                  split={"calibration_fraction": 0.34, "holdout_controls": 0, "seed": 0})
+    plan = plan_from_config(config)
+    assert [s.participant_id for s in plan.scans] == ["sub-C0", "sub-C1", "sub-C2", "sub-P1"]
+    assert {s.participant_id for s in plan.training + plan.calibration} == {"sub-C0", "sub-C1", "sub-C2"}
+
+
+def test_demo_plan_honours_the_selection(tmp_path: Path) -> None:
+    from anomri.demo.plan import planned_scans
+
+    config = defaults()
+    config.update(output_dir=str(tmp_path), exclude_participant_label=["C08", "P04"])
+    plan = plan_from_config(config, planned_scans(config))
+    assert [s.participant_id for s in plan.scans] == [f"sub-C0{i}" for i in range(1, 8)] + [
+        f"sub-P0{i}" for i in range(1, 4)]

@@ -1,4 +1,4 @@
-"""Image folders in the MVTec layout: reading, masks, geometry, bad input, the demo set."""
+"""Image folders in the MVTec layout: reading, masks, bad input, the demo set; the geometry of model inputs."""
 
 from __future__ import annotations
 
@@ -11,15 +11,8 @@ from PIL import Image
 
 from anomri.demo.images import DEFECT_TYPES, make_demo_images
 from anomri.errors import InputError
-from anomri.io.images import (
-    ImageGeometry,
-    infer_channels,
-    load_model_inputs,
-    read_image,
-    read_mask,
-    scan_mvtec,
-    split_validation,
-)
+from anomri.images.geometry import ImageGeometry, load_model_inputs, split_validation
+from anomri.io.images import infer_channels, read_image, read_mask, scan_mvtec
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -10,8 +10,9 @@ Layers, bottom to top (the graph counts module-level and function-local imports 
 5. ``maps`` (novelty maps, post-processing, calibrated probabilities) and, beside it, ``demo`` (synthetic
    cohorts and images: may use anything below ``maps``; only the CLI and ``workflow/`` import it)
 6. ``evaluate``
-7. ``images`` (the 2-D image engine, end to end: settings, image training, scoring and evaluation;
-   it uses ``io``'s image folders and geometry, ``models``, ``scores`` and ``evaluate``'s image metrics)
+7. ``images`` (the 2-D image engine, end to end: settings, the geometry between images and model inputs,
+   image training, scoring and evaluation; it uses ``io``'s image folders, ``models``, ``scores`` and
+   ``evaluate``'s image metrics)
 8. ``report``
 9. ``cli`` (``anomri/cli*`` and ``anomri/__main__.py``) and ``workflow/``
 

@@ -93,7 +93,7 @@ def preprocess(source: Source, output_dir: Path, *extra: str) -> Outputs:
     assert code == 0
     folder = output_dir / "sub-01" / "dwi"
     return Outputs(nib.load(folder / "sub-01_space-dwi_desc-brain_mask.nii.gz"),
-                   nib.load(folder / "sub-01_space-dwi_dwiref.nii.gz"),
+                   nib.load(folder / "sub-01_space-dwi_desc-meanb0_S0map.nii.gz"),
                    nib.load(folder / "sub-01_space-dwi_desc-qspace_features.nii.gz"),
                    json.loads((folder / "sub-01_space-dwi_desc-qspace_features.json").read_text()))
 
@@ -265,7 +265,8 @@ def test_mrtrix_scan_with_provided_mask(subject: str, tmp_path: Path) -> None:
     # The provided mask is not what median_otsu finds, so equality shows it was used.
     assert (otsu_mask(data, bvals) != provided).sum() > 10
     assert out.sidecar["Preprocessing"]["brain_mask"] == "provided"
-    assert str(mask_path) in out.sidecar["Sources"]
+    # Outside an input dataset (no --source-dir), a source is named by its file URI.
+    assert mask_path.resolve().as_uri() in out.sidecar["Sources"]
     assert_features_are_s_over_s0(out, data, bvals)
     assert out.sidecar["Scheme"]["bvals"] == np.round(bvals[bvals > B0_THRESHOLD]).astype(int).tolist()
 

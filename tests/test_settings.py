@@ -47,6 +47,7 @@ CLI_SETTINGS = [
         ("context_radius", "context_radius"), ("gibbs_removal", "gibbs_removal"),
         ("motion_correction", "motion_correction")]],
     ("pool", "max_voxels_per_scan", "training.max_voxels_per_scan"),
+    ("pool", "max_training_voxels", "training.max_training_voxels"),
     ("pool", "seed", "training.seed"),
     ("train", "device", "training.device"),
     ("reference", "size", "scoring.reference_size"),

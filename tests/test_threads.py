@@ -35,11 +35,12 @@ def test_global_threads_reach_torch_blas_and_search(run_cli, tmp_path: Path, res
 
 
 def test_torch_imported_after_the_limit_takes_it(tmp_path: Path) -> None:
-    """Commands that need no torch do not import it; when one does later, it keeps to --threads."""
-    code = ("import sys; from anomri.cli import main; "
+    """torch, first imported inside a command (dataset-description reads the score registry for
+    descriptions.tsv), keeps to --threads: the limit is applied before any command runs."""
+    code = ("import sys; from anomri.cli import main; print('torch' in sys.modules); "
             f"main(['--threads', '1', 'dataset-description', '--derivatives-dir', {str(tmp_path)!r}, "
             f"'--source', {str(tmp_path)!r}]); "
-            "print('torch' in sys.modules); import torch; print(torch.get_num_threads())")
+            "import torch; print(torch.get_num_threads())")
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert result.stdout.split() == ["False", "1"]
@@ -85,10 +86,11 @@ def test_every_rule_passes_its_threads_and_records_a_benchmark() -> None:
     assert all("shell:" in body or "run:" not in body for body in found.values())  # every action is a shell command
     for name, body in actions.items():
         assert re.search(r"^\s*threads: ", body, re.M), f"rule {name}: no threads"
-        assert "{ANOMRI} --log {log:q} --threads {threads:q} " in body, f"rule {name}: --threads not passed"
-        assert body.count("{ANOMRI}") == 1, f"rule {name}: several commands"
+        command = '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} '
+        assert command in body, f"rule {name}: --threads not passed"
+        assert body.count("$ANOMRI_PYTHON") == 1, f"rule {name}: several commands"
         # benchmarks/<rule>/..., with every wildcard of the rule's log (its outputs' wildcards).
-        bench = re.search(r"^\s*benchmark:\s*\n\s*benchmark_file\(([^)]*)\),", body, re.M)
+        bench = re.search(r"^\s*benchmark:\s*\n\s*benchmark_file\(([^)]*)\),?$", body, re.M)
         assert bench, f"rule {name}: no benchmark"
         assert bench.group(1).split(",")[0].strip() == f'"{name}"', f"rule {name}: benchmark under another rule"
         log = re.search(r"^\s*log:\s*\n(.*)\n", body, re.M).group(1)

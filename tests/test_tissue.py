@@ -145,7 +145,7 @@ def test_calibrate_and_probability_commands_with_tissue_classes(tmp_path, run_cl
     np.testing.assert_allclose(prob[mask], expected, atol=1e-6)
     sidecar = json.loads(sidecar_path(scan.probseg).read_text())
     assert sidecar["Calibration"]["tissue_classes"]["n_classes"] == 3
-    assert str(scan.features) in sidecar["Sources"]
+    assert scan.uri(scan.features) in sidecar["Sources"]
 
     # Too many classes for the calibration voxels: one error line naming the option.
     result = run_cli(["calibrate", *common, "--tissue-classes", "1000"])

@@ -16,7 +16,7 @@ import yaml
 
 from anomri.cli import main
 from anomri.demo.cohort import demo_participants
-from anomri.io.derivatives import ScanDerivatives, sidecar_path
+from anomri.io.derivatives import ScanDerivatives, desc_label, sidecar_path
 from anomri.scores import score_ids
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,7 +104,7 @@ def test_lesion_masks_flag_the_nominal_fraction_of_calibration_voxels(run: Path)
         if pid in json.loads(sidecar_path(scan.probseg).read_text())["Calibration"]["scans"]:
             flagged += int(lesions.sum())
     sidecar = json.loads(sidecar_path(ScanDerivatives(run, "sub-C01").lesion_mask(0.01)).read_text())
-    assert sidecar["FalsePositiveLevel"] == 0.01
+    assert sidecar["FalsePositiveLevel"] == 0.01 and sidecar["Type"] == "Lesion"
     # On the calibration controls themselves, p <= 0.01 holds for at most ~1 % of their voxels.
     assert flagged <= 0.01 * n_null + 3 * np.sqrt(0.01 * n_null) + 1
 
@@ -196,6 +196,31 @@ def test_report_figures_and_html(run: Path) -> None:
     html = report.read_text()
     for name in expected + ["evaluation_summary.tsv", "evaluation.tsv", "training_history.tsv"]:
         assert name in html, name
+
+
+def bids_validator() -> str | None:
+    """The ``bids-validator-deno`` command: beside this interpreter (the test extra installs it) or on PATH."""
+    beside = Path(sys.executable).parent / "bids-validator-deno"
+    return str(beside) if beside.exists() else shutil.which("bids-validator-deno")
+
+
+def test_derivatives_pass_the_bids_validator(run: Path) -> None:
+    validator = bids_validator()
+    if validator is None:
+        pytest.skip("bids-validator-deno is not installed (pip install -e '.[test]')")
+    result = subprocess.run([validator, "--format", "json", str(run)], capture_output=True, text=True)
+    assert result.stdout, result.stderr[-2000:]
+    issues = json.loads(result.stdout)["issues"]["issues"]
+    errors = [(i["code"], i.get("location"), i.get("issueMessage")) for i in issues if i["severity"] == "error"]
+    assert errors == []
+
+
+def test_descriptions_name_every_desc_label(run: Path) -> None:
+    with open(run / "descriptions.tsv", newline="") as fh:
+        rows = {row["desc_id"]: row for row in csv.DictReader(fh, delimiter="\t")}
+    used = {part for path in run.glob("sub-*/dwi/*") for part in path.name.split("_") if part.startswith("desc-")}
+    assert used == set(rows)
+    assert {rows[f"desc-{desc_label(s)}"]["score_id"] for s in score_ids()} == set(score_ids())
 
 
 def test_rerun_has_nothing_to_do(run: Path) -> None:

@@ -1,7 +1,8 @@
 """The ``anomri`` command line: one subcommand per pipeline step.
 
 Each Snakemake rule calls exactly one of these. Bad input ends with one line
-``anomri: error: <file>: <problem>`` on stderr and exit status 2.
+``anomri: error: <file>: <problem>`` on stderr and exit status 2 (``anomri bids``, the BIDS-App
+entry to the whole workflow, uses the BIDS Apps exit codes instead: :class:`anomri.cli.bids.ExitCode`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 from anomri import __version__
-from anomri.cli import demo, dmri, images
+from anomri.cli import bids, demo, dmri, images
 from anomri.cli.registry import COMMANDS
 from anomri.errors import InputError
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(what a scheduler reserved; default: every core)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    bids.add_parser(sub)
     demo.add_parser(sub)
     dmri.add_parsers(sub)
     images.add_parsers(sub)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             limit_threads(args.threads)
         if "scores" in args:
             args.scores = _resolve_scores(args.scores)
-        COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
     except InputError as exc:
         # One line, naming the file: the whole message a user needs.
         sys.stderr.write(f"anomri: error: {exc}\n")
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.log, "a") as fh:
                 fh.write(f"anomri: error: {exc}\n")
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -8,9 +8,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
-
-from anomri import __version__
 from anomri.cli.registry import command
 from anomri.errors import InputError
 from anomri.settings import default
@@ -30,81 +27,40 @@ def run_preprocess(args: argparse.Namespace) -> None:
                     denoising=args.denoise, representation=args.features, context=args.context,
                     context_radius=args.context_radius, gibbs=args.gibbs_removal,
                     motion_correction=args.motion_correction, noise_factor=args.noise_factor,
-                    noise_seed=args.noise_seed)
+                    noise_seed=args.noise_seed, source_dir=args.source_dir)
 
 
 @command("pool")
 def run_pool(args: argparse.Namespace) -> None:
-    from anomri.dmri.features import pool_samples
-    from anomri.io.atomic import atomic_path
-    from anomri.io.derivatives import ScanDerivatives
+    from anomri.dmri.features import pool_training_voxels
 
-    # Every scan, then every noisier copy of every scan (one derivatives tree per noise level).
-    trees = [args.derivatives_dir, *args.augmented]
-    scans = [ScanDerivatives(tree, p) for tree in trees for p in args.scans]
-    samples, index, description = pool_samples([s.features for s in scans], [s.mask for s in scans],
-                                               args.max_voxels_per_scan, args.seed)
-    names = [p if tree == args.derivatives_dir else f"{p} ({Path(tree).name})" for tree in trees for p in args.scans]
-    with atomic_path(args.out) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, samples=samples, scan_index=index, scans=np.array(names), description=json.dumps(description))
-    logger.info("pooled %d voxels of %d features from %d scans", *samples.shape, len(scans))
+    pool_training_voxels(args.derivatives_dir, args.scans, args.out, augmented=args.augmented,
+                         max_voxels_per_scan=args.max_voxels_per_scan, max_training_voxels=args.max_training_voxels,
+                         seed=args.seed)
 
 
 @command("train")
 def run_train(args: argparse.Namespace) -> None:
     # `train --threads N` (kept for older scripts) sets the global --threads: main() applies it before this.
-    from anomri.evaluate.table import write_table
-    from anomri.models.checkpoint import save_vae
-    from anomri.models.training import TrainingConfig, resolve_device, train_vae
+    from anomri.models.training import TrainingConfig, train_from_pool
 
-    with np.load(args.pool) as pool:
-        samples, description, scans = pool["samples"], json.loads(str(pool["description"])), pool["scans"].tolist()
-    config = TrainingConfig(**json.loads(args.settings))
-    device = resolve_device(args.device)
-    model, history = train_vae(samples, config, resume_path=Path(args.out).with_suffix(".resume.pt"), device=device)
-    save_vae(args.out, model.cpu(), {"features": description, "training": vars(config) | {"scans": scans},
-                                      "anomri_version": __version__})
-    write_table(args.history, history, list(history[0]))
-    Path(args.out).with_suffix(".resume.pt").unlink(missing_ok=True)
+    train_from_pool(args.pool, args.out, args.history, TrainingConfig(**json.loads(args.settings)), args.device)
 
 
 @command("reference")
 def run_reference(args: argparse.Namespace) -> None:
-    from anomri.io.derivatives import ScanDerivatives
-    from anomri.dmri.features import pool_samples
-    from anomri.models.checkpoint import load_vae
-    from anomri.models.training import resolve_device
-    from anomri.scores.reference import ReferenceSet
+    from anomri.scores.reference import build_reference_set
 
-    device = resolve_device(args.device)
-    vae, _ = load_vae(args.model, device)
-    scans = [ScanDerivatives(args.derivatives_dir, p) for p in args.scans]
-    # Stratified: every healthy control contributes an equal share.
-    samples, _, _ = pool_samples([s.features for s in scans], [s.mask for s in scans],
-                                 max(1, args.size // len(scans)), args.seed)
-    ReferenceSet.build(vae, samples, device=device, progress=True).save(args.out)
+    build_reference_set(args.model, args.derivatives_dir, args.scans, args.out, size=args.size, seed=args.seed,
+                        device=args.device)
 
 
 @command("score")
 def run_score(args: argparse.Namespace) -> None:
-    from anomri.dmri.features import check_compatible
-    from anomri.io.derivatives import ScanDerivatives
-    from anomri.io.voxels import read_feature_description
-    from anomri.maps.novelty import NoveltyModel
-    from anomri.maps.writing import write_novelty_maps
-    from anomri.models.checkpoint import load_vae
-    from anomri.models.training import resolve_device
+    from anomri.maps.scoring import score_scan
 
-    from anomri.scores.reference import ReferenceSet
-
-    device = resolve_device(args.device)
-    vae, metadata = load_vae(args.model, device)
-    scan = ScanDerivatives(args.derivatives_dir, args.prefix)
-    check_compatible(metadata["features"], read_feature_description(scan.features), scan.features)
-    reference = ReferenceSet.load(args.reference, device) if args.reference else None
-    model = NoveltyModel(vae, args.scores, n_samples=args.n_samples, seed=args.seed, reference=reference,
-                         batch_size=args.batch_size, device=device)
-    write_novelty_maps(model, scan, args.model)
+    score_scan(args.model, args.derivatives_dir, args.prefix, args.scores, reference=args.reference,
+               n_samples=args.n_samples, seed=args.seed, batch_size=args.batch_size, device=args.device)
 
 
 def _postprocessing(args: argparse.Namespace):
@@ -126,63 +82,13 @@ def run_calibrate(args: argparse.Namespace) -> None:
 
 @command("learn-combination")
 def run_learn_combination(args: argparse.Namespace) -> None:
-    from anomri.evaluate.metrics import auprc, auroc, best_dice
-    from anomri.evaluate.table import load_patient
-    from anomri.io.atomic import write_json
-    from anomri.io.derivatives import ScanDerivatives
-    from anomri.maps.calibration import calibration_voxels
-    from anomri.maps.learned import LearnedCombination, leave_one_patient_out, score_evidence
-    from anomri.maps.probability import HealthyNull
-    from anomri.maps.writing import masked_features, postprocessed_scores, write_learned_probability
+    from anomri.evaluate.learned import cross_validate
 
     if args.C <= 0:
         raise InputError("--C", f"must be positive; got {args.C}")
-    post = _postprocessing(args)
-    voxels = calibration_voxels(args.derivatives_dir, args.calibration, args.scores, post, args.tissue_classes > 1)
-    features, nulls, tissue = voxels.features, {}, None
-    for k, v in voxels.values.items():
-        # Every score's null lists the same calibration voxels: one tissue model serves them all.
-        try:
-            nulls[k] = HealthyNull.fit({k: v}, features, tissue_classes=args.tissue_classes, seed=args.seed,
-                                       tissue=tissue, postprocessing=post, tail_fraction=args.tail_fraction,
-                                       combination=args.combination, scans=args.calibration)
-        except ValueError as exc:
-            raise InputError(args.out, f"cannot calibrate: {exc}") from exc
-        tissue = nulls[k].tissue
-
-    def evidence(scan: ScanDerivatives) -> tuple[np.ndarray, np.ndarray, object]:
-        """The scan's score evidence (N, S), the post-processed mask holding its N voxels, and the image grid."""
-        processed = {k: postprocessed_scores(scan, k, post) for k in args.scores}
-        _, valid, img = processed[args.scores[0]]
-        voxels = masked_features(scan, valid) if features is not None else None
-        return score_evidence(nulls, {k: v[valid] for k, (v, _, _) in processed.items()}, voxels), valid, img
-
-    patients = [load_patient(args.derivatives_dir, prefix, lesion) for prefix, lesion in args.scan]
-    grids = [evidence(p.scan) for p in patients]
-    inputs = (args.scores, [e for e, _, _ in grids], [p.lesion[valid] for p, (_, valid, _) in zip(patients, grids)],
-              [p.prefix for p in patients])
-    try:
-        folds = leave_one_patient_out(*inputs, args.C)
-        final = LearnedCombination.fit(*inputs, args.C)
-    except ValueError as exc:
-        raise InputError("--scan", str(exc)) from exc
-    settings = {"postprocessing": post.record(), "tissue_classes": args.tissue_classes,
-                "calibration_scans": args.calibration, "evidence": "-log p per score (one-score healthy nulls)"}
-    cross_validation = {}
-    for patient, (ev, valid, img), fold in zip(patients, grids, folds, strict=True):
-        volume = write_learned_probability(patient.scan, fold.predict(ev), valid, img, fold, settings,
-                                           f"leave-one-patient-out fold without {patient.prefix}")
-        x, y = volume[patient.brain], patient.lesion[patient.brain]
-        cross_validation[patient.prefix] = {"auroc": auroc(x, y), "auprc": auprc(x, y),
-                                            "best_dice": best_dice(x, y)[0]}
-        logger.info("%s: learned combination out of fold: AUROC %.4f, AUPRC %.3f, best Dice %.3f", patient.prefix,
-                    *cross_validation[patient.prefix].values())
-    for prefix in args.apply:
-        scan = ScanDerivatives(args.derivatives_dir, prefix)
-        ev, valid, img = evidence(scan)
-        write_learned_probability(scan, final.predict(ev), valid, img, final, settings, "all labelled patients")
-    write_json(args.out, settings | {"model": final.record(), "cross_validation": cross_validation,
-                                     "folds": {p.prefix: f.record() for p, f in zip(patients, folds)}})
+    cross_validate(args.derivatives_dir, args.calibration, args.scan, args.scores, _postprocessing(args), C=args.C,
+                   tissue_classes=args.tissue_classes, seed=args.seed, tail_fraction=args.tail_fraction,
+                   combination=args.combination, apply=args.apply, out=args.out)
 
 
 @command("probability")
@@ -199,11 +105,7 @@ def run_probability(args: argparse.Namespace) -> None:
 
 @command("evaluate")
 def run_evaluate(args: argparse.Namespace) -> None:
-    from anomri.evaluate import table
-    from anomri.evaluate.healthy import COLUMNS as HEALTHY_COLUMNS
-    from anomri.evaluate.healthy import DESCRIPTIONS as HEALTHY_DESCRIPTIONS
-    from anomri.evaluate.healthy import healthy_rows
-    from anomri.io.atomic import write_json
+    from anomri.evaluate.cohort import write_evaluation
 
     if not 0.0 < args.fpr < 1.0:
         raise InputError("--fpr", f"must lie in (0, 1); got {args.fpr}")
@@ -211,22 +113,10 @@ def run_evaluate(args: argparse.Namespace) -> None:
         raise InputError("--bootstrap", f"must be positive; got {args.bootstrap}")
     if not 0.0 <= args.min_lesion_overlap <= 1.0:
         raise InputError("--min-lesion-overlap", f"must lie in [0, 1]; got {args.min_lesion_overlap}")
-    map_ids = [*args.scores, table.PROBABILITY]
-    thresholds = {m: table.calibration_threshold(args.derivatives_dir, args.calibration, m, args.fpr)
-                  for m in map_ids}
-    patients = [table.load_patient(args.derivatives_dir, prefix, lesion) for prefix, lesion in args.scan]
-    rows, curves = table.evaluate_cohort(patients, map_ids, thresholds, min_overlap=args.min_lesion_overlap)
-    table.write_table(args.out, rows, table.COLUMNS, table.column_descriptions())
-    table.write_table(args.summary, table.summarise(rows, args.bootstrap, seed=args.seed), table.summary_columns(),
-                      table.summary_descriptions())
-    write_json(args.curves, {"fpr": args.fpr, "calibration": args.calibration, "maps": curves})
-    # Unseen healthy subjects: held-out controls and patients whose lesion mask is empty.
-    unseen = args.healthy + [p.prefix for p in patients if not p.lesion.any()]
-    table.write_table(args.healthy_out, healthy_rows(args.derivatives_dir, unseen, args.levels), HEALTHY_COLUMNS,
-                      HEALTHY_DESCRIPTIONS)
-    logger.info("evaluated %d maps of %d patients at the %g healthy-FPR thresholds of %d calibration controls; "
-                "false-positive rate of %d unseen healthy scans", len(map_ids), len(patients), args.fpr,
-                len(args.calibration), len(unseen))
+    write_evaluation(args.derivatives_dir, args.scan, args.scores, args.calibration, fpr=args.fpr,
+                     bootstrap=args.bootstrap, seed=args.seed, min_lesion_overlap=args.min_lesion_overlap,
+                     healthy_scans=args.healthy, levels=args.levels, out=args.out, summary=args.summary,
+                     curves=args.curves, healthy_out=args.healthy_out)
 
 
 @command("plot-curves")
@@ -256,8 +146,9 @@ def run_plot_training(args: argparse.Namespace) -> None:
 @command("dataset-description")
 def run_dataset_description(args: argparse.Namespace) -> None:
     from anomri.io.derivatives import write_dataset_description
+    from anomri.scores import get_scores
 
-    write_dataset_description(args.derivatives_dir, args.source)
+    write_dataset_description(args.derivatives_dir, args.source, get_scores(args.scores), args.levels, args.learned)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -287,6 +178,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-factor", type=float, default=1.0,
                    help="first raise the scan's noise standard deviation this many times (training augmentation)")
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the added noise")
+    p.add_argument("--source-dir", help="the input BIDS dataset: sidecars name its files bids:raw:<path>")
 
     p = sub.add_parser("pool", help="pool healthy training voxels")
     _add_scans(p)
@@ -294,6 +186,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="derivatives trees of noisier copies of the same scans (preprocess --noise-factor)")
     p.add_argument("--out", required=True, help=".npz file")
     p.add_argument("--max-voxels-per-scan", type=int, default=default("training.max_voxels_per_scan"))
+    p.add_argument("--max-training-voxels", type=int, default=default("training.max_training_voxels"),
+                   help="cap on the pool: above it each scan's quota is an equal share of it")
     p.add_argument("--seed", type=int, default=default("training.seed"))
 
     p = sub.add_parser("train", help="train the VAE on pooled healthy voxels")
@@ -391,9 +285,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--history", required=True, help="training_history.tsv from train")
     p.add_argument("--out", required=True, help=".png file")
 
-    p = sub.add_parser("dataset-description", help="write dataset_description.json")
+    p = sub.add_parser("dataset-description",
+                       help="write dataset_description.json, descriptions.tsv, .bidsignore and README.md")
     p.add_argument("--derivatives-dir", required=True)
-    p.add_argument("--source", required=True)
+    p.add_argument("--source", required=True, help="the input BIDS dataset")
+    p.add_argument("--scores", nargs="+", default=[], help="the scores whose maps the run writes")
+    p.add_argument("--levels", nargs="*", type=float, default=[], help="the false-positive levels of the lesion masks")
+    p.add_argument("--learned", action="store_true", help="the run writes the learned lesion probability")
 
 
 def _add_calibration_options(p: argparse.ArgumentParser) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from anomri.cli.registry import command
 from anomri.settings import default
@@ -20,41 +18,19 @@ def run_demo_images(args: argparse.Namespace) -> None:
 
 @command("images-train")
 def run_images_train(args: argparse.Namespace) -> None:
-    from anomri.evaluate.table import write_table
-    from anomri.images.training import save_image_model, train_image_model
     from anomri.images.settings import ImageSettings
-    from anomri.io.images import infer_channels, load_model_inputs, scan_mvtec, split_validation
-    from anomri.models.training import resolve_device
+    from anomri.images.training import train_on_folder
 
-    settings = ImageSettings.from_json(args.settings)
-    folder = scan_mvtec(args.root)
-    train, validation = split_validation(folder.train, settings.validation_fraction, settings.seed)
-    channels = infer_channels(folder.train) if settings.channels == "auto" else int(settings.channels)
-    inputs = load_model_inputs(train, settings.image_geometry, channels).inputs
-    held_out = load_model_inputs(validation, settings.image_geometry, channels).inputs
-    resume = Path(args.out).with_suffix(".resume.pt")
-    model, history = train_image_model(args.model, inputs, settings, resume, resolve_device(args.device),
-                                       validation=held_out)
-    save_image_model(args.out, model.cpu(), {"root": str(args.root), "settings": json.loads(settings.to_json()),
-                                             "n_training_images": len(train), "n_training_inputs": len(inputs),
-                                             "validation_images": [str(r.path) for r in validation]})
-    write_table(args.history, history, list(history[0]) if history else ["epoch"])
-    resume.unlink(missing_ok=True)
+    train_on_folder(args.model, args.root, ImageSettings.from_json(args.settings), args.out, args.history, args.device)
 
 
 @command("images-score")
 def run_images_score(args: argparse.Namespace) -> None:
-    from anomri.images.outputs import ImageOutputs
-    from anomri.images.scoring import score_folder
+    from anomri.images.scoring import score_method
     from anomri.images.settings import ImageSettings
-    from anomri.images.training import load_image_model
-    from anomri.models.checkpoint import file_sha256
-    from anomri.models.training import resolve_device
 
-    out = ImageOutputs(args.images_dir)
-    model, metadata = load_image_model(args.model, resolve_device(args.device))
-    score_folder(args.method, model, {"path": str(args.model), "sha256": file_sha256(args.model)}, args.root,
-                 ImageSettings.from_json(args.settings), out.maps(args.method), out.scores(args.method), out.thresholds(args.method))
+    score_method(args.method, args.model, args.root, ImageSettings.from_json(args.settings), args.images_dir,
+                 args.device)
 
 
 @command("images-evaluate")
@@ -72,16 +48,9 @@ def run_images_evaluate(args: argparse.Namespace) -> None:
 
 @command("images-report")
 def run_images_report(args: argparse.Namespace) -> None:
-    from anomri.images.figures import plot_examples, plot_roc_curves, write_overlays
-    from anomri.images.outputs import ImageOutputs
-    from anomri.images.settings import PRIMARY_SCORE
+    from anomri.images.figures import write_figures
 
-    out = ImageOutputs(args.images_dir)
-    plot_roc_curves(out.curves, out.roc_figure)
-    for method in args.methods:
-        plot_examples(args.root, method, out.scores(method), PRIMARY_SCORE[method], out.maps(method),
-                      out.examples_figure(method))
-        write_overlays(args.root, out.maps(method), out.overlays(method))
+    write_figures(args.root, args.methods, args.images_dir)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

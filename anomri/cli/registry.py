@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
+#: A handler returns None, or its exit status when it has its own (``anomri bids``).
+Handler = Callable[[argparse.Namespace], int | None]
+COMMANDS: dict[str, Handler] = {}
 
 
-def command(name: str) -> Callable[[Callable[[argparse.Namespace], None]], Callable[[argparse.Namespace], None]]:
+def command(name: str) -> Callable[[Handler], Handler]:
     """Register the handler of subcommand ``name``."""
 
-    def decorator(func: Callable[[argparse.Namespace], None]) -> Callable[[argparse.Namespace], None]:
+    def decorator(func: Handler) -> Handler:
         COMMANDS[name] = func
         return func
 

@@ -3,11 +3,15 @@
 Each representation returns a ``FeatureSet``: the feature volume, feature names
 and a *scheme* description stored in the sidecar, which decides whether two
 scans' features may be compared (raw signals need identical acquisitions);
-:func:`pool_samples` gathers the compatible features of several scans.
+:func:`pool_samples` gathers the compatible features of several scans, and
+:func:`pool_training_voxels` the VAE's training pool.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +21,12 @@ from dipy.core.gradients import GradientTable
 from anomri.dmri.invariants import sh_invariants
 from anomri.dmri.preprocess import NormalizedDWI
 from anomri.errors import InputError
+from anomri.io.atomic import atomic_path
+from anomri.io.derivatives import ScanDerivatives
 from anomri.io.voxels import load_masked, read_feature_description
+from anomri.settings import default
+
+logger = logging.getLogger(__name__)
 
 REPRESENTATIONS = ("raw", "sh-invariant")
 
@@ -150,3 +159,69 @@ def pool_samples(
         parts.append(values)
         index.append(np.full(len(values), k))
     return np.concatenate(parts).astype(np.float32), np.concatenate(index), description
+
+
+def training_quota(max_voxels_per_scan: int | None, n_scans: int, max_training_voxels: int) -> int:
+    """Voxels drawn from each of ``n_scans`` scans into the training pool.
+
+    ``max_voxels_per_scan`` (None: every in-mask voxel), unless the pool
+    could then exceed ``max_training_voxels``: each scan's quota becomes an
+    equal share of it, ``max_training_voxels // n_scans``, so the pool stays
+    stratified and training time stops growing with the cohort.
+
+    Raises
+    ------
+    InputError
+        ``max_training_voxels`` is less than one voxel per scan.
+    """
+    if max_voxels_per_scan is not None and max_voxels_per_scan * n_scans <= max_training_voxels:
+        return max_voxels_per_scan
+    quota = max_training_voxels // n_scans
+    if quota < 1:
+        raise InputError("--max-training-voxels", f"{max_training_voxels} is less than one voxel for each of "
+                                                  f"the {n_scans} scans")
+    return quota
+
+
+def pool_training_voxels(
+    derivatives_dir: str | Path,
+    scans: Sequence[str],
+    out: str | Path,
+    *,
+    augmented: Sequence[str | Path] = (),
+    max_voxels_per_scan: int | None = default("training.max_voxels_per_scan"),
+    max_training_voxels: int = default("training.max_training_voxels"),
+    seed: int = default("training.seed"),
+) -> None:
+    """Pool the healthy training voxels of ``scans`` and of their noisier copies into ``out`` (.npz).
+
+    Parameters
+    ----------
+    derivatives_dir : str or Path
+        Derivatives tree of the preprocessed scans.
+    scans : sequence of str
+        Prefixes (``sub-<label>[_ses-<label>]``) of the training controls.
+    out : str or Path
+        The pool: ``samples`` (N, D) float32, ``scan_index`` (N,), ``scans``
+        (the name of each pooled scan) and ``description`` (the features'
+        sidecar, JSON).
+    augmented : sequence of str or Path
+        Derivatives trees of noisier copies of the same scans; each copy is
+        pooled as a scan of its own, named ``<prefix> (<tree name>)``.
+    max_voxels_per_scan, max_training_voxels : int
+        Voxels drawn from each scan, and from all together (:func:`training_quota`).
+    seed : int
+        Seed of the sub-sampling.
+    """
+    # Every scan, then every noisier copy of every scan (one derivatives tree per noise level).
+    trees = [derivatives_dir, *augmented]
+    pooled = [ScanDerivatives(tree, p) for tree in trees for p in scans]
+    quota = training_quota(max_voxels_per_scan, len(pooled), max_training_voxels)
+    if quota != max_voxels_per_scan:
+        logger.info("at most %d voxels per scan: %d scans share max_training_voxels = %d",
+                    quota, len(pooled), max_training_voxels)
+    samples, index, description = pool_samples([s.features for s in pooled], [s.mask for s in pooled], quota, seed)
+    names = [p if tree == derivatives_dir else f"{p} ({Path(tree).name})" for tree in trees for p in scans]
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, samples=samples, scan_index=index, scans=np.array(names), description=json.dumps(description))
+    logger.info("pooled %d voxels of %d features from %d scans", *samples.shape, len(pooled))

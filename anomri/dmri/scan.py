@@ -3,7 +3,8 @@
 Writes the brain mask (voxels with a usable S0), the mean b0 (the anatomical
 reference for overlays) and the 4-D features (0 outside the mask) whose
 sidecar lists the feature names, the representation and the acquisition
-scheme they depend on. Paths follow :mod:`anomri.io.derivatives`.
+scheme they depend on. Paths follow :mod:`anomri.io.derivatives`; every sidecar
+names the source DWI as a BIDS URI (``SpatialReference``, ``Sources``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from anomri.dmri.noise import add_noise, estimate_sigma, signal_to_noise
 from anomri.dmri.preprocess import brain_mask, denoise, normalize_by_b0, remove_gibbs
 from anomri.errors import InputError
 from anomri.io.atomic import write_json
-from anomri.io.derivatives import ScanDerivatives, sidecar_path
+from anomri.io.derivatives import ScanDerivatives, sidecar_path, source_uri
 from anomri.io.nifti import load_mask, load_nifti, read_data, save_volume
 from anomri.settings import default
 
@@ -46,6 +47,7 @@ def preprocess_scan(
     motion_correction: bool = default("preprocessing.motion_correction"),
     noise_factor: float = 1.0,
     noise_seed: int = 0,
+    source_dir: str | Path | None = None,
 ) -> FeatureSet:
     """Validate and preprocess one scan, writing ``outputs``.
 
@@ -63,6 +65,9 @@ def preprocess_scan(
     seeded by ``noise_seed``, is added to the magnitude images before
     anything else. Healthy training scans copied this way teach the model
     what healthy tissue looks like at the lower SNR of other subjects.
+
+    ``source_dir`` is the input dataset: the sidecars name its files ``bids:raw:<path>``
+    (other files by their file URI).
 
     Raises
     ------
@@ -103,18 +108,37 @@ def preprocess_scan(
         raise InputError(dwi, "no brain voxel has a usable b0 signal")
     features = add_context(compute_features(norm, gtab, representation), norm.mask, context, context_radius)
 
+    reference = source_uri(dwi, source_dir)
+    sources = [source_uri(path, source_dir) for path in (dwi, bval, bvec, *([mask] if mask else []))]
+    generated_by = {"Name": "anomri", "Version": __version__}
     save_volume(outputs.mask, norm.mask, img, dtype=np.uint8)
+    write_json(sidecar_path(outputs.mask), {
+        "Description": "Brain mask: the voxels with a usable b0 signal, within the "
+                       + ("provided mask." if mask else "median_otsu mask."),
+        "Type": "Brain",
+        "SpatialReference": reference,
+        "Sources": sources,
+        "GeneratedBy": generated_by,
+    })
     save_volume(outputs.b0, norm.mean_b0, img)
+    write_json(sidecar_path(outputs.b0), {
+        "Description": "Mean of the b = 0 volumes of the preprocessed scan (the whole field of view).",
+        "SkullStripped": False,
+        "SpatialReference": reference,
+        "Sources": sources,
+        "GeneratedBy": generated_by,
+    })
     save_volume(outputs.features, features.data, img)
     write_json(
         sidecar_path(outputs.features),
         {
             **features.description(),
-            "Sources": [str(dwi), str(bval), str(bvec)] + ([str(mask)] if mask else []),
+            "SpatialReference": reference,
+            "Sources": sources,
             "Preprocessing": {"b0_threshold": b0_threshold, "denoising": denoising, "gibbs_removal": gibbs,
                               "motion_correction": motion_correction,
                               "brain_mask": "provided" if mask else "median_otsu"} | motion | noise,
-            "GeneratedBy": {"Name": "anomri", "Version": __version__},
+            "GeneratedBy": generated_by,
         },
     )
     logger.info("%s: %d brain voxels, %d features (%s)", dwi.name, int(norm.mask.sum()), len(features.names),

@@ -28,7 +28,8 @@ COLUMNS = ["participant_id", "session", "level", "realised_fpr", "ratio_to_level
 
 DESCRIPTIONS = {
     "participant_id": {"Description": f"Unseen healthy subject (sub-<label>), or '{POOLED}' for all of them"},
-    "session": {"Description": "Session label (ses-<label>), n/a without sessions"},
+    "session": {"Description": "The scan's entities after sub-<label>: ses-<label>, then acq-/dir-/run-<label> when a "
+                            "participant has several runs (ses-1_run-2), n/a when there are none"},
     "level": {"Description": "Nominal healthy false-positive level a of the lesion mask (p <= a)"},
     "realised_fpr": {"Description": "Fraction of the subject's brain voxels in its lesion mask at this level "
                                     "(p <= level, components smaller than min_component_voxels removed)"},

@@ -26,8 +26,6 @@ describing the columns.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,9 +39,9 @@ from anomri.errors import InputError
 from anomri.evaluate.metrics import (
     auprc, auroc, best_dice, bootstrap_ci, dice, lesion_wise, pr_points, roc_points, threshold_at_fpr,
 )
-from anomri.io.atomic import write_json, write_text
 from anomri.io.derivatives import ScanDerivatives
 from anomri.io.nifti import load_mask, load_nifti, read_data
+from anomri.io.tables import read_table, write_table  # re-exported: the evaluation tables are written with them
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +60,8 @@ CONNECTIVITY = 26
 
 _COLUMN_DESCRIPTIONS: dict[str, dict[str, str]] = {
     "participant_id": {"Description": f"Patient (sub-<label>), or '{POOLED}' for all patients' voxels together"},
-    "session": {"Description": "Session label (ses-<label>), n/a without sessions"},
+    "session": {"Description": "The scan's entities after sub-<label>: ses-<label>, then acq-/dir-/run-<label> when a "
+                            "participant has several runs (ses-1_run-2), n/a when there are none"},
     "score": {"Description": f"Novelty score id, or '{PROBABILITY}' for the lesion probability map"},
     "threshold": {"Description": "Healthy-FPR threshold: the map value flagging the target fraction of the "
                                  "calibration controls' brain voxels in the same kind of map (map >= threshold)"},
@@ -379,35 +378,6 @@ def column_descriptions() -> dict[str, dict[str, str]]:
     return dict(_COLUMN_DESCRIPTIONS)
 
 
-def write_table(path: str | Path, rows: Iterable[dict], columns: list[str] = COLUMNS,
-                descriptions: dict[str, dict[str, str]] | None = None) -> None:
-    """Write rows as a BIDS-style TSV (``n/a`` for missing values) atomically.
-
-    With ``descriptions``, also the JSON sidecar describing the columns.
-    """
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, columns, delimiter="\t", lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _format(row.get(k)) for k in columns})
-    write_text(path, buffer.getvalue())
-    if descriptions is not None:
-        write_json(Path(path).with_suffix(".json"), {c: descriptions[c] for c in columns})
-
-
-def read_table(path: str | Path) -> list[dict[str, str]]:
-    """Rows of a TSV as dicts of strings (``n/a`` kept as is)."""
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh, delimiter="\t"))
-
-
 def _as_float(value: object) -> float:
     return float("nan") if value is None or value == "n/a" else float(value)
 
-
-def _format(value: object) -> object:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value

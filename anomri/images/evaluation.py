@@ -12,10 +12,10 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from anomri.evaluate.image_metrics import image_metrics, pixel_metrics_by_subset
-from anomri.evaluate.table import write_table
 from anomri.images.outputs import SCORE_COLUMNS, map_path
 from anomri.io.atomic import write_json
 from anomri.io.images import ImageRecord, read_mask, scan_mvtec
+from anomri.io.tables import write_table
 
 logger = logging.getLogger(__name__)
 

@@ -13,13 +13,14 @@ from matplotlib.image import imsave
 from tqdm.auto import tqdm
 
 from anomri.images.evaluation import read_scores
-from anomri.images.outputs import map_path
+from anomri.images.outputs import ImageOutputs, map_path
+from anomri.images.settings import PRIMARY_SCORE
 from anomri.io.atomic import atomic_path
 from anomri.io.images import ImageRecord, read_image, read_mask, scan_mvtec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["write_overlays", "plot_roc_curves", "plot_examples"]
+__all__ = ["write_overlays", "plot_roc_curves", "plot_examples", "write_figures"]
 
 MAP_COLORMAP = "inferno"
 GAP_PX = 4
@@ -110,3 +111,16 @@ def plot_examples(root: str | Path, method: str, scores_path: str | Path, score:
     fig.suptitle(f"{method}: best and worst examples", fontsize=9)
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=100)
+
+
+def write_figures(root: str | Path, methods: list[str], images_dir: str | Path) -> None:
+    """The ROC curves of ``methods``, and each method's best/worst examples (by its primary score) and overlays.
+
+    Reads and writes under ``images_dir`` (:class:`~anomri.images.outputs.ImageOutputs`).
+    """
+    out = ImageOutputs(images_dir)
+    plot_roc_curves(out.curves, out.roc_figure)
+    for method in methods:
+        plot_examples(root, method, out.scores(method), PRIMARY_SCORE[method], out.maps(method),
+                      out.examples_figure(method))
+        write_overlays(root, out.maps(method), out.overlays(method))

@@ -56,25 +56,30 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anomri.evaluate.image_metrics import normal_threshold
-from anomri.evaluate.table import write_table
+from anomri.images.geometry import ImageGeometry, ModelInputs, load_model_inputs, split_validation
 from anomri.images.normalization import NormalMapStatistics, top_fraction_mean
-from anomri.images.outputs import SCORE_COLUMNS, map_path
+from anomri.images.outputs import SCORE_COLUMNS, ImageOutputs, map_path
 from anomri.images.settings import MODEL_OF_METHOD, PRIMARY_SCORE, ImageSettings
+from anomri.images.training import load_image_model
 from anomri.io.atomic import atomic_path, write_json
-from anomri.io.images import ImageGeometry, ImageRecord, ModelInputs, load_model_inputs, scan_mvtec, split_validation
+from anomri.io.images import ImageRecord, scan_mvtec
+from anomri.io.tables import write_table
 from anomri.models.anogan import DCGAN, latent_search
+from anomri.models.checkpoint import file_sha256
 from anomri.models.conv_vae import ConvVAE, FlatImageVAE
 from anomri.models.draem import DRAEM
 from anomri.models.mhp_vae import MultiHypothesisVAE
 from anomri.models.projection import project, projection_map
+from anomri.models.training import resolve_device
 from anomri.scores.context import ScoreContext
 from anomri.scores.pixelwise import PIXELWISE_SCORES, PixelwiseContext
 from anomri.scores.reference import ReferenceSet
 from anomri.scores.registry import NoveltyScore, get_scores
+from anomri.settings import default
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AUTO_SEARCH_CHUNK", "anogan_search_chunk", "method_outputs", "score_folder"]
+__all__ = ["AUTO_SEARCH_CHUNK", "anogan_search_chunk", "method_outputs", "score_folder", "score_method"]
 
 
 Outputs = tuple[dict[str, np.ndarray], np.ndarray]
@@ -317,3 +322,17 @@ def score_folder(
         "validation_images": [str(r.path) for r in validation], "model": model_metadata,
     })
     logger.info("%s: scored %d validation and %d test images", method, len(validation), len(folder.test))
+
+
+def score_method(method: str, model_path: str | Path, root: str | Path, settings: ImageSettings,
+                 images_dir: str | Path, device: str = default("images.device")) -> None:
+    """Score an MVTec folder with ``method`` and the trained model at ``model_path`` (:func:`score_folder`).
+
+    The maps, scores and thresholds go to the method's place under
+    ``images_dir`` (:class:`~anomri.images.outputs.ImageOutputs`); the
+    thresholds name the model file and its SHA-256.
+    """
+    out = ImageOutputs(images_dir)
+    model, _ = load_image_model(model_path, resolve_device(device))
+    score_folder(method, model, {"path": str(model_path), "sha256": file_sha256(model_path)}, root, settings,
+                 out.maps(method), out.scores(method), out.thresholds(method))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from anomri.errors import InputError
 
 if TYPE_CHECKING:
-    from anomri.io.images import ImageGeometry
+    from anomri.images.geometry import ImageGeometry
 
 __all__ = ["CHOICES", "DRAEM_TEXTURES", "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS",
            "MODEL_OF_METHOD", "PRIMARY_SCORE", "PROJECTION_MAPS", "SLOW_IMAGE_SCORES"]
@@ -148,6 +148,6 @@ class ImageSettings:
 
     @property
     def image_geometry(self) -> ImageGeometry:
-        from anomri.io.images import ImageGeometry
+        from anomri.images.geometry import ImageGeometry
 
         return ImageGeometry(self.geometry, self.image_size, self.tile_overlap, self.tile_scale, self.oct_band)

@@ -8,7 +8,6 @@ checkpoint ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -18,21 +17,26 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import trange
 
 from anomri import __version__
-from anomri.errors import InputError
+from anomri.images.geometry import load_model_inputs, split_validation
 from anomri.images.settings import ImageSettings
-from anomri.io.atomic import atomic_path
+from anomri.io.images import infer_channels, scan_mvtec
+from anomri.io.tables import write_table
 from anomri.models.anogan import DCGAN
+from anomri.models.checkpoint import load_model, save_model
 from anomri.models.conv_vae import ConvVAE
 from anomri.models.draem import DRAEM
+from anomri.models.fitting import EpochPlan, descend, fit, training_fingerprint
 from anomri.models.mhp_vae import MultiHypothesisVAE
 from anomri.models.synthetic_anomalies import synthesize_anomalies
+from anomri.models.training import resolve_device
+from anomri.settings import default
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_KINDS", "build_model", "train_image_model", "save_image_model", "load_image_model"]
+__all__ = ["MODEL_KINDS", "build_model", "train_image_model", "train_on_folder", "save_image_model",
+           "load_image_model"]
 
 MODEL_KINDS: dict[str, type[nn.Module]] = {"conv-vae": ConvVAE, "anogan": DCGAN, "mhp-vae": MultiHypothesisVAE,
                                            "draem": DRAEM}
@@ -53,21 +57,12 @@ def build_model(kind: str, in_shape: tuple[int, int, int], settings: ImageSettin
 
 def save_image_model(path: str | Path, model: nn.Module, metadata: dict) -> None:
     """Write ``model`` (kind, constructor arguments, weights) and ``metadata`` atomically."""
-    payload = {"kind": model.kind, "hparams": model.hparams(), "state_dict": model.state_dict(),
-               "metadata": metadata | {"anomri_version": __version__}}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    save_model(path, model, metadata | {"anomri_version": __version__})
 
 
 def load_image_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """Rebuild an image model in eval mode from ``path`` (``torch.load(weights_only=True)``)."""
-    try:
-        payload = torch.load(path, map_location=device, weights_only=True)
-        model = MODEL_KINDS[payload["kind"]](**payload["hparams"])
-        model.load_state_dict(payload["state_dict"])
-    except (OSError, RuntimeError, KeyError, TypeError) as exc:
-        raise InputError(path, f"not a readable anomri image-model checkpoint ({type(exc).__name__})") from exc
-    return model.to(device).eval(), payload["metadata"]
+    return load_model(path, MODEL_KINDS, device, "image-model checkpoint")
 
 
 # --------------------------------------------------------------------------- one update per model kind
@@ -78,11 +73,8 @@ Step = Callable[[nn.Module, list[torch.optim.Optimizer], torch.Tensor, torch.Gen
 
 def _vae_step(model: ConvVAE, optimizers: list[torch.optim.Optimizer], batch: torch.Tensor,
               generator: torch.Generator, s: ImageSettings) -> dict[str, float]:
-    (optimizer,) = optimizers
     loss, rec, kl = model.loss(model.standardize(batch), s.vae_kl_weight, generator)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    descend(optimizers[0], loss)
     return {"loss": loss.item(), "rec": rec.item(), "kl": kl.item()}
 
 
@@ -95,13 +87,9 @@ def _gan_step(model: DCGAN, optimizers: list[torch.optim.Optimizer], batch: torc
         return torch.randn((len(batch), model.latent_size), generator=generator, device=batch.device)
 
     d_loss = model.discriminator_loss(real, noise())
-    d_opt.zero_grad(set_to_none=True)
-    d_loss.backward()
-    d_opt.step()
+    descend(d_opt, d_loss)
     g_loss = model.generator_loss(noise())
-    g_opt.zero_grad(set_to_none=True)
-    g_loss.backward()  # also fills D's gradients, which the next d_opt.zero_grad clears
-    g_opt.step()
+    descend(g_opt, g_loss)  # also fills D's gradients, which the next descent of D clears
     return {"d_loss": d_loss.item(), "g_loss": g_loss.item()}
 
 
@@ -132,11 +120,8 @@ def _synthetic(model: DRAEM, batch: torch.Tensor, generator: torch.Generator, s:
 
 def _draem_step(model: DRAEM, optimizers: list[torch.optim.Optimizer], batch: torch.Tensor,
                 generator: torch.Generator, s: ImageSettings) -> dict[str, float]:
-    (optimizer,) = optimizers
     losses = _synthetic(model, batch, generator, s)
-    optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    optimizer.step()
+    descend(optimizers[0], losses["loss"])
     return {k: v.item() for k, v in losses.items()}
 
 
@@ -201,17 +186,13 @@ BATCH_SIZE_SETTING = {"draem": "draem_batch_size"}
 
 def _fingerprint(kind: str, images: np.ndarray, validation: np.ndarray | None, settings: ImageSettings) -> str:
     # A resume checkpoint is valid for the same model kind, data and training settings.
-    digest = hashlib.sha256(kind.encode())
-    for array in (images, validation if validation is not None else np.zeros(0)):
-        digest.update(np.ascontiguousarray(array).tobytes())
     kept = {k: getattr(settings, k) for k in COMMON_TRAINING_SETTINGS + TRAINING_SETTINGS[kind]}
-    kept["batch_size"] = training_batch_size(kind, settings)
+    kept |= {"kind": kind, "batch_size": training_batch_size(kind, settings)}
     if _schedule(kind, settings) == "cosine":
         # The cosine schedule spans all epochs, so the epoch count changes every learning rate.
         epochs_field = STEPS[kind][1]
         kept[epochs_field] = getattr(settings, epochs_field)
-    digest.update(json.dumps(kept, sort_keys=True).encode())
-    return digest.hexdigest()
+    return training_fingerprint([images, validation if validation is not None else np.zeros(0)], kept)
 
 
 def training_batch_size(kind: str, settings: ImageSettings) -> int:
@@ -240,15 +221,13 @@ def learning_rate_factor(kind: str, settings: ImageSettings, epoch: int, n_epoch
     return 1.0
 
 
-def _fresh(kind: str, data: torch.Tensor, settings: ImageSettings, device: torch.device
-           ) -> tuple[nn.Module, list[torch.optim.Optimizer]]:
-    """A newly initialised model (seeded, standardised on ``data``) on ``device`` and its optimisers."""
-    torch.manual_seed(settings.seed)
-    model = build_model(kind, tuple(data.shape[1:]), settings)
-    if hasattr(model, "standardizer"):
-        model.standardizer.fit(data)
-    model.to(device)
-    return model, _optimizers(kind, model, settings)
+def _flipped(batch: torch.Tensor, generator: torch.Generator, settings: ImageSettings) -> torch.Tensor:
+    """``batch`` with each image flipped at random (probability 1/2 per enabled axis)."""
+    for enabled, axis in ((settings.horizontal_flip, -1), (settings.vertical_flip, -2)):
+        if enabled:
+            flip = torch.rand(len(batch), generator=generator, device=batch.device) < 0.5
+            batch = torch.where(flip[:, None, None, None], batch.flip(axis), batch)
+    return batch
 
 
 def train_image_model(
@@ -292,68 +271,60 @@ def train_image_model(
     device = torch.device(device)
     step, epochs_field = STEPS[kind]
     n_epochs = getattr(settings, epochs_field)
-    batch_size = training_batch_size(kind, settings)
     data = torch.from_numpy(np.ascontiguousarray(images, np.float32))
-    model, optimizers = _fresh(kind, data, settings, device)
-    data = data.to(device)
+    torch.manual_seed(settings.seed)
+    model = build_model(kind, tuple(data.shape[1:]), settings)
+    if hasattr(model, "standardizer"):
+        model.standardizer.fit(data)
+    model.to(device)
+    optimizers = _optimizers(kind, model, settings)
     held_out = None if validation is None else torch.from_numpy(np.ascontiguousarray(validation, np.float32)).to(device)
-    fingerprint = _fingerprint(kind, images, validation, settings)
-    state = {"epoch": 0, "history": [], "best_val": float("inf"), "best_state": None}
-    if resume_path is not None and Path(resume_path).is_file():
-        saved = torch.load(resume_path, map_location=device, weights_only=True)
-        if saved.get("fingerprint") == fingerprint and saved["state"]["epoch"] <= n_epochs:
-            try:
-                model.load_state_dict(saved["model"])
-                for optimizer, optimizer_state in zip(optimizers, saved["optimizers"]):
-                    optimizer.load_state_dict(optimizer_state)
-                state = saved["state"]
-                logger.info("resuming %s training at epoch %d from %s", kind, state["epoch"], resume_path)
-            except (RuntimeError, ValueError, KeyError):
-                # Written by another version of the architecture: start afresh.
-                model, optimizers = _fresh(kind, data.cpu(), settings, device)
-                logger.info("ignoring %s: its weights do not fit this model", resume_path)
-        else:
-            logger.info("ignoring %s: it was written for other data or settings, or more epochs", resume_path)
+    # Every epoch draws from a generator seeded by (seed, epoch); batches of one are skipped, as batch norm needs two.
+    plan = EpochPlan(n_epochs, training_batch_size(kind, settings), settings.seed, reseed_every_epoch=True,
+                     min_batch_size=2, per_sample_means=False,
+                     learning_rate_factor=lambda epoch: learning_rate_factor(kind, settings, epoch, n_epochs))
 
-    bar = trange(state["epoch"], n_epochs, desc=f"training {kind}", unit="epoch", disable=not progress)
-    for epoch in bar:
-        model.train()
-        factor = learning_rate_factor(kind, settings, epoch, n_epochs)
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
-        generator = torch.Generator(device=device).manual_seed(settings.seed * 100_003 + epoch)
-        order = torch.randperm(len(data), generator=generator, device=device)
-        sums: dict[str, float] = {}
-        n_batches = 0
-        for first in range(0, len(order), batch_size):
-            batch = data[order[first:first + batch_size]]
-            if len(batch) < 2:  # batch norm needs two samples
-                continue
-            for enabled, axis in ((settings.horizontal_flip, -1), (settings.vertical_flip, -2)):
-                if enabled:
-                    flip = torch.rand(len(batch), generator=generator, device=device) < 0.5
-                    batch = torch.where(flip[:, None, None, None], batch.flip(axis), batch)
-            for name, value in step(model, optimizers, batch, generator, settings).items():
-                sums[name] = sums.get(name, 0.0) + value
-            n_batches += 1
-        record = {"epoch": epoch + 1} | {k: v / max(n_batches, 1) for k, v in sums.items()}
-        val_loss = _validation_loss(kind, model, held_out, settings)
-        if val_loss is not None:
-            record["val_loss"] = val_loss
-            if val_loss < state["best_val"]:
-                state["best_val"] = val_loss
-                state["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        state["history"].append(record)
-        state["epoch"] = epoch + 1
-        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
-        if resume_path is not None:
-            with atomic_path(resume_path) as tmp:
-                torch.save({"fingerprint": fingerprint, "state": state, "model": model.state_dict(),
-                            "optimizers": [o.state_dict() for o in optimizers]}, tmp)
-    if state["best_state"] is not None:
-        model.load_state_dict(state["best_state"])
-        logger.info("kept the %s weights of the epoch with the lowest validation loss (%.4g)", kind,
-                    state["best_val"])
+    def flipped_step(batch: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        return step(model, optimizers, _flipped(batch, generator, settings), generator, settings)
+
+    history = fit(model, optimizers, data.to(device), flipped_step,
+                  lambda: _validation_loss(kind, model, held_out, settings), plan,
+                  _fingerprint(kind, images, validation, settings), resume_path, progress, f"training {kind}")
     logger.info("trained %s for %d epochs on %d inputs of %s", kind, n_epochs, len(images), tuple(images.shape[1:]))
-    return model.eval(), state["history"]
+    return model.eval(), history
+
+
+def train_on_folder(kind: str, root: str | Path, settings: ImageSettings, out: str | Path, history_path: str | Path,
+                    device: str = default("images.device")) -> None:
+    """Train a model of ``kind`` on the normal training images of an MVTec folder; write it and its curve.
+
+    The held-out normal images (:func:`~anomri.images.geometry.split_validation`)
+    give the validation loss and never train the model.
+
+    Parameters
+    ----------
+    kind : {"conv-vae", "anogan", "mhp-vae", "draem"}
+    root : str or Path
+        MVTec-layout image folder.
+    settings : ImageSettings
+    out : str or Path
+        Model checkpoint (.pt); its metadata holds the folder, the settings
+        and the validation images. Training resumes from ``<out>.resume.pt``,
+        written after every epoch and removed at the end.
+    history_path : str or Path
+        Training curve (.tsv), one row per epoch.
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    """
+    folder = scan_mvtec(root)
+    train, validation = split_validation(folder.train, settings.validation_fraction, settings.seed)
+    channels = infer_channels(folder.train) if settings.channels == "auto" else int(settings.channels)
+    inputs = load_model_inputs(train, settings.image_geometry, channels).inputs
+    held_out = load_model_inputs(validation, settings.image_geometry, channels).inputs
+    resume = Path(out).with_suffix(".resume.pt")
+    model, history = train_image_model(kind, inputs, settings, resume, resolve_device(device), validation=held_out)
+    save_image_model(out, model.cpu(), {"root": str(root), "settings": json.loads(settings.to_json()),
+                                        "n_training_images": len(train), "n_training_inputs": len(inputs),
+                                        "validation_images": [str(r.path) for r in validation]})
+    write_table(history_path, history, list(history[0]) if history else ["epoch"])
+    resume.unlink(missing_ok=True)

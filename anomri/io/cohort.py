@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from anomri.io.bids import Scan, index_cohort
+from anomri.io.bids import Scan, index_cohort, select_participants
 
 LAYOUTS = {
-    # layout: (DWI file suffix, brain-mask suffix or None)
-    "bids": ("_dwi.nii.gz", None),
-    "qsiprep": ("_desc-preproc_dwi.nii.gz", "_desc-brain_mask.nii.gz"),
+    # layout: (end of the DWI file name before .nii[.gz], brain-mask suffix or None)
+    "bids": ("_dwi", None),
+    "qsiprep": ("_desc-preproc_dwi", "_desc-brain_mask.nii.gz"),
 }
 
 
@@ -84,20 +84,26 @@ def plan_cohort(scans: list[Scan], bids_dir: str | Path, calibration_fraction: f
 
 
 def plan_from_config(config: dict, scans: list[Scan] | None = None) -> CohortPlan:
-    """The plan for a workflow config (see ``config.yaml``).
+    """The plan for a workflow config (see ``config.yaml``), of its selected participants only.
 
     ``scans`` lists a cohort that is not on disk yet: the demo's, planned by
     :func:`anomri.demo.plan.planned_scans` (the workflow passes it); otherwise the
-    scans are indexed from ``bids_dir``.
+    scans are indexed from ``bids_dir``. ``participant_label`` and
+    ``exclude_participant_label`` select the participants of either.
     """
     split = config["split"]
+    # Configs written before these keys existed select everybody.
+    include, exclude = config.get("participant_label") or [], config.get("exclude_participant_label") or []
     if scans is None:
         if config["bids_dir"] == "demo":
             raise ValueError("bids_dir 'demo': pass the planned demo scans (anomri.demo.plan.planned_scans)")
         dwi_suffix, mask_suffix = LAYOUTS[config["input_layout"]]
         scans = index_cohort(Path(config["bids_dir"]), config["participants"]["group_column"],
                              config["participants"]["control_value"], config["lesion_mask_template"],
-                             dwi_suffix, mask_suffix)
+                             dwi_suffix, mask_suffix, include, exclude, config.get("dwi_filters"))
+    else:
+        selected = select_participants({s.participant_id for s in scans}, include, exclude, "participant_label")
+        scans = [s for s in scans if s.participant_id in selected]
     return plan_cohort(scans, cohort_dir(config), split["calibration_fraction"], split["seed"],
                        split["holdout_controls"])
 

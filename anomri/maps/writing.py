@@ -24,6 +24,14 @@ def _generated_by() -> dict:
     return {"Name": "anomri", "Version": __version__}
 
 
+def _provenance(scan: ScanDerivatives, sources: list[Path]) -> dict:
+    """BIDS ``SpatialReference`` and ``Sources`` of a map of ``scan``, as BIDS URIs.
+
+    Every map lies on the grid of the scan's mean b0, whose own sidecar names the source DWI.
+    """
+    return {"SpatialReference": scan.uri(scan.b0), "Sources": [scan.uri(path) for path in sources]}
+
+
 def write_novelty_maps(model: NoveltyModel, scan: ScanDerivatives, model_path: str | Path) -> None:
     """Score every in-mask voxel of ``scan`` and write one map + sidecar per score."""
     img = load_nifti(scan.features, ndim=4)
@@ -40,7 +48,7 @@ def write_novelty_maps(model: NoveltyModel, scan: ScanDerivatives, model_path: s
             "ScoreId": score.id,
             "Model": {"Path": str(model_path), "SHA256": checkpoint_hash},
             "Settings": {"n_samples": model.n_samples, "seed": model.seed, "batch_size": model.batch_size},
-            "Sources": [str(scan.features), str(scan.mask)],
+            **_provenance(scan, [scan.features, scan.mask]),
             "GeneratedBy": _generated_by(),
         })
     logger.info("%s: wrote %d novelty maps", scan.prefix, len(model.scores))
@@ -86,9 +94,9 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
     evidence[mask] = -log_p / np.log(10.0)
     save_volume(scan.neglog10p, evidence, img)
     calibration = {"Path": str(null_path), "SHA256": file_sha256(null_path), "ScanSNR": snr} | null.record()
-    sources = [str(scan.novelty(k)) for k in null.scores] + [str(scan.mask)]
+    sources = [scan.novelty(k) for k in null.scores] + [scan.mask]
     if null.tissue is not None or null.copies is not None:
-        sources.append(str(scan.features))
+        sources.append(scan.features)
     write_json(sidecar_path(scan.probseg), {
         "Description": "Lesion probability 1 - p, with p the tail probability of the post-processed novelty "
                        "score among voxels of healthy calibration controls that the model never saw "
@@ -97,7 +105,7 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
                        "tail beyond the top of the healthy null; 0 outside the post-processed brain mask). "
                        "Thresholding at 1 - a flags a fraction a of healthy voxels.",
         "Calibration": calibration,
-        "Sources": sources,
+        **_provenance(scan, sources),
         "GeneratedBy": _generated_by(),
     })
     write_json(sidecar_path(scan.neglog10p), {
@@ -105,7 +113,7 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
                        "post-processed brain mask): the same ranking as 1 - p without its float32 saturation "
                        "below p ~ 3e-8. Values >= 2 are the 1 % healthy false-positive level, >= 3 the 0.1 %.",
         "Calibration": {"Path": str(null_path), "SHA256": calibration["SHA256"]},
-        "Sources": [str(scan.probseg)],
+        **_provenance(scan, sources),
         "GeneratedBy": _generated_by(),
     })
     for level in levels:
@@ -116,6 +124,7 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
         write_json(sidecar_path(scan.lesion_mask(level)), {
             "Description": f"Voxels whose lesion probability exceeds 1 - {level:g}: a fraction {level:g} of "
                            "healthy calibration voxels is flagged at this level.",
+            "Type": "Lesion",
             "FalsePositiveLevel": level,
             # The threshold on the statistic whose tail p is (ThresholdOn says which).
             "Threshold": null.final.quantile(level),
@@ -123,7 +132,7 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
             "MinComponentVoxels": min_component_voxels,
             "Connectivity": 26,
             "Calibration": {"Path": str(null_path), "SHA256": calibration["SHA256"]},
-            "Sources": [str(scan.probseg)],
+            **_provenance(scan, [scan.probseg]),
             "GeneratedBy": _generated_by(),
         })
     logger.info("%s: lesion probability from %s; %s", scan.prefix, "+".join(null.scores),
@@ -158,7 +167,7 @@ def write_learned_probability(scan: ScanDerivatives, probability: np.ndarray, va
         "FittedOn": fitted_on,
         "Model": model.record(),
         "Settings": settings,
-        "Sources": [str(scan.novelty(k)) for k in model.scores] + [str(scan.mask)],
+        **_provenance(scan, [scan.novelty(k) for k in model.scores] + [scan.mask]),
         "GeneratedBy": _generated_by(),
     })
     return volume

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
+import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import trange
 
-from anomri.io.atomic import atomic_path
+from anomri import __version__
+from anomri.io.tables import write_table
+from anomri.models.checkpoint import save_vae
+from anomri.models.fitting import EpochPlan, descend, fit, training_fingerprint
 from anomri.models.vae import GaussianVAE
 from anomri.settings import default
 
@@ -43,15 +45,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _fingerprint(samples: np.ndarray, config: TrainingConfig) -> str:
-    # A resume checkpoint is only valid for the same data and settings. The
-    # stopping rule is left out: raising max_epochs may continue a finished run.
-    settings = {k: v for k, v in asdict(config).items() if k not in ("max_epochs", "patience")}
-    digest = hashlib.sha256(np.ascontiguousarray(samples).tobytes())
-    digest.update(repr(sorted(settings.items())).encode())
-    return digest.hexdigest()
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +86,8 @@ def train_vae(
     config : TrainingConfig
     resume_path : path, optional
         Where a checkpoint is written after every epoch; training resumes
-        from it when it matches the data and settings.
+        from it when it matches the data and settings and has not trained
+        past ``max_epochs``.
     device : str or torch.device
     progress : bool
         Show a progress bar with the losses.
@@ -117,53 +111,46 @@ def train_vae(
     x_all = model.standardize(torch.from_numpy(samples).to(device))
     x_train, x_val = x_all[train_idx], x_all[val_idx]
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
-    fingerprint = _fingerprint(samples, config)
 
-    state = {"epoch": 0, "history": [], "best_val": float("inf"), "best_state": None, "bad_epochs": 0}
-    if resume_path is not None and Path(resume_path).is_file():
-        saved = torch.load(resume_path, map_location=device, weights_only=True)
-        if saved.get("fingerprint") == fingerprint:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            generator.set_state(saved["generator"].cpu() if device.type == "cpu" else saved["generator"])
-            state = saved["state"]
-            logger.info("resuming training at epoch %d from %s", state["epoch"], resume_path)
-        else:
-            logger.info("ignoring %s: it was written for other data or settings", resume_path)
+    def step(batch: torch.Tensor, generator: torch.Generator) -> dict[str, float]:
+        loss, rec, kl = model.loss(batch, config.kl_weight, config.n_latent_samples, generator)
+        descend(optimizer, loss, config.grad_clip_norm)
+        return {"train_loss": loss.item(), "train_rec": rec.item(), "train_kl": kl.item()}
 
-    bar = trange(state["epoch"], config.max_epochs, desc="training", unit="epoch", disable=not progress)
-    for epoch in bar:
-        if state["bad_epochs"] >= config.patience:
-            break
-        model.train()
-        order = torch.randperm(len(x_train), generator=generator, device=device)
-        sums = np.zeros(3)
-        for start in range(0, len(order), config.batch_size):
-            batch = x_train[order[start : start + config.batch_size]]
-            loss, rec, kl = model.loss(batch, config.kl_weight, config.n_latent_samples, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-            optimizer.step()
-            sums += np.array([loss.item(), rec.item(), kl.item()]) * len(batch)
-        train_loss, train_rec, train_kl = (float(v) for v in sums / len(x_train))
-        val_loss = _validation_loss(model, x_val, config, config.seed + 1)
-        state["history"].append({"epoch": epoch + 1, "train_loss": train_loss, "train_rec": train_rec,
-                                 "train_kl": train_kl, "val_loss": val_loss})
-        if val_loss < state["best_val"]:
-            state.update(best_val=val_loss, bad_epochs=0,
-                         best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}", best=f"{state['best_val']:.3f}")
-        if resume_path is not None:
-            with atomic_path(resume_path) as tmp:
-                torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                            "state": state}, tmp)
-    model.load_state_dict(state["best_state"])
-    logger.info("training stopped after %d epochs; best validation loss %.4f", state["epoch"], state["best_val"])
-    return model.eval(), state["history"]
+    # A resume checkpoint is only valid for the same data and settings. The
+    # stopping rule is left out: raising max_epochs may continue a finished run.
+    settings = {k: v for k, v in asdict(config).items() if k not in ("max_epochs", "patience")}
+    plan = EpochPlan(config.max_epochs, config.batch_size, config.seed, patience=config.patience)
+    history = fit(model, [optimizer], x_train, step, lambda: _validation_loss(model, x_val, config, config.seed + 1),
+                  plan, training_fingerprint([samples], settings), resume_path, progress)
+    logger.info("training stopped after %d epochs", len(history))
+    return model.eval(), history
+
+
+def train_from_pool(pool: str | Path, out: str | Path, history_path: str | Path, config: TrainingConfig,
+                    device: str = default("training.device")) -> None:
+    """Train the VAE on a training pool and write the checkpoint and its training curve.
+
+    Parameters
+    ----------
+    pool : str or Path
+        The pool of :func:`anomri.dmri.features.pool_training_voxels` (.npz).
+    out : str or Path
+        Model checkpoint (.pt); its metadata holds the feature description,
+        the training settings and the pooled scans. Training resumes from
+        ``<out>.resume.pt``, written after every epoch and removed at the end.
+    history_path : str or Path
+        Training curve (.tsv), one row per epoch.
+    config : TrainingConfig
+    device : str
+        ``auto``, ``cpu`` or ``cuda`` (:func:`resolve_device`).
+    """
+    with np.load(pool) as arrays:
+        samples, scans = arrays["samples"], arrays["scans"].tolist()
+        description = json.loads(str(arrays["description"]))
+    resume_path = Path(out).with_suffix(".resume.pt")
+    model, history = train_vae(samples, config, resume_path=resume_path, device=resolve_device(device))
+    save_vae(out, model.cpu(), {"features": description, "training": vars(config) | {"scans": scans},
+                                "anomri_version": __version__})
+    write_table(history_path, history, list(history[0]))
+    resume_path.unlink(missing_ok=True)

@@ -60,6 +60,8 @@ class GaussianVAE(nn.Module):
         diverge on voxels the decoder reproduces exactly.
     """
 
+    kind = "vae"
+
     def __init__(
         self,
         in_channels: int,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -27,11 +27,15 @@ from tqdm.auto import tqdm
 
 from anomri.errors import InputError
 from anomri.io.atomic import atomic_path
+from anomri.io.derivatives import ScanDerivatives
+from anomri.models.checkpoint import load_vae
+from anomri.models.training import resolve_device
 from anomri.models.vae import GaussianVAE
+from anomri.settings import default
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReferenceSet"]
+__all__ = ["ReferenceSet", "build_reference_set"]
 
 T = TypeVar("T")
 
@@ -177,6 +181,39 @@ class ReferenceSet:
         close = all(torch.allclose(new.float(), old[:n_probe].float(), rtol=1e-3, atol=1e-3) for new, old in pairs)
         if not close:
             raise ValueError("the reference set was built with a different model; rebuild it with ReferenceSet.build")
+
+
+def build_reference_set(model: str | Path, derivatives_dir: str | Path, scans: Sequence[str], out: str | Path, *,
+                        size: int = default("scoring.reference_size"), seed: int = default("scoring.seed"),
+                        device: str = default("scoring.device")) -> None:
+    """Build the reference set of a trained model from healthy controls and save it to ``out`` (.pt).
+
+    Parameters
+    ----------
+    model : str or Path
+        The VAE checkpoint.
+    derivatives_dir : str or Path
+        Derivatives tree of the preprocessed scans.
+    scans : sequence of str
+        Prefixes of the healthy controls.
+    out : str or Path
+    size : int
+        Reference samples, stratified: every control contributes an equal
+        share, ``size // len(scans)`` (at least 1) of its in-mask voxels.
+    seed : int
+        Seed of the sub-sampling.
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    """
+    # Imported here: the image engine uses this module and never needs dipy, which the features module loads.
+    from anomri.dmri.features import pool_samples
+
+    torch_device = resolve_device(device)
+    vae, _ = load_vae(model, torch_device)
+    controls = [ScanDerivatives(derivatives_dir, p) for p in scans]
+    samples, _, _ = pool_samples([s.features for s in controls], [s.mask for s in controls],
+                                 max(1, size // len(controls)), seed)
+    ReferenceSet.build(vae, samples, device=torch_device, progress=True).save(out)
 
 
 def _shape_problems(tensors: dict[str, torch.Tensor]) -> list[str]:

@@ -1,22 +1,34 @@
-# Shared definitions: the cohort plan and path helpers.
+# Shared definitions: the cohort plan, path helpers and the input functions of the rules.
 import json
-import shlex
+import os
 import sys
 from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
+
 from anomri.demo.plan import planned_scans
 from anomri.errors import InputError
+from anomri.evaluate.table import PROBABILITY
+from anomri.io.bids import PREFIX_PATTERN
 from anomri.io.cohort import plan_from_config
-from anomri.io.derivatives import ScanDerivatives, level_label
+from anomri.io.derivatives import ScanDerivatives, desc_label, level_label
+from anomri.report.figures import FigurePaths
 from anomri.scores import get_scores
 
-# The interpreter running Snakemake has anomri installed; calling it directly
-# works whether or not the virtual environment is activated.
-# Every other value reaches a shell command through params/input/output/log with `:q` (shell-quoted,
-# element by element for lists): paths may hold spaces, quotes and non-ASCII characters.
-# The command itself stays a global, already quoted, and not a param: as a param, a new interpreter path
-# (another virtual environment) would make Snakemake rerun every job.
-ANOMRI = f"{shlex.quote(sys.executable)} -m anomri"
+# Every rule runs `"$ANOMRI_PYTHON" -m anomri ...`. Every other value reaches a shell command through
+# params/input/output/log with `:q` (shell-quoted, element by element for lists): paths may hold spaces, quotes and
+# non-ASCII characters.
+# Without a software deployment method, ANOMRI_PYTHON is the interpreter running Snakemake: anomri is installed there
+# (this file imports it), whether or not its virtual environment is activated. With --software-deployment-method
+# conda, it is the python of the rule's environment (envs/anomri.yaml), first on PATH once that is activated.
+# An environment variable, not a param: as a param, another interpreter path (another virtual environment) would
+# make Snakemake rerun every job. Jobs inherit it, on a cluster too, where every job parses this file again.
+_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+os.environ.update(
+    ANOMRI_PYTHON="python" if _conda else sys.executable,
+    # What envs/anomri.yaml installs (editable; pip expands ${ANOMRI_SOURCE}): the anomri checkout of this workflow.
+    ANOMRI_SOURCE=str(Path(workflow.basedir).parent),
+)
 
 OUT = Path(config["output_dir"])
 LOGS = OUT / "logs"
@@ -44,15 +56,30 @@ if _missing:
     sys.exit(f"anomri: error: config: probability.scores {_missing} are not among the computed scores {SCORES}")
 LEARNED = config["probability"]["learned_combination"]["enabled"]
 if LEARNED and len(PLAN.evaluable) < 2:
-    sys.exit("anomri: error: config: probability.learned_combination needs at least 2 patients with lesion masks; "
-             f"found {len(PLAN.evaluable)}")
+    sys.exit(
+        "anomri: error: config: probability.learned_combination needs at least 2 patients with lesion masks; "
+        f"found {len(PLAN.evaluable)}"
+    )
 
 SCANS = {scan.prefix: scan for scan in PLAN.scans}
 
-# BIDS labels are alphanumeric (anomri.io.bids rejects any other before the run starts).
+
+def preprocess_inputs(wildcards):
+    """A scan's input files, for rules preprocess and augment_noise: its brain and lesion masks where it has them."""
+    scan = SCANS[wildcards.prefix]
+    inputs = {"dwi": scan.dwi, "bval": scan.bval, "bvec": scan.bvec}
+    if scan.brain_mask:
+        inputs["mask"] = scan.brain_mask
+    if scan.lesion_mask:
+        inputs["lesion"] = scan.lesion_mask
+    return inputs
+
+
+# BIDS labels are alphanumeric (anomri.io.bids rejects any other before the run starts). A prefix also
+# holds the entities that tell a session's DWI scans apart (sub-01_ses-1_acq-b1000_run-2).
 wildcard_constraints:
     subdir=r"sub-[a-zA-Z0-9]+(/ses-[a-zA-Z0-9]+)?",
-    prefix=r"sub-[a-zA-Z0-9]+(_ses-[a-zA-Z0-9]+)?",
+    prefix=PREFIX_PATTERN,
     score=r"[a-z0-9-]+",
     level=r"[0-9]+",
 
@@ -60,7 +87,7 @@ wildcard_constraints:
 def benchmark_file(rule, *parts):
     """``<output_dir>/benchmarks/<rule>/<parts...>.tsv``, ``.../<rule>/<rule>.tsv`` for a rule without wildcards."""
     parts = parts or (rule,)
-    return str(BENCHMARKS.joinpath(rule, *parts[:-1], parts[-1] + ".tsv"))
+    return str(BENCHMARKS.joinpath(rule, *parts[:-1], f"{parts[-1]}.tsv"))
 
 
 def derivatives(prefix):
@@ -79,8 +106,8 @@ def augmented(level, prefix):
 
 
 def augmented_pattern(suffix):
-    """Output pattern of a noisier copy's derivative, e.g. augmented_pattern('dwiref.nii.gz')."""
-    return str(AUGMENTED / "noise-{level}" / "{subdir}" / "dwi" / ("{prefix}_space-dwi_" + suffix))
+    """Output pattern of a noisier copy's derivative, e.g. augmented_pattern('desc-brain_mask.nii.gz')."""
+    return str(AUGMENTED / "noise-{level}" / "{subdir}" / "dwi" / f"{{prefix}}_space-dwi_{suffix}")
 
 
 def novelty_maps(prefix):
@@ -88,8 +115,8 @@ def novelty_maps(prefix):
 
 
 def scan_pattern(suffix):
-    """Output pattern of a per-scan derivative, e.g. scan_pattern('dwiref.nii.gz')."""
-    return str(OUT / "{subdir}" / "dwi" / ("{prefix}_space-dwi_" + suffix))
+    """Output pattern of a per-scan derivative, e.g. scan_pattern('desc-brain_mask.nii.gz')."""
+    return str(OUT / "{subdir}" / "dwi" / f"{{prefix}}_space-dwi_{suffix}")
 
 
 # The helpers below return lists of arguments: a rule's shell command quotes each with `{params.x:q}`.
@@ -113,3 +140,17 @@ def option_args(options):
 
 def settings_json(section, exclude=()):
     return json.dumps({k: v for k, v in config[section].items() if k not in exclude})
+
+
+# The figures of the HTML report (rules/report.smk).
+FIGURES = FigurePaths(OUT / "figures")
+EVALUATED_MAPS = SCORES + [PROBABILITY]
+
+
+def report_figures():
+    """Every report figure the default target builds."""
+    figures = [FIGURES.training]
+    if PLAN.evaluable:
+        figures += [FIGURES.curves(m) for m in EVALUATED_MAPS]
+        figures += [FIGURES.overlay(s.prefix) for s in PLAN.evaluable]
+    return figures

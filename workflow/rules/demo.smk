@@ -11,7 +11,9 @@ if config["bids_dir"] == "demo":
         log:
             LOGS / "demo_cohort.log",
         benchmark:
-            benchmark_file("demo_cohort"),
+            benchmark_file("demo_cohort")
+        conda:
+            "../envs/anomri.yaml"
         # Subjects simulated at once (demo-cohort's workers, one BLAS thread each); the cohort does not depend on it.
         threads: 2
         resources:
@@ -21,7 +23,7 @@ if config["bids_dir"] == "demo":
             bids_dir=PLAN.bids_dir,
             demo=config["demo"],
         shell:
-            "{ANOMRI} --log {log:q} --threads {threads:q} demo-cohort"
+            '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} demo-cohort'
             " {params.bids_dir:q} --n-controls {params.demo[n_controls]:q}"
             " --n-patients {params.demo[n_patients]:q} --voxel-size {params.demo[voxel_size]:q}"
             " --scheme {params.demo[scheme]:q} --seed {params.demo[seed]:q}"

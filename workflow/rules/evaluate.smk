@@ -13,20 +13,34 @@ rule evaluate:
         ],
         [s.lesion_mask for s in PLAN.evaluable],
     output:
-        table=report(OUT / "evaluation.tsv", caption="../report/dmri_evaluation.rst", category="Evaluation",
-                     subcategory="Tables"),
+        table=report(
+            OUT / "evaluation.tsv",
+            caption="../report/dmri_evaluation.rst",
+            category="Evaluation",
+            subcategory="Tables",
+        ),
         sidecar=OUT / "evaluation.json",
-        summary=report(OUT / "evaluation_summary.tsv", caption="../report/dmri_summary.rst",
-                       category="Evaluation", subcategory="Tables"),
+        summary=report(
+            OUT / "evaluation_summary.tsv",
+            caption="../report/dmri_summary.rst",
+            category="Evaluation",
+            subcategory="Tables",
+        ),
         summary_sidecar=OUT / "evaluation_summary.json",
         curves=OUT / "evaluation_curves.json",
-        healthy=report(OUT / "evaluation_healthy.tsv", caption="../report/dmri_healthy.rst",
-                       category="Evaluation", subcategory="Tables"),
+        healthy=report(
+            OUT / "evaluation_healthy.tsv",
+            caption="../report/dmri_healthy.rst",
+            category="Evaluation",
+            subcategory="Tables",
+        ),
         healthy_sidecar=OUT / "evaluation_healthy.json",
     log:
         LOGS / "evaluate.log",
     benchmark:
-        benchmark_file("evaluate"),
+        benchmark_file("evaluate")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=1000,  # 1.5x peak RSS 468 MB on the demo cohort
@@ -40,7 +54,7 @@ rule evaluate:
         scores=SCORES,
         ev=config["evaluation"],
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} evaluate"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} evaluate'
         " --derivatives-dir {params.derivatives:q} {params.scans:q}"
         " --calibration {params.calibration:q} --scores {params.scores:q} --fpr {params.ev[fpr]:q}"
         " --bootstrap {params.ev[bootstrap]:q} --seed {params.ev[seed]:q}"
@@ -50,12 +64,19 @@ rule evaluate:
 
 
 rule dataset_description:
+    # The BIDS dataset-level files: which desc labels the run writes, and what BIDS has no place for.
     output:
         OUT / "dataset_description.json",
+        OUT / "descriptions.tsv",
+        OUT / "descriptions.json",
+        OUT / ".bidsignore",
+        OUT / "README.md",
     log:
         LOGS / "dataset_description.log",
     benchmark:
-        benchmark_file("dataset_description"),
+        benchmark_file("dataset_description")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=500,  # 1.5x peak RSS 255 MB on the demo cohort
@@ -63,6 +84,10 @@ rule dataset_description:
     params:
         derivatives=OUT,
         source=PLAN.bids_dir,
+        scores=SCORES,
+        levels=config["probability"]["levels"],
+        learned=["--learned"] if LEARNED else [],
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} dataset-description"
-        " --derivatives-dir {params.derivatives:q} --source {params.source:q}"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} dataset-description'
+        " --derivatives-dir {params.derivatives:q} --source {params.source:q} --scores {params.scores:q}"
+        " --levels {params.levels:q} {params.learned:q}"

@@ -9,8 +9,10 @@ IMAGES = ImageOutputs(OUT / "images")
 IMAGES_ROOT = Path(config["images_root"]) if config.get("images_root") else IMAGES.demo
 IMAGE_METHODS = list(METHODS) if config.get("image_methods", "all") == "all" else list(config["image_methods"])
 if set(IMAGE_METHODS) - set(METHODS):
-    raise WorkflowError(f"anomri: error: config: image_methods {sorted(set(IMAGE_METHODS) - set(METHODS))} "
-                        f"unknown; known: {', '.join(METHODS)}")
+    raise WorkflowError(
+        f"anomri: error: config: image_methods {sorted(set(IMAGE_METHODS) - set(METHODS))} "
+        f"unknown; known: {', '.join(METHODS)}"
+    )
 if config.get("images_layout", "mvtec") != "mvtec":
     raise WorkflowError(f"anomri: error: config: images_layout {config['images_layout']!r} unsupported; use mvtec")
 IMAGE_CONFIG = config.get("images", {})
@@ -43,7 +45,9 @@ if not config.get("images_root"):
         log:
             LOGS / "images" / "demo.log",
         benchmark:
-            benchmark_file("images_demo"),
+            benchmark_file("images_demo")
+        conda:
+            "../envs/anomri.yaml"
         threads: 1
         resources:
             mem_mb=1000,
@@ -51,7 +55,7 @@ if not config.get("images_root"):
         params:
             demo=option_args(DEMO_OPTIONS),
         shell:
-            "{ANOMRI} --log {log:q} --threads {threads:q} demo-images {output:q} {params.demo:q}"
+            '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} demo-images {output:q} {params.demo:q}'
 
 
 rule images_train:
@@ -59,12 +63,18 @@ rule images_train:
         IMAGES_ROOT_INPUT,
     output:
         model=IMAGES.model("{image_model}"),
-        history=report(IMAGES.history("{image_model}"), caption="../report/images_history.rst",
-                       category="Images", subcategory="Training"),
+        history=report(
+            IMAGES.history("{image_model}"),
+            caption="../report/images_history.rst",
+            category="Images",
+            subcategory="Training",
+        ),
     log:
         LOGS / "images" / "train_{image_model}.log",
     benchmark:
-        benchmark_file("images_train", "{image_model}"),
+        benchmark_file("images_train", "{image_model}")
+    conda:
+        "../envs/anomri.yaml"
     threads: IMAGE_THREADS
     resources:
         mem_mb=8000,
@@ -75,7 +85,7 @@ rule images_train:
         settings=IMAGE_SETTINGS,
         device=IMAGE_DEVICE,
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} images-train"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} images-train'
         " --root {params.root:q} --model {wildcards.image_model:q}"
         " --out {output.model:q} --history {output.history:q} --settings {params.settings:q}"
         " --device {params.device:q}"
@@ -92,7 +102,9 @@ rule images_score:
     log:
         LOGS / "images" / "score_{image_method}.log",
     benchmark:
-        benchmark_file("images_score", "{image_method}"),
+        benchmark_file("images_score", "{image_method}")
+    conda:
+        "../envs/anomri.yaml"
     threads: IMAGE_THREADS
     resources:
         mem_mb=8000,
@@ -104,7 +116,7 @@ rule images_score:
         settings=IMAGE_SETTINGS,
         device=IMAGE_DEVICE,
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} images-score"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} images-score'
         " --root {params.root:q} --method {wildcards.image_method:q}"
         " --model {input.model:q} --images-dir {params.images_dir:q} --settings {params.settings:q}"
         " --device {params.device:q}"
@@ -117,15 +129,19 @@ rule images_evaluate:
         [IMAGES.scores(m) for m in IMAGE_METHODS],
         [IMAGES.thresholds(m) for m in IMAGE_METHODS],
     output:
-        scores=report(IMAGES.image_scores, caption="../report/images_scores.rst", category="Images",
-                      subcategory="Tables"),
-        evaluation=report(IMAGES.evaluation, caption="../report/images_evaluation.rst", category="Images",
-                          subcategory="Tables"),
+        scores=report(
+            IMAGES.image_scores, caption="../report/images_scores.rst", category="Images", subcategory="Tables"
+        ),
+        evaluation=report(
+            IMAGES.evaluation, caption="../report/images_evaluation.rst", category="Images", subcategory="Tables"
+        ),
         curves=IMAGES.curves,
     log:
         LOGS / "images" / "evaluate.log",
     benchmark:
-        benchmark_file("images_evaluate"),
+        benchmark_file("images_evaluate")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=12000,
@@ -136,7 +152,7 @@ rule images_evaluate:
         methods=IMAGE_METHODS,
         settings=IMAGE_SETTINGS,
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} images-evaluate"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} images-evaluate'
         " --root {params.root:q} --methods {params.methods:q}"
         " --images-dir {params.images_dir:q} --settings {params.settings:q}"
 
@@ -148,15 +164,24 @@ rule images_report:
         [IMAGES.maps(m) for m in IMAGE_METHODS],
         [IMAGES.scores(m) for m in IMAGE_METHODS],
     output:
-        roc=report(IMAGES.roc_figure, caption="../report/images_roc.rst", category="Images",
-                   subcategory="Curves"),
-        examples=[report(IMAGES.examples_figure(m), caption="../report/images_examples.rst", category="Images",
-                         subcategory="Examples", labels={"method": m}) for m in IMAGE_METHODS],
+        roc=report(IMAGES.roc_figure, caption="../report/images_roc.rst", category="Images", subcategory="Curves"),
+        examples=[
+            report(
+                IMAGES.examples_figure(m),
+                caption="../report/images_examples.rst",
+                category="Images",
+                subcategory="Examples",
+                labels={"method": m},
+            )
+            for m in IMAGE_METHODS
+        ],
         overlays=[directory(IMAGES.overlays(m)) for m in IMAGE_METHODS],
     log:
         LOGS / "images" / "report.log",
     benchmark:
-        benchmark_file("images_report"),
+        benchmark_file("images_report")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -167,7 +192,7 @@ rule images_report:
         methods=IMAGE_METHODS,
         settings=IMAGE_SETTINGS,
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} images-report --root {params.root:q} --methods {params.methods:q}"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} images-report --root {params.root:q} --methods {params.methods:q}'
         " --images-dir {params.images_dir:q} --settings {params.settings:q}"
 
 

@@ -11,7 +11,9 @@ rule reference_set:
     log:
         LOGS / "reference_set.log",
     benchmark:
-        benchmark_file("reference_set"),
+        benchmark_file("reference_set")
+    conda:
+        "../envs/anomri.yaml"
     threads: config["scoring"]["threads"]
     resources:
         mem_mb=1000,  # 1.5x peak RSS 513 MB on the demo cohort
@@ -22,7 +24,7 @@ rule reference_set:
         scans=prefixes(PLAN.training),
         sc=SCORING,
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} reference"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} reference'
         " --derivatives-dir {params.derivatives:q} --scans {params.scans:q}"
         " --model {input.model:q} --size {params.sc[reference_size]:q} --seed {params.sc[seed]:q} --out {output:q}"
         " --device {params.sc[device]:q}"
@@ -35,12 +37,14 @@ rule score:
         features=scan_pattern("desc-qspace_features.nii.gz"),
         mask=scan_pattern("desc-brain_mask.nii.gz"),
     output:
-        maps=[scan_pattern(f"desc-{s}_novelty.nii.gz") for s in SCORES],
-        sidecars=[scan_pattern(f"desc-{s}_novelty.json") for s in SCORES],
+        maps=[scan_pattern(f"desc-{desc_label(s)}_novelty.nii.gz") for s in SCORES],
+        sidecars=[scan_pattern(f"desc-{desc_label(s)}_novelty.json") for s in SCORES],
     log:
         LOGS / "score" / "{subdir}" / "{prefix}.log",
     benchmark:
-        benchmark_file("score", "{subdir}", "{prefix}"),
+        benchmark_file("score", "{subdir}", "{prefix}")
+    conda:
+        "../envs/anomri.yaml"
     threads: config["scoring"]["threads"]
     resources:
         mem_mb=1500,  # 1.5x peak RSS 917 MB on the demo cohort, the default scores
@@ -52,7 +56,7 @@ rule score:
         scores=SCORES,
         reference=lambda wc, input: optional_flag("--reference", input, "reference"),
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} score --model {input.model:q} {params.reference:q}"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} score --model {input.model:q} {params.reference:q}'
         " --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
         " --scores {params.scores:q} --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
         " --batch-size {params.sc[batch_size]:q} --device {params.sc[device]:q}"
@@ -66,12 +70,14 @@ rule score_augmented:
         features=augmented_pattern("desc-qspace_features.nii.gz"),
         mask=augmented_pattern("desc-brain_mask.nii.gz"),
     output:
-        maps=[augmented_pattern(f"desc-{k}_novelty.nii.gz") for k in PROBABILITY_SCORES],
-        sidecars=[augmented_pattern(f"desc-{k}_novelty.json") for k in PROBABILITY_SCORES],
+        maps=[augmented_pattern(f"desc-{desc_label(k)}_novelty.nii.gz") for k in PROBABILITY_SCORES],
+        sidecars=[augmented_pattern(f"desc-{desc_label(k)}_novelty.json") for k in PROBABILITY_SCORES],
     log:
         LOGS / "score_augmented" / "noise-{level}" / "{subdir}" / "{prefix}.log",
     benchmark:
-        benchmark_file("score_augmented", "noise-{level}", "{subdir}", "{prefix}"),
+        benchmark_file("score_augmented", "noise-{level}", "{subdir}", "{prefix}")
+    conda:
+        "../envs/anomri.yaml"
     threads: config["scoring"]["threads"]
     resources:
         mem_mb=1500,  # 1.5x peak RSS 771 MB on the demo cohort, 4 jobs
@@ -83,7 +89,7 @@ rule score_augmented:
         scores=PROBABILITY_SCORES,
         reference=lambda wc, input: optional_flag("--reference", input, "reference"),
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} score --model {input.model:q} {params.reference:q}"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} score --model {input.model:q} {params.reference:q}'
         " --derivatives-dir {params.tree:q} --prefix {wildcards.prefix:q}"
         " --scores {params.scores:q} --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
         " --batch-size {params.sc[batch_size]:q} --device {params.sc[device]:q}"
@@ -94,14 +100,20 @@ rule calibrate:
         [derivatives(s.prefix).novelty(k) for s in PLAN.calibration for k in PROBABILITY_SCORES],
         [derivatives(s.prefix).mask for s in PLAN.calibration],
         [derivatives(s.prefix).features for s in PLAN.calibration],
-        [augmented(level, s.prefix).novelty(k) for s in PLAN.calibration for level in CALIBRATION_LEVELS
-         for k in PROBABILITY_SCORES],
+        [
+            augmented(level, s.prefix).novelty(k)
+            for s in PLAN.calibration
+            for level in CALIBRATION_LEVELS
+            for k in PROBABILITY_SCORES
+        ],
     output:
         OUT / "calibration" / "healthy_null.npz",
     log:
         LOGS / "calibrate.log",
     benchmark:
-        benchmark_file("calibrate"),
+        benchmark_file("calibrate")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=1000,  # 1.5x peak RSS 549 MB on the demo cohort
@@ -113,7 +125,7 @@ rule calibrate:
         pp=config["probability"],
         augmented=[AUGMENTED / f"noise-{level}" for level in CALIBRATION_LEVELS],
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} calibrate"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} calibrate'
         " --derivatives-dir {params.derivatives:q} --scans {params.scans:q}"
         " --augmented {params.augmented:q}"
         " --scores {params.scores:q} --out {output:q} --erosion-voxels {params.pp[erosion_voxels]:q}"
@@ -126,7 +138,7 @@ rule calibrate:
 rule probability:
     input:
         null=OUT / "calibration" / "healthy_null.npz",
-        maps=[scan_pattern(f"desc-{k}_novelty.nii.gz") for k in PROBABILITY_SCORES],
+        maps=[scan_pattern(f"desc-{desc_label(k)}_novelty.nii.gz") for k in PROBABILITY_SCORES],
         mask=scan_pattern("desc-brain_mask.nii.gz"),
         features=scan_pattern("desc-qspace_features.nii.gz"),
     output:
@@ -138,7 +150,9 @@ rule probability:
     log:
         LOGS / "probability" / "{subdir}" / "{prefix}.log",
     benchmark:
-        benchmark_file("probability", "{subdir}", "{prefix}"),
+        benchmark_file("probability", "{subdir}", "{prefix}")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=1000,  # 1.5x peak RSS 495 MB on the demo cohort, 12 jobs
@@ -148,7 +162,7 @@ rule probability:
         pp=config["probability"],
         levels=config["probability"]["levels"],
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} probability"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} probability'
         " --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
         " --null {input.null:q} --levels {params.levels:q}"
         " --min-component-voxels {params.pp[min_component_voxels]:q}"
@@ -168,7 +182,9 @@ rule learn_combination:
     log:
         LOGS / "learn_combination.log",
     benchmark:
-        benchmark_file("learn_combination"),
+        benchmark_file("learn_combination")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=6000,  # not measured (opt-in, off in the demo): every computed score of every scan at once
@@ -181,7 +197,7 @@ rule learn_combination:
         scores=SCORES,
         pp=config["probability"],
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} learn-combination --derivatives-dir {params.derivatives:q}"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} learn-combination --derivatives-dir {params.derivatives:q}'
         " --calibration {params.calibration:q} {params.labelled:q} --apply {params.others:q}"
         " --scores {params.scores:q} --out {output.model:q}"
         " --C {params.pp[learned_combination][C]:q} --erosion-voxels {params.pp[erosion_voxels]:q}"

@@ -11,26 +11,32 @@ rule augment_noise:
         features=augmented_pattern("desc-qspace_features.nii.gz"),
         sidecar=augmented_pattern("desc-qspace_features.json"),
         mask=augmented_pattern("desc-brain_mask.nii.gz"),
-        b0=augmented_pattern("dwiref.nii.gz"),
+        mask_sidecar=augmented_pattern("desc-brain_mask.json"),
+        b0=augmented_pattern("desc-meanb0_S0map.nii.gz"),
+        b0_sidecar=augmented_pattern("desc-meanb0_S0map.json"),
     log:
         LOGS / "augment_noise" / "noise-{level}" / "{subdir}" / "{prefix}.log",
     benchmark:
-        benchmark_file("augment_noise", "noise-{level}", "{subdir}", "{prefix}"),
+        benchmark_file("augment_noise", "noise-{level}", "{subdir}", "{prefix}")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=1500,  # 1.5x peak RSS 690 MB on the demo cohort, 12 jobs
         runtime=30,
     params:
         pre=config["preprocessing"],
+        source=PLAN.bids_dir,
         tree=lambda wc: AUGMENTED / f"noise-{wc.level}",
         factor=lambda wc: int(wc.level) / 100,
         seed=config["training"]["seed"],
         gibbs="--gibbs-removal" if config["preprocessing"]["gibbs_removal"] else "--no-gibbs-removal",
         motion="--motion-correction" if config["preprocessing"]["motion_correction"] else "--no-motion-correction",
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} preprocess"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} preprocess'
         " --dwi {input.dwi:q} --bval {input.bval:q} --bvec {input.bvec:q}"
         " --output-dir {params.tree:q} --prefix {wildcards.prefix:q} --mask {input.brain:q}"
+        " --source-dir {params.source:q}"
         " --b0-threshold {params.pre[b0_threshold]:q} --denoise {params.pre[denoise]:q}"
         " {params.gibbs:q} {params.motion:q} --noise-factor {params.factor:q} --noise-seed {params.seed:q}"
         " --features {params.pre[features]:q} --context {params.pre[context]:q}"
@@ -47,7 +53,9 @@ rule pool_training_voxels:
     log:
         LOGS / "pool_training_voxels.log",
     benchmark:
-        benchmark_file("pool_training_voxels"),
+        benchmark_file("pool_training_voxels")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=1000,  # 1.5x peak RSS 374 MB on the demo cohort
@@ -57,12 +65,13 @@ rule pool_training_voxels:
         scans=prefixes(PLAN.training),
         augmented=[AUGMENTED / f"noise-{level}" for level in NOISE_LEVELS],
         max_voxels=config["training"]["max_voxels_per_scan"],
+        max_training_voxels=config["training"]["max_training_voxels"],
         seed=config["training"]["seed"],
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} pool"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} pool'
         " --derivatives-dir {params.derivatives:q} --scans {params.scans:q}"
         " --augmented {params.augmented:q} --out {output:q} --max-voxels-per-scan {params.max_voxels:q}"
-        " --seed {params.seed:q}"
+        " --max-training-voxels {params.max_training_voxels:q} --seed {params.seed:q}"
 
 
 rule train:
@@ -74,7 +83,9 @@ rule train:
     log:
         LOGS / "train.log",
     benchmark:
-        benchmark_file("train"),
+        benchmark_file("train")
+    conda:
+        "../envs/anomri.yaml"
     # A fixed count, not workflow.cores: a cluster run has no total core count.
     threads: config["training"]["threads"]
     resources:
@@ -82,9 +93,12 @@ rule train:
         runtime=120,
         gpu=1 if config["training"]["device"] == "cuda" else 0,
     params:
-        settings=settings_json("training", exclude=("device", "max_voxels_per_scan", "threads", "noise_augmentation")),
+        settings=settings_json(
+            "training",
+            exclude=("device", "max_voxels_per_scan", "max_training_voxels", "threads", "noise_augmentation"),
+        ),
         device=config["training"]["device"],
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} train"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} train'
         " --pool {input:q} --out {output.model:q} --history {output.history:q}"
         " --settings {params.settings:q} --device {params.device:q}"

@@ -1,32 +1,28 @@
 # Figures of the HTML report (snakemake --report report.html): ROC/PR curves per score, one overlay
 # per patient, training curves. They are part of the default target, so the report finds them.
-# Thin rules only: each calls one `anomri` command.
-from anomri.evaluate.table import PROBABILITY
-from anomri.report.figures import FigurePaths
-
-FIGURES = FigurePaths(OUT / "figures")
-EVALUATED_MAPS = SCORES + [PROBABILITY]
-
-
-def report_figures():
-    """Every report figure the default target builds."""
-    figures = [FIGURES.training]
-    if PLAN.evaluable:
-        figures += [FIGURES.curves(m) for m in EVALUATED_MAPS]
-        figures += [FIGURES.overlay(s.prefix) for s in PLAN.evaluable]
-    return figures
+# Thin rules only: each calls one `anomri` command. Their paths: FIGURES (rules/common.smk).
 
 
 rule plot_curves:
     input:
         OUT / "evaluation_curves.json",
     output:
-        [report(FIGURES.curves(m), caption="../report/dmri_curves.rst", category="Evaluation",
-                subcategory="ROC and PR curves", labels={"score": m}) for m in EVALUATED_MAPS],
+        [
+            report(
+                FIGURES.curves(m),
+                caption="../report/dmri_curves.rst",
+                category="Evaluation",
+                subcategory="ROC and PR curves",
+                labels={"score": m},
+            )
+            for m in EVALUATED_MAPS
+        ],
     log:
         LOGS / "figures" / "curves.log",
     benchmark:
-        benchmark_file("plot_curves"),
+        benchmark_file("plot_curves")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=500,  # 1.5x peak RSS 212 MB on the demo cohort
@@ -34,7 +30,7 @@ rule plot_curves:
     params:
         figures=FIGURES.root,
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} plot-curves --curves {input:q} --figures-dir {params.figures:q}"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} plot-curves --curves {input:q} --figures-dir {params.figures:q}'
 
 
 rule plot_overlay:
@@ -45,12 +41,19 @@ rule plot_overlay:
         mask=lambda wc: derivatives(wc.prefix).mask,
         evidence=lambda wc: derivatives(wc.prefix).neglog10p,
     output:
-        report(FIGURES.overlay("{prefix}"), caption="../report/dmri_overlay.rst", category="Patients",
-               subcategory="Overlays", labels={"scan": "{prefix}"}),
+        report(
+            FIGURES.overlay("{prefix}"),
+            caption="../report/dmri_overlay.rst",
+            category="Patients",
+            subcategory="Overlays",
+            labels={"scan": "{prefix}"},
+        ),
     log:
         LOGS / "figures" / "overlay_{prefix}.log",
     benchmark:
-        benchmark_file("plot_overlay", "{prefix}"),
+        benchmark_file("plot_overlay", "{prefix}")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=500,  # 1.5x peak RSS 208 MB on the demo cohort, 4 jobs
@@ -58,7 +61,7 @@ rule plot_overlay:
     params:
         derivatives=OUT,
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} plot-overlay"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} plot-overlay'
         " --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
         " --lesion-mask {input.lesion:q} --evaluation {input.evaluation:q} --out {output:q}"
 
@@ -67,15 +70,16 @@ rule plot_training:
     input:
         OUT / "models" / "training_history.tsv",
     output:
-        report(FIGURES.training, caption="../report/dmri_training.rst", category="Training",
-               subcategory="Curves"),
+        report(FIGURES.training, caption="../report/dmri_training.rst", category="Training", subcategory="Curves"),
     log:
         LOGS / "figures" / "training.log",
     benchmark:
-        benchmark_file("plot_training"),
+        benchmark_file("plot_training")
+    conda:
+        "../envs/anomri.yaml"
     threads: 1
     resources:
         mem_mb=500,  # 1.5x peak RSS 196 MB on the demo cohort
         runtime=5,
     shell:
-        "{ANOMRI} --log {log:q} --threads {threads:q} plot-training --history {input:q} --out {output:q}"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} plot-training --history {input:q} --out {output:q}'
