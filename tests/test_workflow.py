@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -56,6 +57,7 @@ def run(tmp_path_factory) -> Path:
     )
     result = snakemake("--cores", "2", "--configfile", str(configfile))
     assert result.returncode == 0, result.stderr[-4000:]
+    (tmp / "snakemake.stderr").write_text(result.stderr)  # the jobs' requested resources, for the memory test
     return out
 
 
@@ -221,6 +223,25 @@ def test_descriptions_name_every_desc_label(run: Path) -> None:
     used = {part for path in run.glob("sub-*/dwi/*") for part in path.name.split("_") if part.startswith("desc-")}
     assert used == set(rows)
     assert {rows[f"desc-{desc_label(s)}"]["score_id"] for s in score_ids()} == set(score_ids())
+
+
+def test_no_job_used_more_memory_than_it_requested(run: Path) -> None:
+    """Each job's max RSS (its benchmark file) stays within the mem_mb Snakemake gave it (the resources line of
+    the job in Snakemake's log), including the rules whose mem_mb grows with their input (measured_mem_mb in
+    workflow/rules/common.smk)."""
+    checked = []
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", (run.parent / "snakemake.stderr").read_text()):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        bench = re.search(r"^\s+benchmark: (.+)$", block, re.M)
+        mem = re.search(r"\bmem_mb=(\d+)", block)
+        if not (rule and bench and mem):
+            continue
+        with open(bench.group(1).strip(), newline="") as fh:
+            max_rss = float(next(csv.DictReader(fh, delimiter="\t"))["max_rss"])
+        assert max_rss <= int(mem.group(1)), (rule.group(1), bench.group(1), max_rss, mem.group(1))
+        checked.append(rule.group(1))
+    # Every rule that ran with a benchmark file, the input-scaled ones among them.
+    assert {"preprocess", "score", "probability", "calibrate", "evaluate", "train"} <= set(checked)
 
 
 def test_rerun_has_nothing_to_do(run: Path) -> None:

@@ -1,5 +1,6 @@
 # Shared definitions: the cohort plan, path helpers and the input functions of the rules.
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -34,9 +35,22 @@ OUT = Path(config["output_dir"])
 LOGS = OUT / "logs"
 # Every rule's `benchmark:` file (wall time, max RSS, CPU time of each job), the measurements behind mem_mb:
 # each rule's mem_mb is about 1.5x the largest max RSS of its jobs on the demo cohort of config.yaml (8 controls,
-# 4 patients, 3 mm, 3shell; issue 14 in benchmarks/README.md), rounded up to 500 MB. Larger scans and cohorts
-# need more: read a first run's files (benchmarks/rule_table.py) and raise it with --set-resources.
+# 4 patients, 3 mm, 3shell; issue 14 in benchmarks/README.md), rounded up to 500 MB. Where the peak grows with the
+# job's input (scans' voxels, the number of maps a cohort-wide job reads), mem_mb follows it: measured_mem_mb.
+# Read a first run's files (benchmarks/rule_table.py) and raise a rule with --set-resources if it needs more.
 BENCHMARKS = OUT / "benchmarks"
+
+
+def measured_mem_mb(base_mb: float, mb_per_input_mb: float):
+    """A rule's mem_mb for a job: 1.5 x (base_mb + mb_per_input_mb x the job's input size in MB), rounded up to
+    100 MB, at least 500. base and slope are a line on or above the max RSS of the rule's jobs against their input
+    sizes on the demo cohort (3 mm) and generated 10- and 40-subject cohorts (6 mm): benchmarks/README.md."""
+
+    def mem_mb(wildcards, input) -> int:
+        return max(500, math.ceil(1.5 * (base_mb + mb_per_input_mb * input.size_mb) / 100) * 100)
+
+    return mem_mb
+
 
 try:
     PLAN = plan_from_config(config, planned_scans(config))

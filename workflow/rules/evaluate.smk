@@ -43,7 +43,7 @@ rule evaluate:
         "../envs/anomri.yaml"
     threads: 1
     resources:
-        mem_mb=1000,  # 1.5x peak RSS 468 MB on the demo cohort
+        mem_mb=measured_mem_mb(414, 0.7),  # max RSS 414 + 0.7 MB per input MB, x1.5 (was 1000)
         runtime=20,
     params:
         derivatives=OUT,

@@ -47,7 +47,7 @@ rule score:
         "../envs/anomri.yaml"
     threads: config["scoring"]["threads"]
     resources:
-        mem_mb=1500,  # 1.5x peak RSS 917 MB on the demo cohort, the default scores
+        mem_mb=measured_mem_mb(722, 6.9),  # max RSS 722 + 6.9 MB per input MB, x1.5 (was 1500)
         runtime=60,
         gpu=1 if config["scoring"]["device"] == "cuda" else 0,
     params:
@@ -116,7 +116,7 @@ rule calibrate:
         "../envs/anomri.yaml"
     threads: 1
     resources:
-        mem_mb=1000,  # 1.5x peak RSS 549 MB on the demo cohort
+        mem_mb=measured_mem_mb(411, 18.6),  # max RSS 411 + 18.6 MB per input MB, x1.5 (was 1000)
         runtime=20,
     params:
         derivatives=OUT,
@@ -155,7 +155,7 @@ rule probability:
         "../envs/anomri.yaml"
     threads: 1
     resources:
-        mem_mb=1000,  # 1.5x peak RSS 495 MB on the demo cohort, 12 jobs
+        mem_mb=measured_mem_mb(413, 6.5),  # max RSS 413 + 6.5 MB per input MB, x1.5 (was 1000)
         runtime=10,
     params:
         derivatives=OUT,

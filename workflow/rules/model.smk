@@ -22,7 +22,7 @@ rule augment_noise:
         "../envs/anomri.yaml"
     threads: 1
     resources:
-        mem_mb=1500,  # 1.5x peak RSS 690 MB on the demo cohort, 12 jobs
+        mem_mb=measured_mem_mb(146, 12.2),  # max RSS 146 + 12.2 MB per input MB, x1.5 (was 1500)
         runtime=30,
     params:
         pre=config["preprocessing"],
@@ -89,7 +89,7 @@ rule train:
     # A fixed count, not workflow.cores: a cluster run has no total core count.
     threads: config["training"]["threads"]
     resources:
-        mem_mb=1000,  # 1.5x peak RSS 578 MB on the demo cohort
+        mem_mb=measured_mem_mb(504, 4.5),  # max RSS 504 + 4.5 MB per input MB, x1.5 (was 1000)
         runtime=120,
         gpu=1 if config["training"]["device"] == "cuda" else 0,
     params:

@@ -19,7 +19,7 @@ rule preprocess:
         "../envs/anomri.yaml"
     threads: 1
     resources:
-        mem_mb=1000,  # 1.5x peak RSS 585 MB on the demo cohort, 12 jobs
+        mem_mb=measured_mem_mb(158, 7.7),  # max RSS 158 + 7.7 MB per input MB, x1.5 (was 1000)
         runtime=30,
     params:
         derivatives=OUT,
