@@ -203,7 +203,8 @@ export PYTHONPATH=$SRC${PYTHONPATH:+:$PYTHONPATH}
 cat > "$WORK/cohort.yaml" << EOF
 demo: {n_controls: 3, n_patients: 2, voxel_size: 6.0, scheme: 3shell, seed: 3}
 training: {max_epochs: 4, patience: 2}
-scoring: {scores: [vae-reg, det-rec-err, latent-nn-euclid], n_samples: 4, reference_size: 2000}
+split: {holdout_controls: 1}
+scoring: {scores: [vae-reg, neg-elbo, latent-nn-euclid], n_samples: 4, reference_size: 2000}
 evaluation: {bootstrap: 200}
 EOF
 mkdir "$WORK/runs"
