@@ -15,7 +15,7 @@ from pathlib import Path
 
 from anomri import __version__
 from anomri.cli import bids, demo, dmri, images
-from anomri.cli.registry import COMMANDS
+from anomri.cli.registry import COMMANDS, report_error
 from anomri.errors import InputError
 
 __all__ = ["build_parser", "limit_threads", "main"]
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         code = COMMANDS[args.command](args)
     except InputError as exc:
         # One line, naming the file: the whole message a user needs.
-        sys.stderr.write(f"anomri: error: {exc}\n")
-        if args.log:
-            with open(args.log, "a") as fh:
-                fh.write(f"anomri: error: {exc}\n")
+        report_error(exc, args.log)
         return 2
     return code or 0
 

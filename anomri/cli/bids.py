@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from anomri.cli.registry import command
+from anomri.cli.registry import command, report_error
 from anomri.errors import InputError
 from anomri.io.atomic import write_text
 from anomri.io.bids import SelectionError
@@ -81,14 +81,9 @@ def run_bids_app(args: argparse.Namespace) -> int:
     try:
         argv = _snakemake_argv(args)
     except AppError as exc:
-        _error(str(exc))
+        report_error(exc)
         return exc.code
     return _run_snakemake(argv)
-
-
-def _error(message: str) -> None:
-    """The one line a user reads, as every anomri command writes it."""
-    sys.stderr.write(f"anomri: error: {message}\n")
 
 
 def _snakemake_argv(args: argparse.Namespace) -> list[str]:

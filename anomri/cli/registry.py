@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 #: A handler returns None, or its exit status when it has its own (``anomri bids``).
@@ -19,3 +20,12 @@ def command(name: str) -> Callable[[Handler], Handler]:
 
     return decorator
 
+
+
+def report_error(message: object, log: str | None = None) -> None:
+    """The one line a user reads on bad input, ``anomri: error: <file>: <problem>``, on stderr and in ``log``."""
+    line = f"anomri: error: {message}\n"
+    sys.stderr.write(line)
+    if log:
+        with open(log, "a") as fh:
+            fh.write(line)
