@@ -6,7 +6,8 @@ controls, 2 of them held out; low resolution so that 100 subjects fit a session 
 
 * the wall time of each run;
 * per rule: jobs, job-seconds (the sum of the jobs' wall times: the work a cluster would spread over nodes),
-  the largest job's wall time and the largest max RSS, at every N;
+  job CPU seconds (what the jobs kept busy, the figure to read when the machine was shared), the largest job's
+  wall time and the largest max RSS, at every N;
 * the growth of each rule's job-seconds and peak memory from the smallest to the largest cohort: ~N_max/N_min
   for per-subject rules, ~1 for the capped ones (training pool, reference set);
 * an extrapolation to ``--extrapolate`` subjects on a cluster: per-subject rules scale their job-seconds
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     sizes = list(runs)
     small, large = sizes[0], sizes[-1]
     rules = sorted({r for rows in runs.values() for r in rows}, key=lambda r: -sum(j["s"] for j in runs[large][r]))
-    print(f"\nper rule: jobs / job-seconds / largest job s / largest max RSS MB at N = {', '.join(map(str, sizes))}")
+    print(f"\nper rule: jobs / job-seconds / job CPU s / largest job s / largest max RSS MB at N = "
+          f"{', '.join(map(str, sizes))}")
     print("| rule | " + " | ".join(f"N={n}" for n in sizes) + f" | job-s x{large}/{small} | RSS x{large}/{small} |")
     print("|---|" + "---|" * (len(sizes) + 2))
     for rule in rules:
@@ -94,7 +96,9 @@ def main(argv: list[str] | None = None) -> None:
             peak = max((j["max_rss"] for j in jobs), default=math.nan)
             totals.append(total)
             peaks.append(peak)
-            cells.append(f"{len(jobs)} / {total:.0f} / {max((j['s'] for j in jobs), default=0):.0f} / {peak:.0f}")
+            cpu = sum(j["cpu_time"] for j in jobs)
+            cells.append(f"{len(jobs)} / {total:.0f} / {cpu:.0f} / {max((j['s'] for j in jobs), default=0):.0f} / "
+                         f"{peak:.0f}")
         growth = totals[-1] / totals[0] if totals[0] else math.nan
         print(f"| {rule} | " + " | ".join(cells) + f" | {growth:.1f} | {peaks[-1] / peaks[0]:.2f} |")
     # Cluster extrapolation: every per-subject job runs in parallel, capped jobs once.

@@ -23,7 +23,7 @@ Methods (output folder names) and what they compute on each model input:
 ``draem``
     DRAEM's reconstructive and discriminative networks; map: the
     segmentation network's anomaly probability; its image scores are the
-    map scores below (primary: ``map-top``).
+    map scores below (primary: ``map-max``, as in DRAEM).
 
 Every method also gets two scores from its map:
 

@@ -32,8 +32,10 @@ PROJECTION_MAPS = ("standardized", "residual", "reconstruction")
 LR_SCHEDULES = ("constant", "cosine")
 #: The score each method's paper defines; the one the report ranks methods by.
 #: Dehaene et al. evaluate projection maps only; its image score is the robust top of its normalised map.
+#: DRAEM's is the maximum of its smoothed segmentation map (on the magnetic tiles' development types 0.831
+#: image AUROC against 0.796 for map-top: the U-Net's probabilities need no normalisation by normal maps).
 PRIMARY_SCORE = {"vae": "det-rec-err", "vae-projection": "map-top", "anogan": "anomaly-score", "mhp-vae": "wta",
-                 "draem": "map-top"}
+                 "draem": "map-max"}
 #: Texture sources of DRAEM's synthetic anomalies (:mod:`anomri.models.synthetic_anomalies`).
 DRAEM_TEXTURES = ("both", "self", "procedural")
 
