@@ -14,8 +14,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from anomri.errors import InputError
 from anomri.images.outputs import ImageOutputs
-from anomri.images.settings import METHODS
+from anomri.images.scoring import score_method
+from anomri.images.settings import METHODS, ImageSettings
 from anomri.images.training import load_image_model
 from anomri.io.images import scan_mvtec
 
@@ -26,6 +28,7 @@ TINY = {
     "anogan_channels": [4, 8], "anogan_latent_size": 8, "anogan_epochs": 2, "anogan_search_steps": 5,
     "mhp_channels": [4, 8], "mhp_latent_size": 8, "mhp_epochs": 2, "mhp_hypotheses": 2,
     "draem_reconstruction_channels": [4, 8], "draem_segmentation_channels": [4, 8, 16], "draem_epochs": 2,
+    "draem_geometry": "tile",  # DRAEM cuts tiles while the other models resize, in the same run
     "projection_steps": 5,
     "validation_fraction": 0.25,  # three normal validation images: enough for the per-pixel map statistics
     "demo": {"n_train": 12, "n_test_good": 3, "n_test_per_defect": 2, "height": 48, "seed": 1},
@@ -76,6 +79,21 @@ def test_every_output_exists(run: tuple[Path, Path]) -> None:
         assert path.stat().st_size > 0
     # The demo B-scans get the demo's band handling (config.yaml: images.demo.oct_band), not images.oct_band.
     assert load_image_model(out.model("conv-vae"))[1]["settings"]["oct_band"] == "flatten"
+
+
+def test_each_model_reads_images_in_its_own_geometry(run: tuple[Path, Path], tmp_path: Path) -> None:
+    out = ImageOutputs(run[0] / "images")
+    draem = load_image_model(out.model("draem"))[1]
+    vae = load_image_model(out.model("conv-vae"))[1]
+    # Whole resized images: one input each. Tiles of 32 px from B-scans 48 px high and wider: several each.
+    assert vae["n_training_inputs"] == vae["n_training_images"]
+    assert draem["n_training_inputs"] >= 2 * draem["n_training_images"]
+    # Scoring in a geometry the model never saw is refused, naming the model and the setting.
+    settings = ImageSettings.from_json(json.dumps(draem["settings"] | {"draem_geometry": "resize"}))
+    with pytest.raises(InputError, match="draem_geometry") as error:
+        score_method("draem", out.model("draem"), out.demo, settings, tmp_path)
+    assert str(out.model("draem")) in str(error.value)
+    assert not any(tmp_path.iterdir())
 
 
 def test_tables(run: tuple[Path, Path]) -> None:

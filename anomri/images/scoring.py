@@ -39,7 +39,8 @@ Every method also gets two scores from its map:
 Maps are smoothed with a Gaussian of ``map_sigma`` model pixels, normalised
 as ``map_normalization`` says (none by default), stitched to the original size
 and saved as float32 ``.npy``. In tile mode an image's model score is the
-maximum over its tiles.
+maximum over its tiles. Each model kind reads images in its own geometry
+(:meth:`~anomri.images.settings.ImageSettings.geometry_of`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from scipy import ndimage
 from torch import nn
 from tqdm.auto import tqdm
 
+from anomri.errors import InputError
 from anomri.evaluate.image_metrics import normal_threshold
 from anomri.images.geometry import ImageGeometry, ModelInputs, load_model_inputs, split_validation
 from anomri.images.normalization import NormalMapStatistics, top_fraction_mean
@@ -213,26 +215,29 @@ class _Scored:
     """A method's outputs for a list of images, maps still in model-input coordinates."""
 
     inputs: ModelInputs
+    geometry: ImageGeometry
     scores: dict[str, np.ndarray]
     input_maps: np.ndarray
 
-    def to_original(self, geometry: ImageGeometry, input_maps: np.ndarray) -> list[np.ndarray]:
+    def to_original(self, input_maps: np.ndarray) -> list[np.ndarray]:
         """Per-image maps at the original size from per-input maps (P, S, S)."""
-        return [geometry.to_original(m, p) for m, p in zip(self.inputs.per_image(input_maps), self.inputs.placements)]
+        return [self.geometry.to_original(m, p)
+                for m, p in zip(self.inputs.per_image(input_maps), self.inputs.placements)]
 
 
 def _score_records(method: str, model: nn.Module, records: list[ImageRecord], settings: ImageSettings,
                    channels: int, progress: bool, reference_images: np.ndarray | None) -> _Scored:
     """Per-image model scores {id: (n_images,)} and smoothed per-input maps of ``records``."""
-    inputs = load_model_inputs(records, settings.image_geometry, channels, progress)
+    geometry = settings.geometry_of(MODEL_OF_METHOD[method])
+    inputs = load_model_inputs(records, geometry, channels, progress)
     if not records:
-        return _Scored(inputs, {}, np.zeros((0, settings.image_size, settings.image_size), np.float32))
+        return _Scored(inputs, geometry, {}, np.zeros((0, settings.image_size, settings.image_size), np.float32))
     input_scores, input_maps = method_outputs(method, model, inputs.inputs, settings, progress, reference_images)
     if settings.map_sigma > 0:
         input_maps = np.stack([ndimage.gaussian_filter(m, settings.map_sigma, mode="nearest") for m in input_maps])
     # In tile mode an image is as anomalous as its worst tile.
     scores = {k: np.array([v.max() for v in inputs.per_image(values)]) for k, values in input_scores.items()}
-    return _Scored(inputs, scores, input_maps)
+    return _Scored(inputs, geometry, scores, input_maps)
 
 
 def _finish(part: _Scored, statistics: NormalMapStatistics | None, settings: ImageSettings, fitted: bool
@@ -246,7 +251,7 @@ def _finish(part: _Scored, statistics: NormalMapStatistics | None, settings: Ima
         maps = part.input_maps
         if kind == "zscore":
             maps = statistics.normalize_left_out(maps) if fitted else statistics.normalize(maps)
-        return part.to_original(settings.image_geometry, maps)
+        return part.to_original(maps)
 
     saved = normalized(settings.map_normalization)
     for_score = saved if settings.score_normalization == settings.map_normalization else normalized(
@@ -285,7 +290,7 @@ def score_folder(
     channels = int(model.in_shape[0])
     reference_images = None
     if method == "vae" and any(sc.needs_reference for sc in _vae_scores(settings)):
-        reference_images = load_model_inputs(train, settings.image_geometry, channels, progress).inputs
+        reference_images = load_model_inputs(train, settings.geometry_of(model.kind), channels, progress).inputs
         if len(reference_images) > settings.vae_reference_size:
             keep = np.random.default_rng(settings.seed).choice(len(reference_images), settings.vae_reference_size,
                                                                replace=False)
@@ -333,6 +338,12 @@ def score_method(method: str, model_path: str | Path, root: str | Path, settings
     thresholds name the model file and its SHA-256.
     """
     out = ImageOutputs(images_dir)
-    model, _ = load_image_model(model_path, resolve_device(device))
+    model, metadata = load_image_model(model_path, resolve_device(device))
+    trained = metadata.get("settings", {})
+    # A model has learnt inputs of one geometry; maps of inputs cut another way would be meaningless.
+    for name in ImageSettings.geometry_fields(model.kind):
+        if name in trained and trained[name] != getattr(settings, name):
+            raise InputError(model_path, f"was trained with {name} {trained[name]!r} but is asked to score with "
+                             f"{getattr(settings, name)!r}: score with its training settings or retrain")
     score_folder(method, model, {"path": str(model_path), "sha256": file_sha256(model_path)}, root, settings,
                  out.maps(method), out.scores(method), out.thresholds(method))

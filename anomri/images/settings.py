@@ -15,8 +15,8 @@ from anomri.errors import InputError
 if TYPE_CHECKING:
     from anomri.images.geometry import ImageGeometry
 
-__all__ = ["CHOICES", "DRAEM_TEXTURES", "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS",
-           "MODEL_OF_METHOD", "PRIMARY_SCORE", "PROJECTION_MAPS", "SLOW_IMAGE_SCORES"]
+__all__ = ["CHOICES", "DRAEM_TEXTURES", "GEOMETRIES", "GEOMETRY_SETTINGS", "ImageSettings", "LR_SCHEDULES",
+           "MAP_NORMALIZATIONS", "METHODS", "MODEL_OF_METHOD", "PRIMARY_SCORE", "PROJECTION_MAPS", "SLOW_IMAGE_SCORES"]
 
 #: Method id (output folder) -> the trained model it needs.
 MODEL_OF_METHOD = {"vae": "conv-vae", "vae-projection": "conv-vae", "anogan": "anogan", "mhp-vae": "mhp-vae",
@@ -36,14 +36,20 @@ LR_SCHEDULES = ("constant", "cosine")
 #: image AUROC against 0.796 for map-top: the U-Net's probabilities need no normalisation by normal maps).
 PRIMARY_SCORE = {"vae": "det-rec-err", "vae-projection": "map-top", "anogan": "anomaly-score", "mhp-vae": "wta",
                  "draem": "map-max"}
+#: How images become model inputs (:class:`~anomri.images.geometry.ImageGeometry`).
+GEOMETRIES = ("resize", "tile")
+#: Model kinds with a geometry of their own: (mode setting, tile-scale setting) in place of ``geometry`` and
+#: ``tile_scale``, so that DRAEM can segment tiles at native resolution (where a crack one pixel wide stays a
+#: pixel wide) while the VAEs, whose projection costs per input, see whole resized images.
+GEOMETRY_SETTINGS = {"draem": ("draem_geometry", "draem_tile_scale")}
 #: Texture sources of DRAEM's synthetic anomalies (:mod:`anomri.models.synthetic_anomalies`).
 DRAEM_TEXTURES = ("both", "self", "procedural")
 
 
 #: Settings that take one of a few values, and those values.
-CHOICES = {"map_normalization": MAP_NORMALIZATIONS, "score_normalization": MAP_NORMALIZATIONS,
-           "vae_lr_schedule": LR_SCHEDULES, "projection_map": PROJECTION_MAPS, "draem_lr_schedule": LR_SCHEDULES,
-           "draem_texture": DRAEM_TEXTURES}
+CHOICES = {"geometry": GEOMETRIES, "draem_geometry": GEOMETRIES, "map_normalization": MAP_NORMALIZATIONS,
+           "score_normalization": MAP_NORMALIZATIONS, "vae_lr_schedule": LR_SCHEDULES,
+           "projection_map": PROJECTION_MAPS, "draem_lr_schedule": LR_SCHEDULES, "draem_texture": DRAEM_TEXTURES}
 
 
 def _invalid(name: str, expected: str, value: object) -> None:
@@ -112,6 +118,8 @@ class ImageSettings:
     draem_anomaly_probability: float = 0.5
     draem_mask_area: list[float] = field(default_factory=lambda: [0.001, 0.3])
     draem_texture: str = "both"
+    draem_geometry: str = "resize"
+    draem_tile_scale: float = 1.0
     # maps and evaluation
     map_sigma: float = 1.0
     map_normalization: str = "none"
@@ -148,8 +156,16 @@ class ImageSettings:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
-    @property
-    def image_geometry(self) -> ImageGeometry:
+    @staticmethod
+    def geometry_fields(kind: str) -> tuple[str, ...]:
+        """Names of the settings that make the geometry of a model of ``kind``, in
+        :class:`~anomri.images.geometry.ImageGeometry`'s argument order."""
+        mode, scale = GEOMETRY_SETTINGS.get(kind, ("geometry", "tile_scale"))
+        return mode, "image_size", "tile_overlap", scale, "oct_band"
+
+    def geometry_of(self, kind: str) -> ImageGeometry:
+        """How images become inputs of a model of ``kind``: its own geometry (:data:`GEOMETRY_SETTINGS`) or the
+        shared ``geometry``."""
         from anomri.images.geometry import ImageGeometry
 
-        return ImageGeometry(self.geometry, self.image_size, self.tile_overlap, self.tile_scale, self.oct_band)
+        return ImageGeometry(*(getattr(self, name) for name in self.geometry_fields(kind)))

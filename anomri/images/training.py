@@ -319,8 +319,9 @@ def train_on_folder(kind: str, root: str | Path, settings: ImageSettings, out: s
     folder = scan_mvtec(root)
     train, validation = split_validation(folder.train, settings.validation_fraction, settings.seed)
     channels = infer_channels(folder.train) if settings.channels == "auto" else int(settings.channels)
-    inputs = load_model_inputs(train, settings.image_geometry, channels).inputs
-    held_out = load_model_inputs(validation, settings.image_geometry, channels).inputs
+    geometry = settings.geometry_of(kind)
+    inputs = load_model_inputs(train, geometry, channels).inputs
+    held_out = load_model_inputs(validation, geometry, channels).inputs
     resume = Path(out).with_suffix(".resume.pt")
     model, history = train_image_model(kind, inputs, settings, resume, resolve_device(device), validation=held_out)
     save_image_model(out, model.cpu(), {"root": str(root), "settings": json.loads(settings.to_json()),
