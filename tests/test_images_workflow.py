@@ -18,7 +18,7 @@ from anomri.errors import InputError
 from anomri.images.outputs import ImageOutputs
 from anomri.images.scoring import score_method
 from anomri.images.settings import METHODS, ImageSettings
-from anomri.images.training import load_image_model
+from anomri.images.training import load_image_model, save_image_model
 from anomri.io.images import scan_mvtec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,6 +94,13 @@ def test_each_model_reads_images_in_its_own_geometry(run: tuple[Path, Path], tmp
         score_method("draem", out.model("draem"), out.demo, settings, tmp_path)
     assert str(out.model("draem")) in str(error.value)
     assert not any(tmp_path.iterdir())
+    # A checkpoint from before DRAEM had its own geometry names only the shared one: still checked.
+    model, metadata = load_image_model(out.model("draem"))
+    legacy = {k: v for k, v in metadata["settings"].items() if k != "draem_geometry"} | {"geometry": "tile"}
+    save_image_model(tmp_path / "legacy.pt", model, metadata | {"settings": legacy})
+    with pytest.raises(InputError, match="draem_geometry 'tile'"):
+        score_method("draem", tmp_path / "legacy.pt", out.demo, settings, tmp_path / "scored")
+    assert not (tmp_path / "scored").exists()
 
 
 def test_tables(run: tuple[Path, Path]) -> None:

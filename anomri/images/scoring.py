@@ -341,9 +341,11 @@ def score_method(method: str, model_path: str | Path, root: str | Path, settings
     model, metadata = load_image_model(model_path, resolve_device(device))
     trained = metadata.get("settings", {})
     # A model has learnt inputs of one geometry; maps of inputs cut another way would be meaningless.
-    for name in ImageSettings.geometry_fields(model.kind):
-        if name in trained and trained[name] != getattr(settings, name):
-            raise InputError(model_path, f"was trained with {name} {trained[name]!r} but is asked to score with "
+    # Checkpoints written before a kind had a geometry of its own hold only the shared settings.
+    for name, shared in zip(ImageSettings.geometry_fields(model.kind), ImageSettings.geometry_fields(None)):
+        value = trained.get(name, trained.get(shared))
+        if value is not None and value != getattr(settings, name):
+            raise InputError(model_path, f"was trained with {name} {value!r} but is asked to score with "
                              f"{getattr(settings, name)!r}: score with its training settings or retrain")
     score_folder(method, model, {"path": str(model_path), "sha256": file_sha256(model_path)}, root, settings,
                  out.maps(method), out.scores(method), out.thresholds(method))

@@ -157,8 +157,8 @@ class ImageSettings:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @staticmethod
-    def geometry_fields(kind: str) -> tuple[str, ...]:
-        """Names of the settings that make the geometry of a model of ``kind``, in
+    def geometry_fields(kind: str | None) -> tuple[str, ...]:
+        """Names of the settings that make the geometry of a model of ``kind`` (None: the shared ones), in
         :class:`~anomri.images.geometry.ImageGeometry`'s argument order."""
         mode, scale = GEOMETRY_SETTINGS.get(kind, ("geometry", "tile_scale"))
         return mode, "image_size", "tile_overlap", scale, "oct_band"
