@@ -225,10 +225,10 @@ class _Scored:
                 for m, p in zip(self.inputs.per_image(input_maps), self.inputs.placements)]
 
 
-def _score_records(method: str, model: nn.Module, records: list[ImageRecord], settings: ImageSettings,
-                   channels: int, progress: bool, reference_images: np.ndarray | None) -> _Scored:
+def _score_records(method: str, model: nn.Module, records: list[ImageRecord], geometry: ImageGeometry,
+                   settings: ImageSettings, channels: int, progress: bool, reference_images: np.ndarray | None
+                   ) -> _Scored:
     """Per-image model scores {id: (n_images,)} and smoothed per-input maps of ``records``."""
-    geometry = settings.geometry_of(MODEL_OF_METHOD[method])
     inputs = load_model_inputs(records, geometry, channels, progress)
     if not records:
         return _Scored(inputs, geometry, {}, np.zeros((0, settings.image_size, settings.image_size), np.float32))
@@ -288,15 +288,16 @@ def score_folder(
     folder = scan_mvtec(root)
     train, validation = split_validation(folder.train, settings.validation_fraction, settings.seed)
     channels = int(model.in_shape[0])
+    geometry = settings.geometry_of(model.kind)
     reference_images = None
     if method == "vae" and any(sc.needs_reference for sc in _vae_scores(settings)):
-        reference_images = load_model_inputs(train, settings.geometry_of(model.kind), channels, progress).inputs
+        reference_images = load_model_inputs(train, geometry, channels, progress).inputs
         if len(reference_images) > settings.vae_reference_size:
             keep = np.random.default_rng(settings.seed).choice(len(reference_images), settings.vae_reference_size,
                                                                replace=False)
             reference_images = reference_images[np.sort(keep)]
-    val = _score_records(method, model, validation, settings, channels, progress, reference_images)
-    test = _score_records(method, model, folder.test, settings, channels, progress, reference_images)
+    val = _score_records(method, model, validation, geometry, settings, channels, progress, reference_images)
+    test = _score_records(method, model, folder.test, geometry, settings, channels, progress, reference_images)
     statistics = None
     if "zscore" in (settings.map_normalization, settings.score_normalization):
         if len(val.input_maps) < 2:
