@@ -72,6 +72,32 @@ def test_perlin_masks_cover_their_drawn_area_in_smooth_blobs() -> None:
         perlin_masks(1, size, (0.3, 0.1), torch.Generator())
 
 
+def test_ridge_masks_are_thin_curves_of_the_same_area_and_mix_in_at_their_probability() -> None:
+    size, area = 128, (0.002, 0.02)
+
+    def masks(n: int, ridge_probability: float) -> np.ndarray:
+        return perlin_masks(n, size, area, torch.Generator().manual_seed(3), ridge_probability=ridge_probability
+                            ).numpy()
+
+    blobs, ridges = masks(32, 0.0), masks(32, 1.0)
+    # The ridge coin is drawn after the fields and areas, so one seed gives both shapes the same field and area.
+    np.testing.assert_array_equal(ridges.sum(axis=(1, 2)), blobs.sum(axis=(1, 2)))
+
+    def core(m: np.ndarray) -> float:
+        """Share of the mask that survives a 3 x 3 erosion."""
+        return float(ndimage.binary_erosion(m).sum() / m.sum())
+
+    # Thin: an erosion leaves almost nothing of a ridge, while a blob of the same area keeps its core.
+    assert np.mean([core(m) for m in ridges]) < 0.1 < 0.3 < np.mean([core(m) for m in blobs])
+    # Each mask of a mixed draw is its field's blob or its ridge, ridges about half the time.
+    mixed = masks(32, 0.5)
+    is_ridge = [np.array_equal(m, r) for m, r in zip(mixed, ridges)]
+    assert all(r or np.array_equal(m, b) for m, b, r in zip(mixed, blobs, is_ridge))
+    assert 8 <= sum(is_ridge) <= 24
+    with pytest.raises(ValueError, match="ridge"):
+        perlin_masks(1, size, area, torch.Generator(), ridge_probability=1.5)
+
+
 def _border_fraction(mask: np.ndarray) -> float:
     """Fraction of the mask's pixels with a 4-neighbour outside it."""
     return float((mask & ~ndimage.binary_erosion(mask, border_value=1)).sum() / max(mask.sum(), 1))
@@ -101,6 +127,8 @@ def test_texture_choices_agree_and_bad_draem_settings_are_refused() -> None:
         ImageSettings(draem_texture="dtd")
     with pytest.raises(InputError, match="draem_mask_area"):
         ImageSettings(draem_mask_area=[0.5, 0.1])
+    with pytest.raises(InputError, match="draem_ridge_probability"):
+        ImageSettings(draem_ridge_probability=-0.1)
 
 
 @pytest.fixture

@@ -118,6 +118,7 @@ class ImageSettings:
     draem_anomaly_probability: float = 0.5
     draem_mask_area: list[float] = field(default_factory=lambda: [0.001, 0.3])
     draem_texture: str = "both"
+    draem_ridge_probability: float = 0.5
     draem_geometry: str = "resize"
     draem_tile_scale: float = 1.0
     # maps and evaluation
@@ -142,6 +143,8 @@ class ImageSettings:
         area = self.draem_mask_area
         if not (len(area) == 2 and 0.0 < area[0] <= area[1] <= 1.0):
             _invalid("draem_mask_area", "[min, max] with 0 < min <= max <= 1", area)
+        if not 0.0 <= self.draem_ridge_probability <= 1.0:
+            _invalid("draem_ridge_probability", "in [0, 1]", self.draem_ridge_probability)
 
     @classmethod
     def from_json(cls, text: str) -> ImageSettings:

@@ -114,7 +114,7 @@ def _synthetic(model: DRAEM, batch: torch.Tensor, generator: torch.Generator, s:
                ) -> dict[str, torch.Tensor]:
     """DRAEM's losses on ``batch`` with synthetic anomalies drawn from ``generator``."""
     corrupted = synthesize_anomalies(batch, generator, s.draem_anomaly_probability, s.draem_mask_area,
-                                     s.draem_texture)
+                                     s.draem_texture, s.draem_ridge_probability)
     return model.losses(batch, corrupted.images, corrupted.masks)
 
 
@@ -174,7 +174,8 @@ TRAINING_SETTINGS = {
     "mhp-vae": ("mhp_hypotheses", "mhp_latent_size", "mhp_channels", "mhp_learning_rate", "mhp_kl_weight",
                 "mhp_adversarial_weight", "mhp_wta_epsilon"),
     "draem": ("draem_reconstruction_channels", "draem_segmentation_channels", "draem_learning_rate",
-              "draem_lr_schedule", "draem_anomaly_probability", "draem_mask_area", "draem_texture"),
+              "draem_lr_schedule", "draem_anomaly_probability", "draem_mask_area", "draem_texture",
+              "draem_ridge_probability"),
 }
 #: The learning-rate schedule setting of each model kind that has one (the others keep a constant rate).
 LR_SCHEDULE_SETTING = {"conv-vae": "vae_lr_schedule", "draem": "draem_lr_schedule"}

@@ -4,7 +4,10 @@ filled with a foreign texture.
 A mask is a superlevel set of 2-D Perlin gradient noise (random lattice
 sizes per axis, randomly rotated), thresholded at the quantile that gives a
 random area fraction in a configured range, so masks range from one smooth
-blob to scattered specks. The texture pasted under it is, per image, one of
+blob to scattered specks. A share of the masks can instead be *ridges*: the
+pixels nearest the noise's zero level, the same area spent on thin winding
+curves, shaped like cracks and scratches, which blobs never are. The texture
+pasted under it is, per image, one of
 
 ``self``
     another training image of the batch, rotated by a multiple of 90 degrees,
@@ -97,21 +100,30 @@ def _rotate(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 
 def perlin_masks(n: int, size: int, area: Sequence[float], generator: torch.Generator,
-                 device: str | torch.device = "cpu") -> torch.Tensor:
+                 device: str | torch.device = "cpu", ridge_probability: float = 0.0) -> torch.Tensor:
     """``n`` boolean Perlin masks (n, size, size), each covering a fraction of the image drawn from U(``area``).
 
     Each mask holds the k = round(a size^2) (at least one) highest values of a
-    rotated Perlin noise field (rotation ~ U(-90, 90) degrees, as DRAEM), a =
-    its drawn area fraction.
+    rotated Perlin noise field f (rotation ~ U(-90, 90) degrees, as DRAEM), a =
+    its drawn area fraction; with probability ``ridge_probability`` it holds
+    instead the k values of smallest \|f\|, a band along the zero level of f:
+    thin curves for small areas, a wide winding band for large ones.
     """
     low, high = float(area[0]), float(area[1])
     if not 0.0 < low <= high <= 1.0:
         raise ValueError(f"mask area must satisfy 0 < min <= max <= 1; got {list(area)}")
+    if not 0.0 <= ridge_probability <= 1.0:
+        raise ValueError(f"ridge probability must lie in [0, 1]; got {ridge_probability}")
     device = torch.device(device)
     noise = _random_perlin(n, size, generator, device)
     noise = _rotate(noise[:, None], _uniform(n, -math.pi / 2, math.pi / 2, generator, device))[:, 0]
     fractions = _uniform(n, low, high, generator, device)
     counts = (fractions * size * size).round().clamp(1, size * size).long()
+    if ridge_probability > 0:
+        # Drawn only when ridges are asked for, so that blob-only masks draw the numbers they drew before
+        # ridges existed and earlier runs reproduce.
+        ridge = torch.rand(n, generator=generator, device=device) < ridge_probability
+        noise = torch.where(ridge[:, None, None], -noise.abs(), noise)
     order = noise.flatten(1).argsort(dim=1, descending=True)
     ranks = torch.empty_like(order).scatter_(1, order, torch.arange(size * size, device=device).expand(n, -1))
     return (ranks < counts[:, None]).reshape(n, size, size)
@@ -159,7 +171,8 @@ class SyntheticBatch:
 
 
 def synthesize_anomalies(images: torch.Tensor, generator: torch.Generator, probability: float = 0.5,
-                         area: Sequence[float] = (0.001, 0.3), source: str = "both") -> SyntheticBatch:
+                         area: Sequence[float] = (0.001, 0.3), source: str = "both",
+                         ridge_probability: float = 0.0) -> SyntheticBatch:
     """Paste a Perlin-masked foreign texture into each of ``images`` (N, C, S, S) in [0, 1] with ``probability``.
 
     Parameters
@@ -175,12 +188,14 @@ def synthesize_anomalies(images: torch.Tensor, generator: torch.Generator, proba
         Range of the masks' area, as fractions of the image.
     source : {"both", "self", "procedural"}
         Texture source (see the module docstring); ``both`` picks one per image.
+    ridge_probability : float
+        Chance that a mask is a ridge (thin curves) rather than blobs (:func:`perlin_masks`).
     """
     if source not in TEXTURE_SOURCES:
         raise ValueError(f"texture source must be one of {TEXTURE_SOURCES}; got {source!r}")
     n, channels, size = images.shape[0], images.shape[1], images.shape[-1]
     device = images.device
-    masks = perlin_masks(n, size, area, generator, device)[:, None]
+    masks = perlin_masks(n, size, area, generator, device, ridge_probability)[:, None]
     masks &= (torch.rand(n, generator=generator, device=device) < probability)[:, None, None, None]
     own = _self_textures(images, generator)
     procedural = _procedural_textures(n, channels, size, generator, device)
