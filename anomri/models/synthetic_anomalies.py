@@ -106,7 +106,7 @@ def perlin_masks(n: int, size: int, area: Sequence[float], generator: torch.Gene
     Each mask holds the k = round(a size^2) (at least one) highest values of a
     rotated Perlin noise field f (rotation ~ U(-90, 90) degrees, as DRAEM), a =
     its drawn area fraction; with probability ``ridge_probability`` it holds
-    instead the k values of smallest \|f\|, a band along the zero level of f:
+    instead the k values of smallest ``|f|``, a band along the zero level of f:
     thin curves for small areas, a wide winding band for large ones.
     """
     low, high = float(area[0]), float(area[1])
