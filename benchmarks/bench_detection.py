@@ -1,36 +1,29 @@
-"""Detection baselines against the VAE maps of a finished anomri run (issue #4).
+"""Detection baselines against the VAE maps of a finished anomri run, cross-fitted like the workflow (issue 25).
 
-A script, not a test. On the run's own features and calibration it fits three
-classical novelty detectors on exactly the pooled healthy voxels the VAE was
-trained on (``<output_dir>/models/training_voxels.npz``), after the same
-per-feature standardisation the VAE applies:
+A script, not a test. On the run's own features, folds and calibration it scores every control and patient with:
 
-* kNN distance: mean Euclidean distance to the ``k`` nearest training voxels
-  (scikit-learn ``NearestNeighbors``);
-* IsolationForest: minus scikit-learn's ``score_samples``;
-* PCA reconstruction error: squared distance to the principal subspace that
-  keeps ``--pca-variance`` of the training variance;
-* DTI (dipy ``TensorModel``, weighted least squares, shells up to
-  ``--dti-max-b``) on each scan's source DWI: mean diffusivity (lesions raise
-  it) and 1 - FA (lesions lower it), the dMRI analogue of the plain-FLAIR
-  threshold that beat most unsupervised brain-MRI methods on MS (Meissen et
-  al. 2021). No training: only the healthy null below sees controls.
+* plain, training-free maps: DTI (dipy ``TensorModel``, weighted least squares, shells up to ``--dti-max-b``)
+  mean diffusivity (lesions raise it) and 1 - FA (lesions lower it), the dMRI analogue of the plain-FLAIR
+  threshold that beat most unsupervised brain-MRI methods on MS (Meissen et al. 2021); and the lowest-order
+  rotation-invariant (RISH) feature of every shell, -log P_0 (lesions' freer water lowers the mean signal),
+  each shell alone and all shells Fisher-combined;
+* three classical novelty detectors fitted, per cross-fitting fold, on exactly the pooled healthy voxels that
+  fold's VAE trained on (``<output_dir>/models/fold-<k>/training_voxels.npz``), after the same per-feature
+  standardisation the VAE applies: kNN distance (scikit-learn ``NearestNeighbors``), IsolationForest (minus
+  ``score_samples``) and PCA reconstruction error (``--pca-variance`` of the training variance kept);
+* the run's own VAE novelty maps (a control's out-of-fold map; a patient's per fold model, where written).
 
-Every patient's and every calibration control's brain voxels are scored. Each
-map (a baseline's, or a VAE novelty map read from the run's NIfTI outputs) is
-reported twice: raw, and as a calibrated lesion probability 1 - p built the way
-``anomri calibrate`` / ``anomri probability`` build it: the post-processing of
-the config's ``probability`` section (or ``--erosion-voxels``,
-``--median-filter-voxels``, ``--smoothing-fwhm-mm``), then the tail
-probability p among the calibration controls' post-processed voxels
-(:class:`anomri.maps.probability.HealthyNull`, same tail fraction and tissue classes). The run's
-own probability map (``label-L_probseg``) is read as well and, as a check, is
-recomputed from its novelty maps with the config's scores and combination.
+As in the workflow, a control is scored by the fold that never trained on it and a patient by every fold. Each
+map is reported raw (patients only; the mean over folds) and as a calibrated lesion probability built the way
+``anomri calibrate`` / ``anomri probability`` build it: the post-processing of the config's ``probability``
+section (or ``--erosion-voxels``, ``--median-filter-voxels``, ``--smoothing-fwhm-mm``), then the tail
+probability p among every control's post-processed out-of-fold voxels, per tissue class; a patient's p is the
+mean of its fold models' p, a control's p comes from the null of the *other* controls. These nulls are not
+noise-matched; the run's own map (``label-L_probseg``, noise-matched) is read as well.
 
-One table is printed: mean per-patient voxel AUROC, AUPRC and best Dice, each
-computed over the brain mask as ``anomri evaluate`` does, and for probability
-maps the Dice of the mask p <= 0.01 (the healthy-calibrated 1 % level). Deterministic for a
-given ``--seed``.
+One table is printed: mean per-patient voxel AUROC, AUPRC and best Dice, computed over the brain mask as
+``anomri evaluate`` does, and for probability maps the Dice of the mask p <= 0.01 and the controls' out-of-fold
+flagged fraction at p <= 0.01 (mean and worst). Deterministic for a given ``--seed``.
 
 Usage::
 
@@ -67,9 +60,8 @@ from anomri.io.derivatives import ScanDerivatives  # noqa: E402
 from anomri.io.nifti import load_mask, load_nifti, read_data  # noqa: E402
 from anomri.io.voxels import read_feature_description  # noqa: E402
 from anomri.maps.postprocess import PostProcessing  # noqa: E402
-from anomri.maps.probability import HealthyNull  # noqa: E402
+from anomri.maps.probability import CalibrationCopy, HealthyNull  # noqa: E402
 from anomri.maps.tissue import TissueModel  # noqa: E402
-from anomri.maps.writing import masked_features  # noqa: E402
 from anomri.scores import score_ids  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,6 +151,61 @@ def patient_metrics(volume: np.ndarray, mask: np.ndarray, lesion: np.ndarray,
     return auroc(x, y), auprc(x, y), best_dice(x, y)[0], dice
 
 
+def rish0_maps(features: np.ndarray, names: list[str], mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The lowest-order rotation-invariant feature of every shell, as a novelty map: -log of its SH power P_0.
+
+    P_0 = 4 pi mean(S/S0)^2 on the shell: a lesion's freer water lowers the mean signal, so -log P_0 rises
+    (2 b times the shell's apparent diffusivity, up to a constant). No training: a plain baseline.
+    """
+    return {f"RISH-0 {name.split('_')[0]}": np.where(mask, -np.log(np.maximum(features[..., k], LOG_FLOOR)), 0)
+            .astype(np.float32) for k, name in enumerate(names) if name.endswith("_l0")}
+
+
+class CrossFitted:
+    """Every method's maps of every scan, the way the workflow scores a cohort (cross-fitting, anomri.io.cohort):
+    a control's from the fold model that never trained on it, anyone else's from every fold model; training-free
+    maps are the same for every fold."""
+
+    def __init__(self, out: Path, plan, args, description: dict) -> None:
+        self.out, self.plan, self.args, self.description = out, plan, args, description
+        self.fold_scorers = []
+        for k in range(len(plan.folds)):
+            with np.load(out / "models" / f"fold-{k + 1}" / "training_voxels.npz") as pool:
+                train = pool["samples"]
+            t0 = time.perf_counter()
+            self.fold_scorers.append(fit_baselines(train, args.knn_k, args.pca_variance, args.n_trees, args.seed,
+                                                   args.scaling))
+            print(f"fold {k + 1}: fitted baselines on {len(train)} voxels in {time.perf_counter() - t0:.0f} s")
+        self.vae_scores = [k for k in score_ids()
+                           if ScanDerivatives(out, plan.controls[0].prefix).novelty(k).exists()]
+
+    def maps(self, scan) -> tuple[list[dict[str, np.ndarray]], np.ndarray, tuple, np.ndarray]:
+        """Per fold model that never trained on ``scan``, every method's raw map; its brain mask, voxel size and
+        features."""
+        derivatives = ScanDerivatives(self.out, scan.prefix)
+        check_compatible(self.description, read_feature_description(derivatives.features), derivatives.features)
+        img = load_nifti(derivatives.features, ndim=4)
+        mask = load_mask(derivatives.mask, img, derivatives.features)
+        features = read_data(img, derivatives.features)
+        fixed = dti_maps(scan.dwi, scan.bval, scan.bvec, mask, self.args.dti_max_b)
+        fixed |= rish0_maps(features, self.description["FeatureNames"], mask)
+        fold = self.plan.fold_of(scan)
+        folds = [fold] if fold is not None else range(len(self.plan.folds))
+        per_fold = []
+        for k in folds:
+            volumes = dict(fixed) | {name: score_volume(f, features, mask)
+                                     for name, f in self.fold_scorers[k].items()}
+            # The run's VAE maps: a control's own (out of fold); anyone else's per fold model where the run wrote
+            # them (the probability scores), else the mean over the fold models that the run wrote beside the scan.
+            for score in self.vae_scores:
+                path = ScanDerivatives(self.out / "models" / f"fold-{k + 1}" / "maps", scan.prefix).novelty(score)
+                if fold is not None or not path.exists():
+                    path = derivatives.novelty(score)
+                volumes[f"VAE {score}"] = read_data(load_nifti(path, ndim=3), path)
+            per_fold.append(volumes)
+        return per_fold, mask, img.header.get_zooms()[:3], features
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(REPO / "config.yaml"), help="workflow config of the run")
@@ -186,95 +233,91 @@ def main(argv: list[str] | None = None) -> None:
             config["bids_dir"] = "demo"  # the demo's plan is built from its settings
     config["output_dir"] = str(out)
     plan = plan_from_config(config, planned_scans(config))
-
-    with np.load(out / "models" / "training_voxels.npz") as pool:
-        train, pooled_scans = pool["samples"], pool["scans"].tolist()
-        description = json.loads(str(pool["description"]))
-    # Noisier copies of the training controls are pooled as "<prefix> (noise-<level>)": the baselines train on them too.
-    if [s for s in pooled_scans if " (" not in s] != [s.prefix for s in plan.training]:
-        raise SystemExit(f"the run trained on {pooled_scans}, the config's split gives "
-                         f"{[s.prefix for s in plan.training]}: pass the run's --config")
+    for k in range(len(plan.folds)):
+        with np.load(out / "models" / f"fold-{k + 1}" / "training_voxels.npz") as pool:
+            pooled = {s for s in pool["scans"].tolist() if " (" not in s}
+            description = json.loads(str(pool["description"]))
+        if pooled != {s.prefix for s in plan.training(k)}:
+            raise SystemExit(f"fold {k + 1} trained on {sorted(pooled)}, the config's folds give "
+                             f"{[s.prefix for s in plan.training(k)]}: pass the run's --config")
     prob = config["probability"]
     post = PostProcessing(*(prob[k] if getattr(args, k) is None else getattr(args, k)
-                            for k in ("erosion_voxels", "median_filter_voxels", "smoothing_fwhm_mm")))
-    first = ScanDerivatives(out, plan.calibration[0].prefix)
-    vae_scores = [score for score in score_ids() if first.novelty(score).exists()]
-    print(f"run {out}: {len(train)} training voxels x {train.shape[1]} features from {pooled_scans}; "
-          f"calibration {[s.prefix for s in plan.calibration]}; patients {[s.prefix for s in plan.evaluable]}; "
-          f"post-processing {post.record()}, tail fraction {prob['tail_fraction']}")
+                            for k in ("erosion_voxels", "median_filter_voxels", "smoothing_fwhm_mm")),
+                          prob.get("centring", "none"))
+    print(f"run {out}: {len(plan.folds)} folds; controls {[s.prefix for s in plan.controls]}; patients "
+          f"{[s.prefix for s in plan.evaluable]}; post-processing {post.record()}, tail fraction {prob['tail_fraction']}")
+    methods = CrossFitted(out, plan, args, description)
 
-    t0 = time.perf_counter()
-    scorers = fit_baselines(train, args.knn_k, args.pca_variance, args.n_trees, args.seed, args.scaling)
-    print(f"fitted baselines in {time.perf_counter() - t0:.0f} s")
-
-    def maps(scan: ScanDerivatives, source) -> tuple[dict[str, np.ndarray], np.ndarray, tuple]:
-        """Every method's raw map of one scan, its brain mask and voxel size."""
-        check_compatible(description, read_feature_description(scan.features), scan.features)
-        img = load_nifti(scan.features, ndim=4)
-        mask = load_mask(scan.mask, img, scan.features)
-        features = read_data(img, scan.features)
-        volumes = {name: score_volume(f, features, mask) for name, f in scorers.items()}
-        volumes.update(dti_maps(source.dwi, source.bval, source.bvec, mask, args.dti_max_b))
-        for score in vae_scores:
-            volumes[f"VAE {score}"] = read_data(load_nifti(scan.novelty(score), ndim=3), scan.novelty(score))
-        return volumes, mask, img.header.get_zooms()[:3]
-
-    # The healthy null of every method, from the calibration controls' post-processed maps, with the
-    # config's tissue classes (fitted to the calibration voxels' features, as `anomri calibrate` does).
+    # The healthy null of every method: every control's out-of-fold post-processed map, with the config's tissue
+    # classes (fitted to the controls' features, as `anomri calibrate` does); no noise matching.
     null_values: dict[str, list[np.ndarray]] = {}
-    null_features = []
-    for scan in plan.calibration:
-        derivatives = ScanDerivatives(out, scan.prefix)
-        volumes, mask, zooms = maps(derivatives, scan)
+    null_features, copies, index = [], [], []
+    for scan in plan.controls:
+        (volumes,), mask, zooms, features = methods.maps(scan)
         for name, volume in volumes.items():
             processed, valid = post.apply(volume, mask, zooms)
             null_values.setdefault(name, []).append(processed[valid])
-        null_features.append(masked_features(derivatives, valid))
+        null_features.append(features[valid])
+        index.append(np.full(int(valid.sum()), len(copies)))
+        copies.append(CalibrationCopy(scan.prefix, 1.0, None))
     features = np.concatenate(null_features)
-    # One tissue model for every method's null: they all list the same calibration voxels.
-    tissue = {"features": features, "postprocessing": post, "tail_fraction": prob["tail_fraction"],
+    tissue = {"postprocessing": post, "tail_fraction": prob["tail_fraction"], "copies": copies,
+              "copy_index": np.concatenate(index), "scans": [s.prefix for s in plan.controls],
               "tissue": TissueModel.fit(features, prob["tissue_classes"], prob["seed"])
               if prob["tissue_classes"] > 1 else None}
-    nulls = {k: HealthyNull.fit({k: np.concatenate(v)}, **tissue) for k, v in null_values.items()}
-    # The run's lesion probability, recomputed: same scores and combination as the config.
-    run_null = HealthyNull.fit({k: np.concatenate(null_values[f"VAE {k}"]) for k in prob["scores"]},
-                               combination=prob["combination"], **tissue)
+    nulls = {k: HealthyNull.fit({k: np.concatenate(v)}, features, **tissue) for k, v in null_values.items()}
+    rish = [k for k in null_values if k.startswith("RISH-0")]
+    nulls["RISH-0, every shell (Fisher)"] = HealthyNull.fit({k: np.concatenate(null_values[k]) for k in rish},
+                                                            features, combination="fisher", **tissue)
 
-    def probability(null: HealthyNull, processed: dict[str, np.ndarray], valid: np.ndarray,
-                    features: np.ndarray) -> np.ndarray:
-        """1 - p inside the post-processed mask, 0 outside (as ``label-L_probseg``)."""
-        volume = np.zeros(valid.shape, np.float32)
-        volume[valid] = 1.0 - null.tail_probability({k: v[valid] for k, v in processed.items()}, features)
-        return volume
+    def log_p(name: str, per_fold: list[dict], mask, zooms, features_of, left_out: list[str]) -> tuple:
+        """log p of one method on one scan (the mean of the fold models' p) and the post-processed mask."""
+        null = nulls[name].matched(None, left_out)
+        scores = null.scores
+        logs = []
+        for volumes in per_fold:
+            processed = {k: post.apply(volumes[k], mask, zooms) for k in scores}
+            valid = processed[scores[0]][1]
+            logs.append(null.log_tail_probability({k: v[valid] for k, (v, _) in processed.items()},
+                                                  features_of[valid]))
+        return np.logaddexp.reduce(logs, axis=0) - np.log(len(logs)), valid
 
-    rows: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-    max_probseg_diff = 0.0
-    for scan in plan.evaluable:
-        derivatives = ScanDerivatives(out, scan.prefix)
-        volumes, mask, zooms = maps(derivatives, scan)
-        lesion = load_mask(scan.lesion_mask, load_nifti(derivatives.mask, ndim=3), derivatives.mask)
-        processed = {}
-        valid = post.apply(mask.astype(np.float32), mask, zooms)[1]
-        features = masked_features(derivatives, valid)
-        for name, volume in volumes.items():
-            # Every map of a scan comes back with the same post-processed mask, ``valid``.
-            processed[name], _ = post.apply(volume, mask, zooms)
-            rows.setdefault((name, "raw score"), []).append(patient_metrics(volume, mask, lesion))
-            calibrated = probability(nulls[name], {name: processed[name]}, valid, features)
-            rows.setdefault((name, "probability"), []).append(
-                patient_metrics(calibrated, mask, lesion, calibrated >= 1 - LEVEL))
-        written = read_data(load_nifti(derivatives.probseg, ndim=3), derivatives.probseg)
-        recomputed = probability(run_null, {k: processed[f"VAE {k}"] for k in prob["scores"]}, valid, features)
-        max_probseg_diff = max(max_probseg_diff, float(np.abs(written - recomputed).max()))
-        rows.setdefault(("VAE run's label-L_probseg", "+".join(prob["scores"])), []).append(
-            patient_metrics(written, mask, lesion, written >= 1 - LEVEL))
+    rows: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    healthy: dict[str, list[float]] = {}
+    for scan in plan.controls + plan.evaluable:
+        per_fold, mask, zooms, features = methods.maps(scan)
+        control = scan.is_control
+        lesion = None if control else load_mask(scan.lesion_mask, load_nifti(ScanDerivatives(out, scan.prefix).mask,
+                                                                               ndim=3), scan.lesion_mask)
+        for name in nulls:
+            lp, valid = log_p(name, per_fold, mask, zooms, features, [scan.participant_id] if control else [])
+            flagged = np.zeros(mask.shape, bool)
+            flagged[valid] = lp <= np.log(LEVEL)
+            if control:
+                healthy.setdefault(name, []).append(float(flagged[valid].mean()))
+                continue
+            volume = np.zeros(mask.shape, np.float32)
+            volume[valid] = -lp
+            rows.setdefault((name, "probability"), []).append(patient_metrics(volume, mask, lesion, flagged))
+            if name in per_fold[0]:
+                raw = np.mean([v[name] for v in per_fold], axis=0)
+                rows.setdefault((name, "raw score"), []).append(patient_metrics(raw, mask, lesion))
+        if not control:
+            written = ScanDerivatives(out, scan.prefix)
+            evidence = read_data(load_nifti(written.neglog10p, ndim=3), written.neglog10p)
+            flagged = np.asarray(load_nifti(written.lesion_mask(LEVEL), ndim=3).dataobj) > 0
+            rows.setdefault(("VAE run's label-L_probseg", "+".join(prob["scores"])), []).append(
+                patient_metrics(evidence, mask, lesion, flagged))
 
-    print(f"\n{len(plan.evaluable)} patients; max |run's label-L_probseg - recomputed| = {max_probseg_diff:.2g} "
-          "(0 when the config matches the run)\n")
-    print("| method | map | AUROC | AUPRC | best Dice | Dice at p <= 0.01 |\n|---|---|---|---|---|---|")
-    for (name, kind), values in rows.items():
+    print(f"\n{len(plan.evaluable)} patients, {len(plan.controls)} controls (their out-of-fold, leave-subject-out "
+          f"flagged fraction at p <= {LEVEL})\n")
+    print("| method | map | AUROC | AUPRC | best Dice | Dice at p <= 0.01 | controls flagged at p <= 0.01: mean, max |"
+          "\n|---|---|---|---|---|---|---|")
+    for (name, kind), values in sorted(rows.items(), key=lambda item: item[0][1] != "probability"):
         a, p_, d, d1 = np.mean(values, axis=0)
-        print(f"| {name} | {kind} | {a:.4f} | {p_:.3f} | {d:.3f} | {'' if np.isnan(d1) else f'{d1:.3f}'} |")
+        fpr = healthy.get(name) if kind == "probability" else None
+        print(f"| {name} | {kind} | {a:.4f} | {p_:.3f} | {d:.3f} | {'' if np.isnan(d1) else f'{d1:.3f}'} | "
+              f"{'' if not fpr else f'{100 * np.mean(fpr):.2f} %, {100 * np.max(fpr):.2f} %'} |")
 
 
 if __name__ == "__main__":

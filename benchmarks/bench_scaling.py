@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: Rules whose work does not grow with the cohort once the cohort is large enough (they sample a capped set).
 CAPPED = {"pool_training_voxels", "train", "reference_set", "plot_training", "dataset_description"}
 #: One job of each stage on the longest dependency chain of a run.
-CRITICAL_PATH = ["preprocess", "augment_noise", "pool_training_voxels", "train", "reference_set",
+CRITICAL_PATH = ["preprocess", "augment", "pool_training_voxels", "train", "reference_set",
                  "score", "score_augmented", "calibrate", "probability", "evaluate"]
 
 

@@ -412,8 +412,8 @@ def demo_run(args, device):
     from anomri.models.checkpoint import load_vae
 
     root = Path(args.demo)
-    vae, _ = load_vae(root / "models" / "vae.pt", device)
-    ref = ReferenceSet.load(root / "models" / "reference_set.pt", device)
+    vae, _ = load_vae(root / "models" / "fold-1" / "vae.pt", device)
+    ref = ReferenceSet.load(root / "models" / "fold-1" / "reference_set.pt", device)
     scan = ScanDerivatives(root, args.subject)
     voxels, _, _ = load_masked(scan.features, scan.mask)
     pick = np.linspace(0, len(voxels) - 1, min(args.demo_voxels, len(voxels))).astype(int)

@@ -32,9 +32,10 @@ from anomri.settings import default
 
 def train_command(run: Path, work: Path, epochs: int) -> list[str]:
     settings = {k: v for k, v in default("training").items()
-                if k not in ("device", "max_voxels_per_scan", "max_training_voxels", "threads", "noise_augmentation")}
+                if k not in ("device", "max_voxels_per_scan", "max_training_voxels", "threads", "noise_augmentation",
+                             "diffusivity_augmentation", "anisotropy_augmentation")}
     settings["max_epochs"] = epochs
-    return ["train", "--pool", str(run / "models" / "training_voxels.npz"), "--out", str(work / "vae.pt"),
+    return ["train", "--pool", str(run / "models" / "fold-1" / "training_voxels.npz"), "--out", str(work / "vae.pt"),
             "--history", str(work / "history.tsv"), "--settings", json.dumps(settings), "--device", "cpu"]
 
 
@@ -46,8 +47,8 @@ def score_command(run: Path, work: Path, prefix: str, scores: list[str]) -> list
         for path in (source.features, source.mask, *source.dir.glob("*qspace_features.json")):
             shutil.copy2(path, copy.dir / Path(path).name)
     scoring = default("scoring")
-    reference = run / "models" / "reference_set.pt"
-    return ["score", "--model", str(run / "models" / "vae.pt"),
+    reference = run / "models" / "fold-1" / "reference_set.pt"
+    return ["score", "--model", str(run / "models" / "fold-1" / "vae.pt"),
             *(["--reference", str(reference)] if reference.exists() else []),
             "--derivatives-dir", str(work), "--prefix", prefix, "--scores", *scores,
             "--n-samples", str(scoring["n_samples"]), "--seed", str(scoring["seed"]),
@@ -74,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     run = args.output_dir
-    if not (run / "models" / "vae.pt").exists() or not (run / "models" / "training_voxels.npz").exists():
+    if not (run / "models" / "fold-1" / "vae.pt").exists() or not (run / "models" / "fold-1" / "training_voxels.npz").exists():
         sys.exit(f"bench_threads: {run} is not a finished run (models/vae.pt, models/training_voxels.npz)")
     prefix = args.prefix or sorted(p.name.split("_")[0] for p in run.glob("sub-P*") if p.is_dir())[0]
     times: dict[tuple[str, int], list[float]] = {}

@@ -203,7 +203,7 @@ export PYTHONPATH=$SRC${PYTHONPATH:+:$PYTHONPATH}
 cat > "$WORK/cohort.yaml" << EOF
 demo: {n_controls: 3, n_patients: 2, voxel_size: 6.0, scheme: 3shell, seed: 3}
 training: {max_epochs: 4, patience: 2}
-split: {holdout_controls: 1}
+split: {folds: 2}
 scoring: {scores: [vae-reg, neg-elbo, latent-nn-euclid], n_samples: 4, reference_size: 2000}
 evaluation: {bootstrap: 200}
 EOF

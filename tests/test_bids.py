@@ -13,7 +13,7 @@ import pytest
 
 from anomri.errors import InputError
 from anomri.io.bids import Scan, SelectionError, index_cohort
-from anomri.io.cohort import plan_from_config, split_controls
+from anomri.io.cohort import cross_fitting_folds, plan_cohort, plan_from_config
 from anomri.settings import defaults
 
 
@@ -204,46 +204,49 @@ def participants_of(scans: list[Scan]) -> set[str]:
     return {s.participant_id for s in scans}
 
 
-def test_split_is_deterministic_for_a_seed_and_depends_on_it() -> None:
+def test_folds_are_deterministic_for_a_seed_and_depend_on_it() -> None:
     scans = controls(10)
-    assert split_controls(scans, 0.3, seed=4) == split_controls(scans, 0.3, seed=4)
-    held_out = {frozenset(participants_of(split_controls(scans, 0.3, seed)[1])) for seed in range(10)}
-    assert len(held_out) > 1
+    assert cross_fitting_folds(scans, 3, seed=4) == cross_fitting_folds(scans, 3, seed=4)
+    first_folds = {frozenset(participants_of(cross_fitting_folds(scans, 3, seed)[0])) for seed in range(10)}
+    assert len(first_folds) > 1
 
 
 @pytest.mark.parametrize("n_participants", [2, 3, 7, 20])
-@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.34, 0.5, 0.9, 1.0])
-def test_split_keeps_sessions_together_and_honours_fraction(n_participants: int, fraction: float) -> None:
+@pytest.mark.parametrize("n_folds", [2, 3, 5, 40])
+def test_folds_partition_the_controls_and_keep_sessions_together(n_participants: int, n_folds: int) -> None:
     scans = controls(n_participants, n_sessions=3)
-    training, calibration, held_out = split_controls(scans, fraction, seed=0)
-    assert held_out == []
-    assert sorted(training + calibration, key=scans.index) == scans
-    train_ids, cal_ids = participants_of(training), participants_of(calibration)
-    assert not train_ids & cal_ids  # every session of a participant on one side
-    assert train_ids and cal_ids
-    # As close to the fraction as whole participants allow, within [1, n - 1].
-    target = min(max(fraction * n_participants, 1), n_participants - 1)
-    assert abs(len(cal_ids) - target) <= 0.5
+    folds = cross_fitting_folds(scans, n_folds, seed=0)
+    # At most one fold per participant: no fold model is left with nobody to score.
+    assert len(folds) == min(n_folds, n_participants)
+    # Every control in exactly one fold, all sessions of a participant in the same one.
+    assert sorted((s for fold in folds for s in fold), key=scans.index) == scans
+    ids = [participants_of(fold) for fold in folds]
+    assert all(not (a & b) for a, b in itertools.combinations(ids, 2))
+    sizes = [len(i) for i in ids]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
 
 
-def test_split_needs_two_control_participants() -> None:
-    with pytest.raises(ValueError):
-        split_controls(controls(1, n_sessions=2), 0.5, seed=0)
-    with pytest.raises(ValueError):
-        split_controls(controls(3, n_sessions=1), 0.5, seed=0, holdout=2)
+def test_every_fold_model_trains_on_the_other_folds_only(tmp_path: Path) -> None:
+    scans = controls(7, n_sessions=2) + [Scan("sub-P1", None, "patient", False, Path("p.nii.gz"), Path("b"),
+                                              Path("v"))]
+    plan = plan_cohort(scans, tmp_path, n_folds=3, seed=1)
+    assert plan.others == scans[-1:] and plan.fold_of(scans[-1]) is None
+    for k, fold in enumerate(plan.folds):
+        training = plan.training(k)
+        # Fold k's model never sees a scan of the participants it scores out of fold...
+        assert not participants_of(training) & participants_of(fold)
+        # ...and sees every other control.
+        assert sorted(training + fold, key=scans.index) == scans[:-1]
+        assert all(plan.fold_of(s) == k for s in fold)
 
 
-@pytest.mark.parametrize("holdout", [1, 2, 3])
-def test_holdout_controls_neither_train_nor_calibrate(holdout: int) -> None:
-    scans = controls(8, n_sessions=2)
-    training, calibration, held_out = split_controls(scans, 0.34, seed=1, holdout=holdout)
-    ids = [participants_of(part) for part in (training, calibration, held_out)]
-    assert len(ids[2]) == holdout
-    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
-    assert sorted(training + calibration + held_out, key=scans.index) == scans
-    assert round(0.34 * (8 - holdout)) == len(ids[1])  # the fraction applies to the controls left
-    # Calibration takes the same draw as without holdout (the first of one permutation): nested splits.
-    assert ids[1] <= participants_of(split_controls(scans, 0.34, seed=1)[1])
+def test_cross_fitting_needs_two_control_participants_and_two_folds() -> None:
+    with pytest.raises(ValueError, match="at least 2 control participants"):
+        cross_fitting_folds(controls(1, n_sessions=2), 3, seed=0)
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        cross_fitting_folds(controls(5), 1, seed=0)
+    # Three controls, the smallest clinical cohort the defaults must take: one fold each (leave one out).
+    assert [len(f) for f in cross_fitting_folds(controls(3, n_sessions=1), 3, seed=0)] == [1, 1, 1]
 
 
 # --------------------------------------------------------------------------- labels
@@ -387,9 +390,8 @@ def test_each_run_is_its_own_scan(tmp_path: Path) -> None:
     assert [s.dwi for s in scans[:2]] == runs
     assert [s.bval.name for s in scans[:2]] == ["sub-01_ses-1_dir-AP_run-1_dwi.bval",
                                                "sub-01_ses-1_dir-AP_run-2_dwi.bval"]
-    # Both runs of a participant fall on one side of the control split.
-    training, calibration, _ = split_controls(scans, 0.5, seed=0)
-    assert sorted(len(side) for side in (training, calibration)) == [1, 2]
+    # Both runs of a participant fall in one cross-fitting fold.
+    assert sorted(len(fold) for fold in cross_fitting_folds(scans, 2, seed=0)) == [1, 2]
 
 
 def test_run_outputs_share_the_session_folder(tmp_path: Path) -> None:
@@ -492,10 +494,11 @@ def test_models_train_on_the_selected_controls(tmp_path: Path) -> None:
         add_dwi(tmp_path, label)
     config = defaults()
     config.update(bids_dir=str(tmp_path), participant_label=["C0", "C1", "C2", "P1"],
-                  split={"calibration_fraction": 0.34, "holdout_controls": 0, "seed": 0})
+                  split={"folds": 3, "seed": 0})
     plan = plan_from_config(config)
     assert [s.participant_id for s in plan.scans] == ["sub-C0", "sub-C1", "sub-C2", "sub-P1"]
-    assert {s.participant_id for s in plan.training + plan.calibration} == {"sub-C0", "sub-C1", "sub-C2"}
+    assert {s.participant_id for k in range(len(plan.folds)) for s in plan.training(k)} == {"sub-C0", "sub-C1",
+                                                                                             "sub-C2"}
 
 
 def test_demo_plan_honours_the_selection(tmp_path: Path) -> None:

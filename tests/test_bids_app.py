@@ -27,7 +27,7 @@ RunCli = Callable[[list[str]], CliResult]
 #: Settings that keep the tiny run to a few minutes on 2 cores.
 FAST = ["training.max_epochs=4", "training.patience=2", "training.noise_augmentation=[]",
         "scoring.scores=[neg-elbo]", "scoring.reference_size=2000", "scoring.n_samples=4",
-        "split.holdout_controls=1", "evaluation.bootstrap=50"]
+        "split.folds=2", "evaluation.bootstrap=50"]
 
 
 def small_bids(root: Path, rows: dict[str, str], with_dwi: tuple[str, ...]) -> Path:
@@ -155,7 +155,7 @@ def test_workflow_config_error_is_one_line(run_cli: RunCli, tmp_path: Path) -> N
     bids = small_bids(tmp_path / "bids", {"01": "control", "02": "control", "03": "patient"},
                       with_dwi=("01", "02", "03"))
     result = run_cli(["bids", str(bids), str(tmp_path / "out"), "participant", "--config",
-                      "scoring.scores=[neg-elbo]", "probability.scores=[vae-reg]", "split.holdout_controls=0"])
+                      "scoring.scores=[neg-elbo]", "probability.scores=[vae-reg]"])
     assert result.code == ExitCode.USAGE, result.err
     lines = [line for line in result.err.splitlines() if line.startswith("anomri: error:")]
     assert lines == ["anomri: error: config: probability.scores ['vae-reg'] are not among the computed scores "

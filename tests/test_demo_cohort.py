@@ -236,7 +236,7 @@ def _single_voxel(**fractions: float) -> tissue.VoxelTissue:
         csf=fractions.get("csf", 0.0) * one,
         fibre=np.array([[1.0, 0.0, 0.0]]),
         radial=np.array([[0.0, 0.0, 1.0]]),
-        f_intra=0.65 * one,
+        modulation=0.0 * one,
     )
 
 

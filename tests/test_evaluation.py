@@ -33,7 +33,7 @@ from matplotlib.image import imread
 
 from anomri.cli import main
 from anomri.evaluate.table import POOLED, PROBABILITY, SUMMARY_METRICS, summarise
-from anomri.io.derivatives import ScanDerivatives
+from anomri.io.derivatives import ScanDerivatives, sidecar_path
 from conftest import PLAIN_CALIBRATION
 
 SHAPE = (10, 10, 10)
@@ -46,8 +46,16 @@ def _save(path: Path, data: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(np.asarray(data, np.float32), AFFINE), path)
 
 
+def _calibration_record(scan: ScanDerivatives, erosion_voxels: int = 0) -> None:
+    """The probability sidecar's record of the post-processing: the lesion masks' domain is the brain eroded so."""
+    scan.dir.mkdir(parents=True, exist_ok=True)
+    sidecar_path(scan.probseg).write_text(json.dumps({"Calibration": {"postprocessing": {
+        "erosion_voxels": erosion_voxels, "median_filter_voxels": 0, "smoothing_fwhm_mm": 0.0}}}))
+
+
 def _scan(root: Path, prefix: str, values: np.ndarray) -> None:
     scan = ScanDerivatives(root, prefix)
+    _calibration_record(scan)
     _save(scan.mask, np.ones(SHAPE))
     _save(scan.b0, np.random.default_rng(0).random(SHAPE) + 1.0)
     # The same values in both kinds of map: each gets its own calibration threshold all the same.
@@ -78,6 +86,7 @@ def cohort(tmp_path_factory) -> dict:
     _save(lesions["sub-P02"], lesion2)
     held_out = ScanDerivatives(root, "sub-C02")
     _save(held_out.mask, np.ones(SHAPE))
+    _calibration_record(held_out, erosion_voxels=1)  # its masks could flag the inner 8^3 voxels only
     p01, p001 = np.zeros(SHAPE), np.zeros(SHAPE)
     p01[0:2, 0:2, 0:2] = 1
     p01[5, 5, 5:9] = 1
@@ -144,11 +153,15 @@ def test_pooled_rows_hand_computed(cohort) -> None:
 def test_realised_false_positive_rate_of_unseen_controls(cohort) -> None:
     rows = _rows(cohort["healthy"])
     one = next(r for r in rows if r["participant_id"] == "sub-C02" and float(r["level"]) == 0.01)
-    assert float(one["realised_fpr"]) == pytest.approx(12 / 1000)
-    assert float(one["ratio_to_level"]) == pytest.approx(1.2)
-    assert (one["n_flagged_voxels"], one["n_flagged_components"], one["n_brain_voxels"]) == ("12", "2", "1000")
+    # The denominator is the voxels that could be flagged: the brain eroded by one voxel, 8^3 of its 10^3. Of the
+    # 12 flagged voxels, 1 of the corner cube and the 4-voxel line lie inside it.
+    assert float(one["realised_fpr"]) == pytest.approx(5 / 512)
+    assert float(one["ratio_to_level"]) == pytest.approx(500 / 512)
+    assert (one["n_flagged_voxels"], one["n_flagged_components"], one["n_scored_voxels"], one["n_brain_voxels"]) == (
+        "5", "2", "512", "1000")
+    assert one["role"] == "control"
     tenth = next(r for r in rows if r["participant_id"] == "sub-C02" and float(r["level"]) == 0.001)
-    assert float(tenth["realised_fpr"]) == pytest.approx(1 / 1000)
+    assert float(tenth["realised_fpr"]) == 0.0  # its one flagged voxel is on the peeled edge
     assert {r["participant_id"] for r in rows} == {"sub-C02", POOLED}
     assert json.loads(cohort["healthy"].with_suffix(".json").read_text())["realised_fpr"]["Description"]
 
@@ -302,40 +315,57 @@ def test_lesion_centres_pick_the_largest_lesions_inside_them() -> None:
     assert lesion_centres(np.zeros((3, 3, 3), bool), 2) == []
 
 
-def test_unseen_healthy_controls_are_flagged_at_the_level_within_binomial_error(tmp_path) -> None:
-    """calibrate -> probability -> evaluate on controls that never calibrated: exchangeable healthy maps.
-
-    Each control's map is i.i.d. Gamma(2) noise, so an unseen control's voxels flagged at level a are
-    Binomial(n, a) / n up to the null's own sampling error (the null holds 3 x 27,000 voxels).
-    """
-    shape, rng = (30, 30, 30), np.random.default_rng(11)
-    calibration, unseen = ["sub-C01", "sub-C02", "sub-C03"], ["sub-C04", "sub-C05", "sub-C06"]
-    for prefix in calibration + unseen:
-        scan = ScanDerivatives(tmp_path, prefix)
+def _shifted_controls(root: Path, shifts: dict[str, float], shape: tuple[int, int, int], seed: int) -> None:
+    """Controls whose score maps are N(shift, 1) noise: people who differ by a global shift, as real ones do."""
+    rng = np.random.default_rng(seed)
+    for prefix, shift in shifts.items():
+        scan = ScanDerivatives(root, prefix)
         for path, data in ((scan.mask, np.ones(shape)), (scan.b0, np.ones(shape)),
-                           (scan.novelty(SCORE), rng.gamma(2.0, size=shape))):
+                           (scan.novelty(SCORE), shift + rng.normal(size=shape))):
             path.parent.mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(np.asarray(data, np.float32), AFFINE), path)
+
+
+def test_out_of_fold_false_positive_rate_of_controls_that_differ_by_a_global_shift(tmp_path) -> None:
+    """calibrate -> probability -> evaluate on controls that differ by a global shift (between-subject variance).
+
+    Each control's p comes from the null of the *other* controls (leave-subject-out), so its flagged fraction at
+    level a is, exactly, the fraction of its voxels whose conformal rank among the others' voxels gives
+    (1 + #{others >= s}) / (n_others + 1) <= a: checked against that brute force. Over people the mean is near a
+    (exchangeable subjects), although each person is flagged well above or below it: the spread in people a single
+    calibration control cannot show.
+    """
+    shape, level = (20, 20, 20), 0.05  # a level in the conformal body (tail_fraction 0.01): an exact count
+    rng = np.random.default_rng(5)
+    shifts = {f"sub-C{i:02d}": float(s) for i, s in enumerate(rng.normal(0.0, 0.4, 12), start=1)}
+    _shifted_controls(tmp_path, shifts, shape, seed=6)
     null = tmp_path / "null.npz"
-    assert main(["calibrate", "--derivatives-dir", str(tmp_path), "--scans", *calibration, "--scores", SCORE,
+    assert main(["calibrate", "--derivatives-dir", str(tmp_path), "--scans", *shifts, "--scores", SCORE,
                  "--out", str(null), *PLAIN_CALIBRATION]) == 0
-    for prefix in calibration + unseen:  # the evaluation thresholds the calibration controls' maps too
+    for prefix in shifts:
         assert main(["probability", "--derivatives-dir", str(tmp_path), "--prefix", prefix, "--null", str(null),
-                     "--levels", "0.01", "0.001"]) == 0
-    lesion = tmp_path / "empty.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), AFFINE), lesion)
-    healthy = tmp_path / "healthy.tsv"
-    # A lesion-free "patient" (sub-C06 with an empty mask) counts as unseen healthy too.
-    assert main(["evaluate", "--derivatives-dir", str(tmp_path), "--scores", SCORE, "--calibration", *calibration,
-                 "--scan", "sub-C06", str(lesion), "--healthy", "sub-C04", "sub-C05",
+                     "--levels", str(level)]) == 0
+    healthy, empty = tmp_path / "healthy.tsv", tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), AFFINE), empty)
+    # The last person as a "patient" whose lesion mask is empty: it joins the healthy table as such.
+    assert main(["evaluate", "--derivatives-dir", str(tmp_path), "--scores", SCORE, "--calibration", *shifts,
+                 "--scan", "sub-C12", str(empty), "--healthy", *list(shifts)[:-1], "--levels", str(level),
                  "--out", str(tmp_path / "e.tsv"), "--summary", str(tmp_path / "s.tsv"),
                  "--curves", str(tmp_path / "c.json"), "--healthy-out", str(healthy), "--bootstrap", "10"]) == 0
-    rows = _rows(healthy)
-    assert {r["participant_id"] for r in rows} == {*unseen, POOLED}
-    n_null = 3 * 27_000
-    for row in rows:
-        level, n = float(row["level"]), int(row["n_brain_voxels"])
-        assert n == (3 if row["participant_id"] == POOLED else 1) * 27_000
-        # Binomial error of the unseen voxels plus that of the null's own quantile, 4 sigma.
-        bound = 4 * np.sqrt(level * (1 - level) * (1 / n + 1 / n_null))
-        assert abs(float(row["realised_fpr"]) - level) <= bound, row
+    rows = {r["participant_id"]: r for r in _rows(healthy)}
+    assert set(rows) == {*shifts, POOLED}
+    assert rows["sub-C01"]["role"] == "control" and rows["sub-C12"]["role"] == "patient-without-lesions"
+    maps = {p: np.asarray(nib.load(ScanDerivatives(tmp_path, p).novelty(SCORE)).dataobj, np.float64).ravel()
+            for p in shifts}
+    realised = []
+    for prefix in shifts:
+        others = np.sort(np.concatenate([v for q, v in maps.items() if q != prefix]))
+        exceeding = len(others) - np.searchsorted(others, maps[prefix], side="left")
+        expected = np.mean((exceeding + 1.0) / (len(others) + 1.0) <= level)
+        assert float(rows[prefix]["realised_fpr"]) == pytest.approx(expected, abs=1e-9), prefix
+        assert int(rows[prefix]["n_scored_voxels"]) == np.prod(shape)
+        realised.append(expected)
+    # Every person differs from the level (the shifts are real)...
+    assert max(realised) > 2 * level and min(realised) < level / 2
+    # ...but over people the out-of-fold rate stays near it: a 0.4-sd shift spread, 12 people.
+    assert level / 2 < np.mean(realised) < 1.5 * level

@@ -89,3 +89,28 @@ def test_preprocessing_records_the_noise_level_of_a_scan_and_of_its_noisier_copy
     assert records[1.0]["snr"] == pytest.approx(1000.0 / sigma, rel=0.05)
     assert records[2.0]["sigma"] == pytest.approx(2 * sigma, rel=0.05)
     assert records[2.0]["snr"] == pytest.approx(1000.0 / (2 * sigma), rel=0.05)
+
+
+def test_a_noise_free_scan_is_named_in_a_warning_and_left_unmatched(tmp_path, capsys) -> None:
+    """Zero background and no noise: the noise estimate is 0, which would silently drop noise matching."""
+    import json
+
+    import nibabel as nib
+
+    from anomri.cli import main
+    from tests.conftest import RAW_FEATURES, write_gradients
+
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in (40, 40, 12)], indexing="ij"), -1)
+    head = np.linalg.norm((ijk - [19.5, 19.5, 5.5]) / [12, 14, 20], axis=-1) < 1
+    gtab = _gtab(2, 10)
+    data = np.where(head[..., None], np.where(gtab.b0s_mask, 1000.0, 400.0), 0.0)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), tmp_path / "sub-09_dwi.nii.gz")
+    write_gradients(tmp_path / "dwi.bval", tmp_path / "dwi.bvec", gtab.bvals, gtab.bvecs)
+    assert main(["preprocess", "--dwi", str(tmp_path / "sub-09_dwi.nii.gz"), "--bval", str(tmp_path / "dwi.bval"),
+                 "--bvec", str(tmp_path / "dwi.bvec"), "--output-dir", str(tmp_path / "out"),
+                 "--prefix", "sub-09", *RAW_FEATURES]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if " WARNING: " in line]
+    assert any("sub-09_dwi.nii.gz" in m and "not noise-matched" in m for m in warnings), warnings
+    sidecar = tmp_path / "out" / "sub-09" / "dwi" / "sub-09_space-dwi_desc-qspace_features.json"
+    assert json.loads(sidecar.read_text())["Preprocessing"]["noise"] == {"sigma": None, "snr": None}
+

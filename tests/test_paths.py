@@ -26,7 +26,7 @@ PIDS = [pid for pid, _ in demo_participants(N_CONTROLS, N_PATIENTS)]
 PATIENTS = [pid for pid, group in demo_participants(N_CONTROLS, N_PATIENTS) if group == "patient"]
 #: As small as a full run gets: one training and one calibration control, one cheap score.
 TINY = {
-    "split": {"holdout_controls": 0},
+    "split": {"folds": 2},
     "training": {"max_epochs": 2, "patience": 2, "noise_augmentation": []},
     "scoring": {"scores": ["neg-elbo"], "n_samples": 2},
     "probability": {"scores": ["neg-elbo"], "learned_combination": {"enabled": False, "C": 1.0}},

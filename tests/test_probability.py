@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from scipy import ndimage as ndi
 
 from anomri.maps.postprocess import FWHM_TO_SIGMA, PostProcessing
@@ -236,3 +237,91 @@ def test_noise_matched_null_round_trips_through_its_file(tmp_path) -> None:
     # sub-C02's SNR is unknown: it always contributes itself as measured.
     assert [(c.scan, c.factor) for c in loaded.matched(12.0).copies] == [("sub-C01", 2.0), ("sub-C02", 1.0)]
     np.testing.assert_array_equal(loaded.matched(12.0).values["s"], null.values["s"][1000:])
+
+
+def test_leaving_a_participant_out_drops_all_its_scans_and_copies(tmp_path) -> None:
+    from anomri.maps.probability import CalibrationCopy
+
+    rng = np.random.default_rng(14)
+    copies = [CalibrationCopy("sub-C01_ses-1", 1.0, 20.0), CalibrationCopy("sub-C01_ses-2", 1.0, 22.0),
+              CalibrationCopy("sub-C01_ses-1", 2.0, 10.0), CalibrationCopy("sub-C02", 1.0, 21.0),
+              CalibrationCopy("sub-C02", 2.0, 10.5)]
+    values = rng.normal(size=5 * 1000)
+    null = HealthyNull({"s": values}, copies=copies, copy_index=np.repeat(np.arange(5), 1000),
+                       scans=["sub-C01_ses-1", "sub-C01_ses-2", "sub-C02"])
+    left = null.matched(20.0, exclude=["sub-C01"])
+    assert [(c.scan, c.factor) for c in left.copies] == [("sub-C02", 1.0)]
+    assert left.scans == ["sub-C02"]
+    np.testing.assert_array_equal(left.values["s"], values[3000:4000].astype(np.float32))
+    # The p of a new voxel against the left-out null is the brute-force conformal count among sub-C02's voxels.
+    scores = np.array([-1.0, 0.0, 0.5])
+    expected = [(1 + (left.values["s"] >= s).sum()) / (1000 + 1) for s in scores]
+    np.testing.assert_allclose(left.tail_probability({"s": scores}), expected, rtol=1e-9)
+    with pytest.raises(ValueError, match="no calibration scan is left"):
+        null.matched(20.0, exclude=["sub-C01", "sub-C02"])
+    with pytest.raises(ValueError, match="cannot leave one out"):
+        HealthyNull({"s": values}).matched(None, exclude=["sub-C01"])
+
+
+def test_a_tied_tail_falls_back_to_a_scale_from_the_null_itself() -> None:
+    """The top 1 % all tie: the exponential tail continues the body, in the null's units (not a fixed 1.0)."""
+    for unit in (1e-3, 1.0, 1e3):
+        null = unit * np.concatenate([np.random.default_rng(15).uniform(0, 1, 9_000), np.full(1_000, 1.0)])
+        tail = TailModel.fit(null)
+        assert tail.shape == 0.0
+        # An exponential through the median (survival 1/2) and the tied top (survival k/n): its scale is
+        # (top - median) / log(n / 2k).
+        n, k = len(null), max(50, round(0.01 * len(null)))
+        beta = (1.0 - np.median(null) / unit) / np.log(n / (2 * k))
+        np.testing.assert_allclose(tail.scale, unit * beta, rtol=1e-3)
+        # p keeps falling beyond the healthy maximum, at the same pace in every unit.
+        log_p = tail.log_survival(unit * np.array([1.1, 1.5]))
+        np.testing.assert_allclose(np.diff(log_p), -0.4 / beta, rtol=1e-3)
+
+
+def test_cross_conformal_probability_is_the_mean_of_the_fold_models_p(tmp_path) -> None:
+    """A patient scored by three fold models: p is the mean of the three p-values, each against the pooled null."""
+    import json
+
+    import nibabel as nib
+
+    from anomri.io.derivatives import ScanDerivatives, sidecar_path
+    from anomri.io.nifti import save_volume
+    from anomri.maps.writing import write_probability_map
+
+    rng = np.random.default_rng(16)
+    reference = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    scan = ScanDerivatives(tmp_path, "sub-P01")
+    scan.dir.mkdir(parents=True)
+    mask = np.ones((8, 8, 8), bool)
+    save_volume(scan.mask, mask, reference, dtype=np.uint8)
+    folds = [tmp_path / "models" / f"fold-{k}" / "maps" for k in (1, 2, 3)]
+    fold_maps = [rng.normal(loc=k, size=mask.shape).astype(np.float32) for k in range(3)]
+    for tree, volume in zip(folds, fold_maps):
+        target = ScanDerivatives(tree, "sub-P01")
+        target.dir.mkdir(parents=True)
+        save_volume(target.novelty("s"), volume, reference)
+    null = HealthyNull({"s": rng.normal(size=20_000)}, PostProcessing(0, 0, 0.0))
+    null_path = tmp_path / "null.npz"
+    null.save(null_path)
+    write_probability_map(scan, HealthyNull.load(null_path), null_path, levels=(0.01,), fold_maps=folds)
+    expected = np.mean([null.tail_probability({"s": v.ravel()}) for v in fold_maps], axis=0)
+    evidence = np.asarray(nib.load(scan.neglog10p).dataobj, np.float64).ravel()
+    np.testing.assert_allclose(10.0 ** -evidence, expected, rtol=1e-4)
+    record = json.loads(sidecar_path(scan.probseg).read_text())
+    assert len(record["Calibration"]["FoldMaps"]) == 3 and record["Calibration"]["LeftOut"] == []
+    assert record["QualityCheck"]["Verdict"] == "unknown"  # a null without controls' shifts: nothing to compare
+
+
+def test_centring_subtracts_the_scans_own_median_after_smoothing() -> None:
+    rng = np.random.default_rng(17)
+    mask = np.zeros((12, 12, 12), bool)
+    mask[2:10, 2:10, 2:10] = True
+    volume = 3.0 + rng.normal(size=mask.shape)
+    plain, valid = PostProcessing(1, 0, 4.0).apply(volume, mask, (2.0, 2.0, 2.0))
+    centred, same = PostProcessing(1, 0, 4.0, "median").apply(volume, mask, (2.0, 2.0, 2.0))
+    np.testing.assert_array_equal(valid, same)
+    np.testing.assert_allclose(centred[valid], plain[valid] - np.median(plain[valid]), rtol=1e-5, atol=1e-6)
+    assert np.all(centred[~valid] == 0)
+    with pytest.raises(ValueError, match="centring"):
+        PostProcessing(centring="mean")

@@ -31,6 +31,7 @@ REQUIRED = {
     "learn-combination": ["--derivatives-dir", "d", "--calibration", "sub-1", "--scan", "sub-2", "l", "--out", "o",
                           "--scores", "s"],
     "probability": ["--derivatives-dir", "d", "--prefix", "sub-1", "--null", "n"],
+    "quality": ["--derivatives-dir", "d", "--scans", "sub-1", "--out", "o"],
     "evaluate": ["--derivatives-dir", "d", "--scan", "sub-2", "l", "--scores", "s", "--calibration", "sub-1",
                  "--out", "o", "--summary", "s", "--curves", "c", "--healthy-out", "h"],
     "demo-images": ["out"],
@@ -55,11 +56,13 @@ CLI_SETTINGS = [
     ("reference", "device", "scoring.device"),
     *[("score", dest, f"scoring.{dest}") for dest in ("n_samples", "seed", "batch_size", "device")],
     *[(command, key, f"probability.{key}") for command in ("calibrate", "learn-combination")
-      for key in ("erosion_voxels", "median_filter_voxels", "smoothing_fwhm_mm", "tail_fraction", "combination",
-                  "tissue_classes", "seed")],
+      for key in ("erosion_voxels", "median_filter_voxels", "smoothing_fwhm_mm", "centring", "tail_fraction",
+                  "combination", "tissue_classes", "seed")],
     ("learn-combination", "C", "probability.learned_combination.C"),
     ("probability", "levels", "probability.levels"),
     ("probability", "min_component_voxels", "probability.min_component_voxels"),
+    ("probability", "ood_margin", "probability.ood_margin"),
+    ("quality", "levels", "probability.levels"),
     *[("evaluate", key, f"evaluation.{key}") for key in ("fpr", "bootstrap", "seed", "min_lesion_overlap")],
     ("evaluate", "levels", "probability.levels"),
     *[("demo-images", key, f"images.demo.{key}") for key in ("n_train", "n_test_good", "n_test_per_defect",
@@ -126,7 +129,7 @@ def test_python_api_defaults_are_the_config() -> None:
     assert (scan["denoising"], scan["representation"], scan["gibbs"]) == (
         pre["denoise"], pre["features"], pre["gibbs_removal"])
     assert dataclasses.asdict(PostProcessing()) == {
-        k: prob[k] for k in ("erosion_voxels", "median_filter_voxels", "smoothing_fwhm_mm")}
+        k: prob[k] for k in ("erosion_voxels", "median_filter_voxels", "smoothing_fwhm_mm", "centring")}
     cal = keyword_defaults(calibrate)
     assert {k: cal[k] for k in ("tail_fraction", "combination", "tissue_classes", "seed")} == {
         k: prob[k] for k in ("tail_fraction", "combination", "tissue_classes", "seed")}

@@ -42,7 +42,7 @@ COHORT_OPTIONS = (
     "voxel_size", "scheme", "bvals", "bvecs", "n_b0", "max_dirs_per_shell", "snr", "pose_rotation_deg",
     "pose_translation_mm", "head_scaling", "warp_mm", "ventricle_mm", "cortex_thinning", "diffusivity_jitter",
     "axon_fraction_jitter", "bias_field", "volume_motion_deg", "volume_motion_mm", "gibbs", "lesions",
-    "lesion_masks", "severity", "t2_shine_through",
+    "lesion_masks", "severity", "t2_shine_through", "signal_model", "lesion_model",
 )
 
 
@@ -78,6 +78,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cortex-thinning", type=float, help="patients' largest share of outer cortex lost")
     g.add_argument("--diffusivity-jitter", type=float, help="subject diffusivity scaling in [1 - j, 1 + j]")
     g.add_argument("--axon-fraction-jitter", type=float, help="subject axon-fraction scaling in [1 - j, 1 + j]")
+    g.add_argument("--signal-model", choices=["stick-zeppelin", "tensor"],
+                   help="tissue signal family: WM stick + zeppelin + free water (default), or Gaussian diffusion "
+                        "tensors (axial 1.7, radial 0.4 um^2/ms) + free water, axial and radial diffusivities "
+                        "jittered independently")
     g = p.add_argument_group("lesions")
     g.add_argument("--lesions", choices=["ms", "blobs"], help="real MS lesion masks or deep-WM ellipsoids")
     g.add_argument("--lesion-masks", nargs="+", metavar="NIFTI",
@@ -86,4 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="range of per-lesion severity, 0 barely visible to 1 a black hole")
     g.add_argument("--t2-shine-through", action=argparse.BooleanOptionalAction, default=None,
                    help="lesions hyperintense on b0")
+    g.add_argument("--lesion-model", choices=["axon-loss", "demyelination"],
+                   help="what a lesion of severity s does: axonal loss + free water (default), or demyelination: "
+                        "radial diffusivity x (1 + 2 s), axial x (1 - 0.15 s), free water + 0.25 s, T2 x (1 + 0.5 s)")
 

@@ -1,5 +1,5 @@
 """The dMRI subcommands: preprocess, pool, train, reference, score, calibrate, learn-combination,
-probability, evaluate, the figures and the dataset description."""
+probability, quality, evaluate, the figures and the dataset description."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def run_preprocess(args: argparse.Namespace) -> None:
                     denoising=args.denoise, representation=args.features, context=args.context,
                     context_radius=args.context_radius, gibbs=args.gibbs_removal,
                     motion_correction=args.motion_correction, noise_factor=args.noise_factor,
-                    noise_seed=args.noise_seed, source_dir=args.source_dir)
+                    noise_seed=args.noise_seed, diffusivity_scale=args.diffusivity_scale,
+                    anisotropy_scale=args.anisotropy_scale, source_dir=args.source_dir)
 
 
 @command("pool")
@@ -60,7 +61,8 @@ def run_score(args: argparse.Namespace) -> None:
     from anomri.maps.scoring import score_scan
 
     score_scan(args.model, args.derivatives_dir, args.prefix, args.scores, reference=args.reference,
-               n_samples=args.n_samples, seed=args.seed, batch_size=args.batch_size, device=args.device)
+               fold_maps=args.fold_maps, fold_scores=args.fold_scores, n_samples=args.n_samples, seed=args.seed,
+               batch_size=args.batch_size, device=args.device)
 
 
 def _postprocessing(args: argparse.Namespace):
@@ -68,7 +70,7 @@ def _postprocessing(args: argparse.Namespace):
 
     if args.tissue_classes < 1:
         raise InputError("--tissue-classes", f"must be at least 1; got {args.tissue_classes}")
-    return PostProcessing(args.erosion_voxels, args.median_filter_voxels, args.smoothing_fwhm_mm)
+    return PostProcessing(args.erosion_voxels, args.median_filter_voxels, args.smoothing_fwhm_mm, args.centring)
 
 
 @command("calibrate")
@@ -99,8 +101,17 @@ def run_probability(args: argparse.Namespace) -> None:
 
     if not all(0.0 < level < 1.0 for level in args.levels):
         raise InputError("--levels", f"false-positive levels must lie in (0, 1); got {args.levels}")
+    if args.ood_margin < 0:
+        raise InputError("--ood-margin", f"must be >= 0; got {args.ood_margin}")
     write_probability_map(ScanDerivatives(args.derivatives_dir, args.prefix), HealthyNull.load(args.null),
-                          args.null, tuple(args.levels), args.min_component_voxels)
+                          args.null, tuple(args.levels), args.min_component_voxels, args.fold_maps, args.ood_margin)
+
+
+@command("quality")
+def run_quality(args: argparse.Namespace) -> None:
+    from anomri.evaluate.quality import write_quality_table
+
+    write_quality_table(args.derivatives_dir, args.scans, args.controls, args.levels, args.out)
 
 
 @command("evaluate")
@@ -178,6 +189,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--noise-factor", type=float, default=1.0,
                    help="first raise the scan's noise standard deviation this many times (training augmentation)")
     p.add_argument("--noise-seed", type=int, default=0, help="seed of the added noise")
+    p.add_argument("--diffusivity-scale", type=float, default=1.0,
+                   help="scale every diffusivity of the scan, S/S0 -> (S/S0)^s (training augmentation)")
+    p.add_argument("--anisotropy-scale", type=float, default=1.0,
+                   help="scale the directional contrast of log S/S0 on every shell around its mean (augmentation)")
     p.add_argument("--source-dir", help="the input BIDS dataset: sidecars name its files bids:raw:<path>")
 
     p = sub.add_parser("pool", help="pool healthy training voxels")
@@ -210,8 +225,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=default("scoring.device"))
 
     p = sub.add_parser("score", help="write the novelty maps of one scan")
-    p.add_argument("--model", required=True)
-    p.add_argument("--reference", help="reference set (.pt), needed by reference-based scores")
+    p.add_argument("--model", required=True, nargs="+",
+                   help="model checkpoint; several (the fold models that never trained on the scan): mean maps")
+    p.add_argument("--reference", nargs="+", help="reference set (.pt) of each model, needed by reference-based scores")
+    p.add_argument("--fold-maps", nargs="*", default=[], metavar="DIR",
+                   help="one derivatives tree per model: each model's own maps of --fold-scores are written there")
+    p.add_argument("--fold-scores", nargs="*", default=[], metavar="SCORE", help="scores written per model")
     p.add_argument("--derivatives-dir", required=True)
     p.add_argument("--prefix", required=True)
     p.add_argument("--scores", nargs="+", default=["all"])
@@ -220,7 +239,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=default("scoring.batch_size"))
     p.add_argument("--device", default=default("scoring.device"))
 
-    p = sub.add_parser("calibrate", help="healthy null distributions from held-out controls")
+    p = sub.add_parser("calibrate", help="healthy null distributions from the controls' out-of-fold maps")
     _add_scans(p)
     p.add_argument("--out", required=True, help=".npz file")
     p.add_argument("--augmented", nargs="*", default=[], metavar="DIR",
@@ -230,7 +249,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("learn-combination",
                        help="opt-in: logistic combination of every score, learned on labelled patients (LOPO CV)")
     p.add_argument("--derivatives-dir", required=True)
-    p.add_argument("--calibration", nargs="+", required=True, metavar="PREFIX", help="calibration controls")
+    p.add_argument("--calibration", nargs="+", required=True, metavar="PREFIX", help="the controls")
     p.add_argument("--scan", nargs=2, action="append", required=True, metavar=("PREFIX", "LESION_MASK"),
                    help="a labelled patient (repeat; at least 2)")
     p.add_argument("--apply", nargs="*", default=[], metavar="PREFIX", help="other scans: all-patient model")
@@ -246,13 +265,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="healthy false-positive rates of the lesion masks")
     p.add_argument("--min-component-voxels", type=int, default=default("probability.min_component_voxels"),
                    help="drop smaller lesion-mask components")
+    p.add_argument("--fold-maps", nargs="*", default=[], metavar="DIR",
+                   help="derivative trees of the fold models' maps of this scan: p is the mean of their p "
+                        "(cross-conformal); none: the maps beside the scan (a control's out-of-fold maps)")
+    p.add_argument("--ood-margin", type=float, default=default("probability.ood_margin"),
+                   help="tolerance beyond the controls' out-of-fold shifts before a scan is out of distribution")
+
+    p = sub.add_parser("quality", help="the cohort's quality table: SNR, flagged fraction and shift check per scan")
+    p.add_argument("--derivatives-dir", required=True)
+    p.add_argument("--scans", nargs="+", required=True, metavar="PREFIX", help="every scan with a probability map")
+    p.add_argument("--controls", nargs="*", default=[], metavar="PREFIX", help="the control scans among them")
+    p.add_argument("--levels", type=float, nargs="+", default=default("probability.levels"),
+                   help="levels of the lesion masks whose flagged fraction is reported")
+    p.add_argument("--out", required=True, help="quality.tsv (a .json sidecar is written beside it)")
 
     p = sub.add_parser("evaluate", help="score every map against lesion masks")
     p.add_argument("--derivatives-dir", required=True)
     p.add_argument("--scan", nargs=2, action="append", required=True, metavar=("PREFIX", "LESION_MASK"))
     p.add_argument("--scores", nargs="+", required=True)
     p.add_argument("--calibration", nargs="+", required=True, metavar="PREFIX",
-                   help="calibration controls: their maps set each map kind's healthy-FPR threshold")
+                   help="the controls: their out-of-fold maps set each map kind's healthy-FPR threshold")
     p.add_argument("--fpr", type=float, default=default("evaluation.fpr"),
                    help="fraction of calibration brain voxels flagged")
     p.add_argument("--bootstrap", type=int, default=default("evaluation.bootstrap"),
@@ -261,7 +293,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-lesion-overlap", type=float, default=default("evaluation.min_lesion_overlap"),
                    help="share of a lesion's voxels to flag for it to count as detected")
     p.add_argument("--healthy", nargs="*", default=[], metavar="PREFIX",
-                   help="held-out controls: their realised false-positive rate (patients with empty masks join)")
+                   help="controls: their out-of-fold, leave-subject-out realised false-positive rate (patients "
+                        "with empty masks join)")
     p.add_argument("--levels", type=float, nargs="+", default=default("probability.levels"),
                    help="levels of the lesion masks whose realised false-positive rate is reported")
     p.add_argument("--out", required=True, help="per-patient and pooled table (.tsv)")
@@ -282,7 +315,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help=".png file")
 
     p = sub.add_parser("plot-training", help="training curves of the VAE")
-    p.add_argument("--history", required=True, help="training_history.tsv from train")
+    p.add_argument("--history", required=True, nargs="+",
+                   help="training_history.tsv from train (several: the fold models', overlaid)")
     p.add_argument("--out", required=True, help=".png file")
 
     p = sub.add_parser("dataset-description",
@@ -303,6 +337,8 @@ def _add_calibration_options(p: argparse.ArgumentParser) -> None:
                    help="side of an in-mask median filter (odd; 0 = off)")
     p.add_argument("--smoothing-fwhm-mm", type=float, default=default("probability.smoothing_fwhm_mm"),
                    help="Gaussian smoothing within the mask")
+    p.add_argument("--centring", choices=["none", "median", "median-iqr"], default=default("probability.centring"),
+                   help="subtract each scan's own median score (per-subject centring)")
     p.add_argument("--tail-fraction", type=float, default=default("probability.tail_fraction"),
                    help="fraction of the healthy null modelled by the generalised Pareto tail")
     p.add_argument("--combination", choices=["fisher", "tippett"], default=default("probability.combination"),

@@ -7,6 +7,9 @@ anomri's default input, built to mimic what a scanner delivers from real brains:
   displacement of a few mm and, in patients, optional atrophy.
 * **Tissue signal** (:mod:`~anomri.demo.tissue`): a multi-compartment model
   per voxel and direction; subjects differ in diffusivities, axon fraction and S0.
+  A second family (Gaussian tensors) and a second lesion model (demyelination)
+  let detection defaults tuned on one world be tested on another
+  (:mod:`~anomri.demo.families`).
 * **Lesions** (:mod:`~anomri.demo.lesions`): real MS consensus lesion masks
   (Lesjak et al. 2018, CC-BY) placed through each patient's warp, each
   lesion with its own severity; or the earlier soft-edged blobs.
@@ -43,11 +46,14 @@ from anomri.demo.anatomy import (
     WARP_CORRELATION_MM, FourierField, Grid, PopulationAnatomy, RigidMotion, SubjectWarp, brain_grid,
     build_population, mni_tissues,
 )
+from anomri.demo.families import (
+    FAMILY_TEXT, JITTER_TEXT, LESION_MODELS, SIGNAL_MODELS, SIMULATORS, family_effect, subject_microstructure,
+)
 from anomri.demo.lesions import (
     LESION_DIAMETER_MM, N_LESIONS, LesionAtlas, LesionMaps, blob_lesion_maps, draw_blob_lesions, mask_lesion_maps,
     packaged_masks,
 )
-from anomri.demo.tissue import CROSSING_MAX, F_INTRA_MODULATION, Microstructure, VoxelTissue, simulate_signal
+from anomri.demo.tissue import CROSSING_MAX, VoxelTissue
 from anomri.demo.writer import SubjectImages, prepare_out_dir, write_dataset_files, write_subject
 
 logger = logging.getLogger(__name__)
@@ -91,7 +97,9 @@ class CohortSettings:
         outer cortex lost, each drawn uniformly from [0, value].
     diffusivity_jitter, axon_fraction_jitter : float
         Subject-level scaling of tissue diffusivities and of the intra-axonal
-        fraction, uniform in [1 - j, 1 + j].
+        fraction, uniform in [1 - j, 1 + j]. In the tensor family the axial and
+        the radial eigenvalues are scaled independently, and WM D_perp is
+        divided by the axon-fraction scale.
     bias_field : float
         Strength of the smooth receive bias (std of its log-quadratic coefficients).
     volume_motion_deg, volume_motion_mm : float
@@ -108,6 +116,14 @@ class CohortSettings:
         Range of each lesion's severity, 0 barely visible to 1 a "black hole".
     t2_shine_through : bool
         Whether lesions are hyperintense on b0.
+    signal_model : {"stick-zeppelin", "tensor"}
+        Tissue signal family: stick + zeppelin + ball (:mod:`~anomri.demo.tissue`)
+        or Gaussian diffusion tensors (:mod:`~anomri.demo.tensor_tissue`).
+    lesion_model : {"axon-loss", "demyelination"}
+        What a lesion of severity s does: axonal loss with free water and a
+        freer extra-axonal space (:meth:`~anomri.demo.tissue.LesionEffect.from_severity`),
+        or demyelination, radial diffusivity x (1 + 2 s) and axial x (1 - 0.15 s)
+        (:func:`~anomri.demo.tissue.demyelination`).
     """
 
     voxel_size: float = 3.0
@@ -133,6 +149,8 @@ class CohortSettings:
     lesion_masks: tuple[str, ...] = ()
     severity: tuple[float, float] = (0.15, 1.0)
     t2_shine_through: bool = True
+    signal_model: str = "stick-zeppelin"
+    lesion_model: str = "axon-loss"
 
     @classmethod
     def legacy(cls, **overrides) -> CohortSettings:
@@ -151,6 +169,10 @@ class CohortSettings:
             raise ValueError(f"severity must be a range within [0, 1], got {self.severity}")
         if self.lesions not in ("ms", "blobs"):
             raise ValueError(f"lesions must be 'ms' or 'blobs', got {self.lesions!r}")
+        for name, allowed in (("signal_model", SIGNAL_MODELS), ("lesion_model", LESION_MODELS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {getattr(self, name)!r}")
         if (self.bvals is None) != (self.bvecs is None):
             raise ValueError("give both bvals and bvecs, or neither")
         for name in ("head_scaling", "diffusivity_jitter", "axon_fraction_jitter"):
@@ -203,7 +225,7 @@ def demo_participants(n_controls: int = 6, n_patients: int = 4) -> list[tuple[st
     return controls + patients
 
 
-_STREAM_POPULATION, _STREAM_DEMOGRAPHICS, _STREAM_SCAN, _STREAM_SUBJECT = 0, 1, 2, 3
+_STREAM_POPULATION, _STREAM_DEMOGRAPHICS, _STREAM_SCAN, _STREAM_SUBJECT, _STREAM_FAMILY = 0, 1, 2, 3, 4
 
 
 def _subject_seed(seed: int, purpose: int, group: str, index: int) -> np.random.Generator:
@@ -213,6 +235,8 @@ def _subject_seed(seed: int, purpose: int, group: str, index: int) -> np.random.
     does not change the patients. ``_STREAM_SCAN`` draws what the earlier
     cohort drew, in its order; everything the realistic cohort adds comes
     from ``_STREAM_SUBJECT``, so the earlier cohort stays reproducible.
+    ``_STREAM_FAMILY`` draws what only the tensor family needs, so its
+    subjects share anatomy, lesions, motion and noise with the default family's.
     """
     key = (purpose, 0 if group == "control" else 1, index)
     return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=key))
@@ -286,12 +310,13 @@ def _coarse(volume: np.ndarray, factor: int) -> np.ndarray:
 
 
 def simulate_subject(population: PopulationAnatomy, acq: Acquisition, rng: np.random.Generator,
-                     extra: np.random.Generator, *, patient: bool, settings: CohortSettings,
-                     atlas: LesionAtlas | None = None) -> SubjectImages:
+                     extra: np.random.Generator, *, family: np.random.Generator, patient: bool,
+                     settings: CohortSettings, atlas: LesionAtlas | None = None) -> SubjectImages:
     """Simulate one scan: warp the population head, add lesions, synthesise signal, move, ring and add noise.
 
     ``rng`` is the earlier cohort's stream (pose, diffusivity, S0, SNR, blob
-    lesions, coil, noise, in that order); ``extra`` draws everything else.
+    lesions, coil, noise, in that order); ``family`` draws what only the
+    tensor family needs; ``extra`` draws everything else.
     ``atlas`` is the patient's real lesion mask (None: blob lesions).
     """
     grid = population.grid
@@ -302,7 +327,8 @@ def simulate_subject(population: PopulationAnatomy, acq: Acquisition, rng: np.ra
     snr = rng.uniform(*settings.snr)
     j = settings.axon_fraction_jitter
     axon_scale = float(extra.uniform(1 - j, 1 + j)) if j else 1.0
-    micro = Microstructure().scaled(diffusivity_scale, s0_scale, axon_scale)
+    micro, scales = subject_microstructure(settings.signal_model, family, diffusivity_scale,
+                                           settings.diffusivity_jitter, s0_scale, axon_scale)
     warp = _draw_warp(motion, extra, settings, patient)
 
     # Where each subject voxel was in the template: sample the population maps there.
@@ -338,12 +364,13 @@ def simulate_subject(population: PopulationAnatomy, acq: Acquisition, rng: np.ra
         csf=csf[inside],
         fibre=fibre,
         radial=radial,
-        f_intra=micro.f_intra + F_INTRA_MODULATION * modulation[:, 1],
+        modulation=modulation[:, 1],
         fibre2=fibre2,
         crossing=crossing,
         lesion=lesion[inside],
         lesion_id=maps.owner[inside],
-        lesions=maps.effects,
+        lesions=tuple(family_effect(e, settings.signal_model, settings.lesion_model, settings.t2_shine_through)
+                      for e in maps.effects),
     )
     core = (wm >= min(0.9, 0.9 * wm.max())) & (lesion == 0)  # SNR is defined on the mean b0 of pure WM
     volume_motion = None
@@ -352,14 +379,14 @@ def simulate_subject(population: PopulationAnatomy, acq: Acquisition, rng: np.ra
                                           settings.volume_motion_mm, population.centre)
     if volume_motion is None and factor == 1:
         # The earlier cohort's path: signal of the tissue voxels only.
-        signal = simulate_signal(acq, tissue, micro)
+        signal = SIMULATORS[settings.signal_model](acq, tissue, micro)
         signal *= coil_sensitivity(rng, xyz, population.centre, settings.bias_field)[:, None]
         sigma = float(signal[core[inside]][:, acq.is_b0].mean()) / snr
         dwi = add_rician_noise(signal, inside, sigma, rng, (*grid.shape, len(acq.bvals)))
     else:
         head_acq = acq if volume_motion is None else Acquisition(acq.bvals, volume_motion.head_frame(acq.bvecs))
         full = np.zeros((*grid.shape, len(acq.bvals)), np.float32)
-        full[inside] = simulate_signal(head_acq, tissue, micro)
+        full[inside] = SIMULATORS[settings.signal_model](head_acq, tissue, micro)
         if volume_motion is not None:
             full = volume_motion.apply(full, grid.affine)
         full *= coil_sensitivity(rng, subject_xyz.reshape(-1, 3), population.centre,
@@ -370,16 +397,19 @@ def simulate_subject(population: PopulationAnatomy, acq: Acquisition, rng: np.ra
 
     parameters: dict[str, object] = {"SNR": round(float(snr), 4), "NoiseSigma": round(sigma, 4)}
     parameters |= warp.record()
-    parameters |= {"S0Scale": round(float(s0_scale), 4), "DiffusivityScale": round(float(diffusivity_scale), 4),
-                   "NumberOfLesions": len(maps.effects)}
+    parameters |= {"S0Scale": round(float(s0_scale), 4)} | scales | {"NumberOfLesions": len(maps.effects)}
     if j:
         parameters["AxonFractionScale"] = round(axon_scale, 4)
     if volume_motion is not None:
         parameters |= volume_motion.record()
     if atlas is not None:
-        severities = [e.intra_factor for e in maps.effects]
-        parameters |= {"LesionMask": atlas.name, "AxonalLossRange": [round(1 - max(severities), 4),
-                                                                      round(1 - min(severities), 4)]}
+        parameters["LesionMask"] = atlas.name
+        if settings.lesion_model == "axon-loss":
+            intra = [e.intra_factor for e in maps.effects]
+            parameters["AxonalLossRange"] = [round(1 - max(intra), 4), round(1 - min(intra), 4)]
+        else:
+            severity = [e.severity for e in maps.effects]
+            parameters["LesionSeverityRange"] = [round(min(severity), 4), round(max(severity), 4)]
     if not patient:
         return SubjectImages(dwi=dwi, lesion_fraction=None, lesion_mask=None, parameters=parameters)
     lesion = _coarse(lesion, factor)
@@ -404,22 +434,25 @@ def _description(settings: CohortSettings, acq: Acquisition, seed: int) -> str:
     if s == CohortSettings.legacy(voxel_size=s.voxel_size, scheme=s.scheme, n_b0=s.n_b0, snr=s.snr,
                                   max_dirs_per_shell=s.max_dirs_per_shell):
         return (
-            f"Multi-compartment diffusion simulation (WM stick+zeppelin+ball, GM ball+radial stick, CSF free water) "
-            f"on MNI ICBM152 2009a tissue partial volumes; {scheme}, {s.voxel_size:g} mm isotropic voxels, "
-            f"rigid motion <= {s.pose_rotation_deg:g} deg / {s.pose_translation_mm:g} mm, Rician noise with SNR "
-            f"{s.snr[0]:g}-{s.snr[1]:g} (mean WM b0 / sigma), {N_LESIONS[0]}-{N_LESIONS[1]} lesions of "
+            f"{FAMILY_TEXT[s.signal_model]} on MNI ICBM152 2009a tissue partial volumes; {scheme}, "
+            f"{s.voxel_size:g} mm isotropic voxels, rigid motion <= {s.pose_rotation_deg:g} deg / "
+            f"{s.pose_translation_mm:g} mm, Rician noise with SNR {s.snr[0]:g}-{s.snr[1]:g} (mean WM b0 / sigma), "
+            f"{N_LESIONS[0]}-{N_LESIONS[1]} lesions of "
             f"{LESION_DIAMETER_MM[0]:g}-{LESION_DIAMETER_MM[1]:g} mm per patient; seed {seed}."
         )
     lesions = ("real MS consensus lesion masks (Lesjak et al. 2018, CC-BY) through each patient's warp, severity "
                f"{s.severity[0]:g}-{s.severity[1]:g} per lesion" if s.lesions == "ms" else
                f"{N_LESIONS[0]}-{N_LESIONS[1]} blob lesions of {LESION_DIAMETER_MM[0]:g}-{LESION_DIAMETER_MM[1]:g} mm")
+    if s.lesion_model == "demyelination":
+        lesions += (", demyelinating (radial diffusivity x (1 + 2 s), axial x (1 - 0.15 s), free water + 0.25 s "
+                    "at severity s)")
+    jitter = JITTER_TEXT[s.signal_model].format(100 * s.diffusivity_jitter, 100 * s.axon_fraction_jitter)
     return (
-        "Multi-compartment diffusion simulation (WM stick+zeppelin+ball, GM ball+radial stick, CSF free water) on "
-        f"MNI ICBM152 2009a tissue partial volumes warped per subject (pose <= {s.pose_rotation_deg:g} deg / "
-        f"{s.pose_translation_mm:g} mm, head size +-{100 * s.head_scaling:g} %, nonlinear warp {s.warp_mm:g} mm, "
-        f"patients' atrophy up to {s.ventricle_mm:g} mm ventricles / {100 * s.cortex_thinning:g} % outer cortex); "
-        f"diffusivities +-{100 * s.diffusivity_jitter:g} %, axon fraction +-{100 * s.axon_fraction_jitter:g} %; "
-        f"{scheme}, {s.voxel_size:g} mm isotropic voxels, inter-volume motion <= {s.volume_motion_deg:g} deg / "
+        f"{FAMILY_TEXT[s.signal_model]} on MNI ICBM152 2009a tissue partial volumes warped per subject (pose <= "
+        f"{s.pose_rotation_deg:g} deg / {s.pose_translation_mm:g} mm, head size +-{100 * s.head_scaling:g} %, "
+        f"nonlinear warp {s.warp_mm:g} mm, patients' atrophy up to {s.ventricle_mm:g} mm ventricles / "
+        f"{100 * s.cortex_thinning:g} % outer cortex); {jitter}; {scheme}, {s.voxel_size:g} mm isotropic voxels, "
+        f"inter-volume motion <= {s.volume_motion_deg:g} deg / "
         f"{s.volume_motion_mm:g} mm (b-vectors not rotated), receive bias {s.bias_field:g}, "
         f"{'Gibbs ringing, ' if s.gibbs else ''}Rician noise with SNR {s.snr[0]:g}-{s.snr[1]:g} (mean WM b0 / "
         f"sigma); {lesions}; seed {seed}."
@@ -492,9 +525,11 @@ def make_demo_cohort(out_dir: str | Path, *, n_controls: int = 6, n_patients: in
         tic = time.perf_counter()
         rng = _subject_seed(seed, _STREAM_SCAN, group, index)
         extra = _subject_seed(seed, _STREAM_SUBJECT, group, index)
+        family = _subject_seed(seed, _STREAM_FAMILY, group, index)
         patient = group == "patient"
         atlas = atlases[(index - 1) % len(atlases)] if patient and atlases else None
-        images = simulate_subject(population, acq, rng, extra, patient=patient, settings=settings, atlas=atlas)
+        images = simulate_subject(population, acq, rng, extra, family=family, patient=patient, settings=settings,
+                                  atlas=atlas)
         write_subject(out, pid, images, acq, grid, mask_description)
         logger.info("%s (%s): SNR %.1f, %d lesions, %.1f s", pid, group, images.parameters["SNR"],
                     images.parameters["NumberOfLesions"], time.perf_counter() - tic)

@@ -6,17 +6,27 @@
 * S0 follows from proton density and T1/T2 relaxation at the sequence's TR/TE,
   so CSF is bright and WM dark on b0 as in real data.
 * Lesion tissue is WM with fewer axons, more free water, a freer
-  extra-axonal space and, optionally, a longer T2 (shine-through on b0).
+  extra-axonal space and, optionally, a longer T2 (shine-through on b0); or,
+  demyelinating, WM whose radial diffusivity rises and axial diffusivity drops.
+
+This is the default ("stick-zeppelin") family; :mod:`~anomri.demo.tensor_tissue`
+is a second one built on the same anatomy, relaxation and composition
+(:func:`compose_signal`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from anomri.demo.acquisition import Acquisition
+
+if TYPE_CHECKING:
+    from anomri.demo.tensor_tissue import TensorLesionEffect, TensorMicrostructure
 
 
 #: Free (CSF-like) water diffusivity at body temperature, mm^2/s. A physical constant of
@@ -43,6 +53,25 @@ CROSSING_MIN = 0.01
 #: Smoothness (mm) of the fields that modulate the crossing share and the intra-axonal fraction,
 #: Amplitude of the spatial modulation of the intra-axonal fraction.
 F_INTRA_MODULATION = 0.04
+#: Share of the axons an axon-loss lesion of severity 1 destroys (the loss is linear in severity).
+MAX_AXON_LOSS = 0.85
+
+
+def demyelination(severity: float, t2_shine_through: bool = True) -> dict[str, float]:
+    """What a demyelinating lesion of ``severity`` in [0, 1] does, in either signal family.
+
+    Radial diffusivity x (1 + 2 s) (myelin no longer hinders diffusion across
+    the axons), axial diffusivity x (1 - 0.15 s) (axonal injury), free water
+    + 0.25 s (oedema) and T2 x (1 + 0.5 s) with shine-through.
+
+    Returns
+    -------
+    dict
+        ``radial_gain``, ``axial_factor``, ``free_gain`` and ``t2_gain``.
+    """
+    s = float(np.clip(severity, 0.0, 1.0))
+    return {"radial_gain": 1.0 + 2.0 * s, "axial_factor": 1.0 - 0.15 * s, "free_gain": 0.25 * s,
+            "t2_gain": 1.0 + 0.5 * s if t2_shine_through else 1.0}
 
 
 def relaxation_s0(tissue: str, t2_gain: float = 1.0) -> float:
@@ -108,7 +137,7 @@ class Microstructure:
 
 @dataclass(frozen=True)
 class LesionEffect:
-    """What a lesion does to the white matter it replaces.
+    """What a lesion does to the white matter it replaces (stick-zeppelin family).
 
     Attributes
     ----------
@@ -120,23 +149,46 @@ class LesionEffect:
         Multiplies the extra-axonal axial diffusivity (loss of hindrance).
     t2_gain : float
         Multiplies WM T2 (lesions are hyperintense on b0; 1 = no shine-through).
+    radial_gain : float
+        Multiplies the zeppelin's radial diffusivity, up to its axial one
+        (demyelination: less hindrance across the axons than tortuosity implies).
+    axial_factor : float
+        Multiplies the intra-axonal (stick) diffusivity (axonal injury, beading).
     """
 
     intra_factor: float
     free_gain: float
     d_ex_gain: float
     t2_gain: float
+    radial_gain: float = 1.0
+    axial_factor: float = 1.0
 
     @classmethod
     def from_severity(cls, severity: float, t2_shine_through: bool = True) -> LesionEffect:
-        """A lesion of ``severity`` in [0, 1], from barely visible (0) to a "black hole" (1).
+        """A lesion of ``severity`` in [0, 1], from barely visible (0) to a "black hole" (1): the axon-loss model.
 
         Axonal loss up to 85 %, free water up to +0.45 and a 1.3x freer
         extra-axonal space at severity 1; T2 up to 1.6x with shine-through.
         """
         s = float(np.clip(severity, 0.0, 1.0))
-        return cls(intra_factor=1.0 - 0.85 * s, free_gain=0.45 * s, d_ex_gain=1.0 + 0.3 * s,
+        return cls(intra_factor=1.0 - MAX_AXON_LOSS * s, free_gain=0.45 * s, d_ex_gain=1.0 + 0.3 * s,
                    t2_gain=1.0 + 0.6 * s if t2_shine_through else 1.0)
+
+    @classmethod
+    def demyelination(cls, severity: float, t2_shine_through: bool = True) -> LesionEffect:
+        """A demyelinating lesion of ``severity`` (see :func:`demyelination`) in stick-zeppelin terms.
+
+        The radial rise acts on the zeppelin; the axial drop on the sticks
+        (beading slows diffusion inside the axons); a mild axonal loss of 0.3 s
+        goes with it. The extra-axonal axial diffusivity is unchanged.
+        """
+        s = float(np.clip(severity, 0.0, 1.0))
+        return cls(intra_factor=1.0 - 0.3 * s, d_ex_gain=1.0, **demyelination(s, t2_shine_through))
+
+    @property
+    def severity(self) -> float:
+        """The axon-loss severity with this effect's axonal loss (that of a drawn blob lesion too), in [0, 1]."""
+        return float(np.clip((1.0 - self.intra_factor) / MAX_AXON_LOSS, 0.0, 1.0))
 
     def record(self) -> dict[str, float]:
         """The parameters, rounded for a sidecar."""
@@ -153,16 +205,17 @@ class VoxelTissue:
         Tissue fractions; their sum is <= 1 (the rest is signal-free background).
     fibre, radial : ndarray, (N, 3)
         Unit WM fibre direction and GM radial direction, world axes.
-    f_intra : ndarray, (N,)
-        Local WM intra-axonal fraction.
+    modulation : ndarray, (N,)
+        Smooth field (about +-2) that modulates the WM microstructure: the
+        intra-axonal fraction here, the radial diffusivity in the tensor family.
     fibre2 : ndarray, (N, 3) or None
         Unit direction of a crossing WM bundle.
     crossing : ndarray, (N,) or None
         Share of the WM in the crossing bundle (None: a single bundle everywhere).
     lesion_id : ndarray of int, (N,) or None
         Index into ``lesions`` of the lesion filling each voxel (ignored where lesion == 0).
-    lesions : tuple of LesionEffect
-        The lesions referenced by ``lesion_id``.
+    lesions : tuple of LesionEffect or of TensorLesionEffect
+        The lesions referenced by ``lesion_id``, in the signal family's terms.
     """
 
     wm: np.ndarray
@@ -170,12 +223,12 @@ class VoxelTissue:
     csf: np.ndarray
     fibre: np.ndarray
     radial: np.ndarray
-    f_intra: np.ndarray
+    modulation: np.ndarray
     fibre2: np.ndarray | None = None
     crossing: np.ndarray | None = None
     lesion: np.ndarray | None = None
     lesion_id: np.ndarray | None = None
-    lesions: tuple[LesionEffect, ...] = ()
+    lesions: tuple[LesionEffect, ...] | tuple[TensorLesionEffect, ...] = ()
 
 
 def _column(x: float | np.ndarray) -> np.ndarray:
@@ -185,6 +238,11 @@ def _column(x: float | np.ndarray) -> np.ndarray:
     and is far more precise than the noise.
     """
     return np.atleast_1d(np.asarray(x, dtype=np.float32))[:, None]
+
+
+def _take(x: float | np.ndarray, sub: np.ndarray) -> float | np.ndarray:
+    """Per-voxel values ``x`` at ``sub``, or the scalar ``x`` as is (the same for every voxel)."""
+    return x[sub] if np.ndim(x) else x
 
 
 def _dispersed(fibre: np.ndarray, angle_deg: float) -> np.ndarray:
@@ -215,12 +273,14 @@ def white_matter_signal(
     d_ex_par: float | np.ndarray,
     d_free: float = D_FREE,
     dispersion_deg: float = 0.0,
+    radial_gain: float | np.ndarray = 1.0,
 ) -> np.ndarray:
     """Normalised stick + zeppelin + ball signal E = S/S0 of one bundle, float32 (N, V).
 
     The zeppelin's radial diffusivity follows the tortuosity model
     D_perp = D_ex_par * (1 - nu), nu = f_intra / (f_intra + f_extra): fewer axons
-    leave the extra-axonal space less hindered. Orientation dispersion averages
+    leave the extra-axonal space less hindered; ``radial_gain`` multiplies it,
+    up to D_ex_par (an isotropic extra-axonal space). Orientation dispersion averages
     stick and zeppelin over micro-bundles around the mean direction; with
     ``dispersion_deg`` = 0 the model is the exact single-direction closed form.
 
@@ -241,10 +301,12 @@ def white_matter_signal(
         Free-water diffusivity.
     dispersion_deg : float
         Half-angle of the cone of micro-bundles, degrees.
+    radial_gain : float or ndarray (N,)
+        Multiplies the zeppelin's radial diffusivity (demyelination).
     """
-    f_intra, f_free, d_par, d_ex_par = map(_column, (f_intra, f_free, d_par, d_ex_par))
+    f_intra, f_free, d_par, d_ex_par, radial_gain = map(_column, (f_intra, f_free, d_par, d_ex_par, radial_gain))
     f_extra = 1.0 - f_intra - f_free
-    d_perp = d_ex_par * f_extra / (f_intra + f_extra)
+    d_perp = np.minimum(d_ex_par * f_extra / (f_intra + f_extra) * radial_gain, d_ex_par)
     b = _column(bvals).T
     # This loop dominates the cohort's run time, hence the in-place updates. The zeppelin
     # is factored as f_extra exp(-b D_perp) * exp(-b (D_par - D_perp) cos^2).
@@ -282,24 +344,13 @@ def free_water_signal(bvals: np.ndarray, d_free: float = D_FREE) -> np.ndarray:
     return np.exp(-bvals * d_free)
 
 
-def _wm_bundles(
-    acq: Acquisition,
-    tissue: VoxelTissue,
-    rows: np.ndarray,
-    micro: Microstructure,
-    f_intra: np.ndarray,
-    f_free: np.ndarray,
-    d_ex_par: np.ndarray,
-) -> np.ndarray:
+def wm_bundles(tissue: VoxelTissue, rows: np.ndarray,
+               bundle: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
     """Normalised WM signal (len(rows), V) of the voxels ``rows``: main bundle plus crossing bundle.
 
-    The per-voxel parameters are given for ``rows`` only.
+    ``bundle(sub, fibre)`` is the signal of one bundle with directions ``fibre``
+    in the voxels ``rows[sub]``.
     """
-
-    def bundle(sub: np.ndarray, fibre: np.ndarray) -> np.ndarray:
-        return white_matter_signal(acq.bvals, acq.bvecs, fibre, f_intra[sub], f_free[sub], micro.d_par,
-                                   d_ex_par[sub], micro.d_free, micro.dispersion_deg)
-
     signal = bundle(np.arange(len(rows)), tissue.fibre[rows])
     if tissue.crossing is None:
         return signal
@@ -311,36 +362,77 @@ def _wm_bundles(
     return signal
 
 
-def simulate_signal(acq: Acquisition, tissue: VoxelTissue, micro: Microstructure) -> np.ndarray:
-    """Noise-free signal of N voxels, float32 (N, V): the volume-weighted sum of the compartments.
+def lesion_parameters(tissue: VoxelTissue, owner: np.ndarray, *names: str) -> np.ndarray:
+    """Fields ``names`` of the lesion effect of each voxel, (len(names), len(owner)) for unpacking."""
+    return np.array([[getattr(les, name) for name in names] for les in tissue.lesions])[owner].T
 
-    Lesion tissue is WM with fewer axons, more free water, a freer extra-axonal
-    space and a longer T2, keeping the local fibre directions of the surviving axons.
+
+def compose_signal(
+    acq: Acquisition,
+    tissue: VoxelTissue,
+    micro: Microstructure | TensorMicrostructure,
+    grey: Callable[[np.ndarray], np.ndarray],
+    white: Callable[[np.ndarray, np.ndarray | None], np.ndarray],
+) -> np.ndarray:
+    """Noise-free signal of N voxels, float32 (N, V): the S0- and volume-weighted sum of the tissues.
+
+    CSF is free water; a family gives the normalised signal of the rest.
+
+    Parameters
+    ----------
+    acq : Acquisition
+    tissue : VoxelTissue
+    micro : Microstructure or TensorMicrostructure
+        The subject's S0 of every tissue and free-water diffusivity.
+    grey : callable
+        ``grey(rows)``: normalised GM signal (len(rows), V) of the voxels ``rows``.
+    white : callable
+        ``white(rows, owner)``: normalised signal of WM in the voxels ``rows``
+        (``owner`` None), or of the lesion tissue there, ``owner`` being the
+        index into ``tissue.lesions`` of each voxel's lesion. Lesion S0 is the
+        subject's WM S0 with the lesion's longer T2.
     """
-    bvals, bvecs = acq.bvals, acq.bvecs
-    e_csf = free_water_signal(bvals, micro.d_free)
+    e_csf = free_water_signal(acq.bvals, micro.d_free)
     signal = micro.s0_csf * _column(tissue.csf) * e_csf[None, :].astype(np.float32)
     # Each compartment only where its tissue is present.
     rows = np.flatnonzero(tissue.gm > 0)
-    e_gm = grey_matter_signal(bvals, bvecs, tissue.radial[rows], micro.f_stick_gm, micro.d_par, micro.d_gm)
-    signal[rows] += micro.s0_gm * _column(tissue.gm[rows]) * e_gm
-
+    signal[rows] += micro.s0_gm * _column(tissue.gm[rows]) * grey(rows)
     rows = np.flatnonzero(tissue.wm > 0)
-    n = len(rows)
-    e_wm = _wm_bundles(acq, tissue, rows, micro, tissue.f_intra[rows], np.full(n, micro.f_free_wm),
-                       np.full(n, micro.d_par))
-    signal[rows] += micro.s0_wm * _column(tissue.wm[rows]) * e_wm
+    signal[rows] += micro.s0_wm * _column(tissue.wm[rows]) * white(rows, None)
     if tissue.lesion is None or not tissue.lesions:
         return signal
 
     rows = np.flatnonzero(tissue.lesion > 0)
+    owner = tissue.lesion_id[rows]
     # Lesion S0 relative to the subject's WM S0: only T2 changes.
-    params = np.array([
-        [les.intra_factor, les.free_gain, les.d_ex_gain, relaxation_s0("wm", les.t2_gain) / relaxation_s0("wm")]
-        for les in tissue.lesions
-    ])
-    intra, free, d_ex, s0_gain = params[tissue.lesion_id[rows]].T
-    e_les = _wm_bundles(acq, tissue, rows, micro, tissue.f_intra[rows] * intra, micro.f_free_wm + free,
-                        micro.d_par * d_ex)
-    signal[rows] += _column(micro.s0_wm * s0_gain * tissue.lesion[rows]) * e_les
+    s0_gain = np.array([relaxation_s0("wm", les.t2_gain) / relaxation_s0("wm") for les in tissue.lesions])[owner]
+    signal[rows] += _column(micro.s0_wm * s0_gain * tissue.lesion[rows]) * white(rows, owner)
     return signal
+
+
+def simulate_signal(acq: Acquisition, tissue: VoxelTissue, micro: Microstructure) -> np.ndarray:
+    """Noise-free signal of N voxels in the stick-zeppelin family, float32 (N, V).
+
+    Lesion tissue is WM changed as its :class:`LesionEffect` says, keeping the
+    local fibre directions of the surviving axons.
+    """
+    bvals, bvecs = acq.bvals, acq.bvecs
+    f_intra = micro.f_intra + F_INTRA_MODULATION * tissue.modulation
+
+    def grey(rows: np.ndarray) -> np.ndarray:
+        return grey_matter_signal(bvals, bvecs, tissue.radial[rows], micro.f_stick_gm, micro.d_par, micro.d_gm)
+
+    def white(rows: np.ndarray, owner: np.ndarray | None) -> np.ndarray:
+        f_in, f_free, d_par, d_ex_par, radial = f_intra[rows], micro.f_free_wm, micro.d_par, micro.d_par, 1.0
+        if owner is not None:
+            intra, free, d_ex, axial, radial = lesion_parameters(
+                tissue, owner, "intra_factor", "free_gain", "d_ex_gain", "axial_factor", "radial_gain")
+            f_in, f_free, d_par, d_ex_par = f_in * intra, f_free + free, d_par * axial, d_ex_par * d_ex
+
+        def bundle(sub: np.ndarray, fibre: np.ndarray) -> np.ndarray:
+            return white_matter_signal(bvals, bvecs, fibre, f_in[sub], _take(f_free, sub), _take(d_par, sub),
+                                       _take(d_ex_par, sub), micro.d_free, micro.dispersion_deg, _take(radial, sub))
+
+        return wm_bundles(tissue, rows, bundle)
+
+    return compose_signal(acq, tissue, micro, grey, white)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from anomri import __version__
+from anomri.dmri.augmentation import scale_anisotropy, scale_diffusivity
 from anomri.dmri.context import add_context
 from anomri.dmri.features import FeatureSet, compute_features
 from anomri.dmri.gradients import load_gradient_table
@@ -47,6 +48,8 @@ def preprocess_scan(
     motion_correction: bool = default("preprocessing.motion_correction"),
     noise_factor: float = 1.0,
     noise_seed: int = 0,
+    diffusivity_scale: float = 1.0,
+    anisotropy_scale: float = 1.0,
     source_dir: str | Path | None = None,
 ) -> FeatureSet:
     """Validate and preprocess one scan, writing ``outputs``.
@@ -65,6 +68,13 @@ def preprocess_scan(
     seeded by ``noise_seed``, is added to the magnitude images before
     anything else. Healthy training scans copied this way teach the model
     what healthy tissue looks like at the lower SNR of other subjects.
+
+    With ``diffusivity_scale`` or ``anisotropy_scale`` != 1, every
+    diffusivity, or the directional contrast of the apparent diffusivity on
+    every shell, is scaled after b0 normalisation
+    (:mod:`anomri.dmri.augmentation`): healthy controls copied this way teach
+    the model healthy tissue of people who differ from them by a few per cent
+    (physics, not pathology).
 
     ``source_dir`` is the input dataset: the sidecars name its files ``bids:raw:<path>``
     (other files by their file URI).
@@ -106,6 +116,14 @@ def preprocess_scan(
     norm = normalize_by_b0(data, gtab, brain)
     if not norm.mask.any():
         raise InputError(dwi, "no brain voxel has a usable b0 signal")
+    for option, scale, augment in (("diffusivity", diffusivity_scale, scale_diffusivity),
+                                   ("anisotropy", anisotropy_scale, lambda n, s: scale_anisotropy(n, gtab, s))):
+        if scale != 1.0:
+            try:
+                norm = augment(norm, scale)
+            except ValueError as exc:
+                raise InputError(f"--{option}-scale", str(exc)) from exc
+            noise |= {f"{option}_augmentation": {"scale": scale}}
     features = add_context(compute_features(norm, gtab, representation), norm.mask, context, context_radius)
 
     reference = source_uri(dwi, source_dir)
@@ -154,6 +172,9 @@ def _noise_level(data: np.ndarray, gtab, brain: np.ndarray, dwi: Path) -> dict:
         logger.warning("%s: noise level unknown (%s); its lesion probability is not noise-matched", dwi.name, exc)
         return {"noise": {"sigma": None, "snr": None}}
     if sigma <= 0:
+        # A noise-free scan (simulated, or zero-filled background): no SNR to match the healthy null to.
+        logger.warning("%s: estimated noise level is %g (no noise in the background?); its lesion probability is "
+                       "not noise-matched", dwi.name, sigma)
         return {"noise": {"sigma": None, "snr": None}}
     return {"noise": {"sigma": round(sigma, 4), "snr": round(signal_to_noise(data, gtab, brain, sigma), 3)}}
 
@@ -167,3 +188,4 @@ def _noisier(data: np.ndarray, sigma: float, factor: float, seed: list[int]) -> 
     logger.info("noise augmentation: sigma %.3g -> %.3g", sigma, sigma * factor)
     return noisy, {"noise_augmentation": {"factor": factor, "estimated_sigma": round(sigma, 4),
                                           "added_sigma": round(added, 4), "seed": seed[0]}}
+

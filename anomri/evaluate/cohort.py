@@ -28,7 +28,7 @@ def write_evaluation(derivatives_dir: str | Path, scans: Sequence[tuple[str, str
     scores : sequence of str
         Score ids; the lesion probability (:data:`anomri.evaluate.table.PROBABILITY`) is evaluated too.
     calibration : sequence of str
-        Calibration controls: their maps set each map kind's healthy-FPR threshold.
+        The controls: their out-of-fold maps set each map kind's healthy-FPR threshold.
     fpr : float
         Fraction of the calibration controls' brain voxels flagged at that threshold, in (0, 1).
     bootstrap : int
@@ -38,8 +38,8 @@ def write_evaluation(derivatives_dir: str | Path, scans: Sequence[tuple[str, str
     min_lesion_overlap : float
         Share of a lesion's voxels to flag for it to count as detected, in [0, 1].
     healthy_scans : sequence of str
-        Held-out controls, whose realised false-positive rate is reported (with the patients whose lesion mask is
-        empty).
+        Controls, whose out-of-fold (leave-subject-out) realised false-positive rate is reported (with the
+        patients whose lesion mask is empty).
     levels : sequence of float
         Levels of the lesion masks whose realised false-positive rate is reported.
     out, summary, curves, healthy_out : path
@@ -54,10 +54,10 @@ def write_evaluation(derivatives_dir: str | Path, scans: Sequence[tuple[str, str
     table.write_table(summary, table.summarise(rows, bootstrap, seed=seed), table.summary_columns(),
                       table.summary_descriptions())
     write_json(curves, {"fpr": fpr, "calibration": calibration, "maps": curve_points})
-    # Unseen healthy subjects: held-out controls and patients whose lesion mask is empty.
+    # Healthy subjects nothing they are judged by saw: every control out of fold, and patients without lesions.
     unseen = list(healthy_scans) + [p.prefix for p in patients if not p.lesion.any()]
-    table.write_table(healthy_out, healthy.healthy_rows(derivatives_dir, unseen, levels), healthy.COLUMNS,
-                      healthy.DESCRIPTIONS)
-    logger.info("evaluated %d maps of %d patients at the %g healthy-FPR thresholds of %d calibration controls; "
-                "false-positive rate of %d unseen healthy scans", len(map_ids), len(patients), fpr,
+    table.write_table(healthy_out, healthy.healthy_rows(derivatives_dir, unseen, levels, healthy_scans),
+                      healthy.COLUMNS, healthy.DESCRIPTIONS)
+    logger.info("evaluated %d maps of %d patients at the %g healthy-FPR thresholds of %d controls; "
+                "false-positive rate of %d healthy scans, out of fold", len(map_ids), len(patients), fpr,
                 len(calibration), len(unseen))

@@ -104,7 +104,8 @@ def cross_validate(derivatives_dir: str | Path, calibration: Sequence[str], scan
         processed = {k: postprocessed_scores(scan, k, postprocessing) for k in scores}
         _, valid, img = processed[scores[0]]
         voxels = masked_features(scan, valid) if with_features else None
-        return score_evidence(nulls, {k: v[valid] for k, (v, _, _) in processed.items()}, voxels), valid, img
+        centred = {k: postprocessing.centre(v[valid]) for k, (v, _, _) in processed.items()}
+        return score_evidence(nulls, centred, voxels), valid, img
 
     patients = [load_patient(derivatives_dir, prefix, lesion) for prefix, lesion in scans]
     grids = [evidence(p.scan) for p in patients]

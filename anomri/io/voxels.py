@@ -24,7 +24,13 @@ def read_feature_description(features_path: str | Path) -> dict:
     return json.loads(sidecar_path(features_path).read_text())
 
 
+def read_preprocessing(features_path: str | Path) -> dict:
+    """The ``Preprocessing`` record of a feature sidecar; empty when there is no sidecar (maps made elsewhere)."""
+    if not sidecar_path(features_path).exists():
+        return {}
+    return read_feature_description(features_path).get("Preprocessing", {})
+
+
 def read_snr(features_path: str | Path) -> float | None:
     """The scan's SNR recorded by preprocessing (:func:`anomri.dmri.noise.signal_to_noise`); None if unknown."""
-    noise = read_feature_description(features_path).get("Preprocessing", {}).get("noise") or {}
-    return noise.get("snr")
+    return (read_preprocessing(features_path).get("noise") or {}).get("snr")

@@ -6,6 +6,7 @@ distribution describes exactly the quantity that is thresholded in patients.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -14,6 +15,8 @@ from scipy import ndimage as ndi
 from anomri.settings import default
 
 FWHM_TO_SIGMA = 1.0 / np.sqrt(8.0 * np.log(2.0))
+#: What :attr:`PostProcessing.centring` may be.
+CENTRINGS = ("none", "median", "median-iqr")
 
 
 @dataclass(frozen=True)
@@ -31,22 +34,36 @@ class PostProcessing:
     smoothing_fwhm_mm : float
         Full width at half maximum of a Gaussian applied *within* the mask
         (normalised convolution, so outside values never leak in).
+    centring : {"none", "median", "median-iqr"}
+        ``median`` subtracts the scan's own median (over the valid mask) from
+        its map, last: a whole-brain shift between people (diffusivity,
+        scanner) then cancels, while a lesion, a few per cent of the brain,
+        barely moves the median. ``median-iqr`` also divides by the scan's
+        interquartile range, so a person whose scores spread wider is
+        put on the same scale.
     """
 
     erosion_voxels: int = default("probability.erosion_voxels")
     median_filter_voxels: int = default("probability.median_filter_voxels")
     smoothing_fwhm_mm: float = default("probability.smoothing_fwhm_mm")
+    centring: str = default("probability.centring")
 
     def __post_init__(self) -> None:
         if self.median_filter_voxels > 1 and self.median_filter_voxels % 2 == 0:
             raise ValueError(f"median_filter_voxels must be odd so the window is centred; got {self.median_filter_voxels}")
+        if self.centring not in CENTRINGS:
+            raise ValueError(f"centring must be one of {CENTRINGS}; got {self.centring!r}")
 
     def record(self) -> dict:
         """The settings, for JSON sidecars."""
         return asdict(self)
 
-    def apply(self, volume: np.ndarray, mask: np.ndarray, voxel_size: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """Return the processed volume (0 outside) and the mask it is valid in."""
+    def apply(self, volume: np.ndarray, mask: np.ndarray, voxel_size: tuple[float, ...],
+              centre: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Return the processed volume (0 outside) and the mask it is valid in.
+
+        ``centre=False`` stops before the centring (:meth:`centre` does it on the valid voxels' values).
+        """
         if self.erosion_voxels:
             # border_value=0 erodes from the edge of the field of view too.
             mask = ndi.binary_erosion(mask, iterations=self.erosion_voxels)
@@ -58,7 +75,22 @@ class PostProcessing:
             weight = ndi.gaussian_filter(mask.astype(np.float32), sigma)
             volume = ndi.gaussian_filter(volume, sigma) / np.maximum(weight, 1e-6)
             volume[~mask] = 0.0
+        if centre and mask.any():
+            volume[mask] = self.centre(volume[mask])
         return volume.astype(np.float32), mask
+
+    def centre(self, values: np.ndarray) -> np.ndarray:
+        """A scan's valid voxels' values (1-D), centred as :attr:`centring` says (unchanged for ``none``)."""
+        values = np.asarray(values, np.float32)
+        if self.centring == "none" or not values.size:
+            return values
+        low, median, high = np.percentile(values, [25, 50, 75])
+        scale = high - low if self.centring == "median-iqr" and high > low else 1.0
+        return ((values - median) / scale).astype(np.float32)
+
+    def uncentred(self) -> PostProcessing:
+        """The same steps without the centring."""
+        return dataclasses.replace(self, centring="none")
 
 
 def masked_median(volume: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:

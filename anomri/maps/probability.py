@@ -34,6 +34,7 @@ which removes most false positives left by a brain-wide null.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -84,14 +85,14 @@ class TailModel:
         threshold = float(null[n - k - 1])
         excess = null[n - k :] - threshold
         excess = excess[excess > 0]
-        scale = float(excess.mean()) if len(excess) else 1.0
+        scale = float(excess.mean()) if len(excess) else _body_scale(null, k)
         shape = 0.0
         if len(excess) >= min_tail and np.ptp(excess) > 0:
             xi, _, beta = stats.genpareto.fit(excess, floc=0.0)
             if xi > 0:
                 shape, scale = float(xi), float(beta)
         tail_mass = (np.count_nonzero(null > threshold) + 1.0) / (n + 1.0)
-        return cls(null, threshold, shape, max(scale, 1e-12), tail_mass)
+        return cls(null, threshold, shape, max(scale, 1e-12 * max(1.0, abs(threshold))), tail_mass)
 
     def log_survival(self, scores: np.ndarray) -> np.ndarray:
         """log p(s) of every score (float64); finite however far into the tail."""
@@ -127,6 +128,22 @@ class TailModel:
         """Fitted parameters, for JSON sidecars."""
         return {"n_null_voxels": int(len(self.null)), "tail_threshold": self.threshold,
                 "tail_shape": self.shape, "tail_scale": self.scale, "tail_mass": self.tail_mass}
+
+
+def _body_scale(null: np.ndarray, k: int) -> float:
+    """Scale of an exponential tail from the body of a sorted null whose top ``k`` values all tie.
+
+    With no value above the threshold the exceedances say nothing, so the
+    tail continues the decay of the body: an exponential tail of scale beta
+    puts the median and the (1 - k/n) quantile beta log(n / 2k) apart. It is
+    in the null's own units, so the fallback means the same for any score;
+    a null that is constant above its median falls back to its whole range.
+    """
+    n = len(null)
+    top, median = null[n - k - 1], null[n // 2]
+    if top > median:
+        return float(top - median) / max(np.log(n / (2.0 * k)), 1.0)
+    return float(null[-1] - null[0]) / np.log(n)
 
 
 def fisher_statistic(log_tail_probabilities: list[np.ndarray]) -> np.ndarray:
@@ -185,6 +202,11 @@ class ScoreNull:
         return {k: m.record() for k, m in self.models.items()}
 
 
+def participant(prefix: str) -> str:
+    """``sub-<label>`` of a scan prefix such as ``sub-01_ses-2_run-1``."""
+    return prefix.partition("_")[0]
+
+
 @dataclass(frozen=True)
 class CalibrationCopy:
     """One calibration scan as measured (``factor`` 1) or a noisier copy of it, and its SNR (None if unknown)."""
@@ -225,6 +247,15 @@ class HealthyNull:
         ``copy_index`` (N,) names each voxel's copy, and :meth:`matched`
         gives the null of the copies nearest a scan's noise level.
 
+    uncentred : dict of str to ndarray, optional
+        The same voxels' scores before the post-processing's centring
+        (:attr:`PostProcessing.centring`): what the out-of-distribution check
+        compares people on, since centring takes each person's shift away.
+    control_shifts : dict of str to float, optional
+        Each calibration scan's out-of-fold subject shift
+        (:func:`anomri.maps.quality.subject_shift`), judged against the other
+        controls: the range a new subject's shift is checked against.
+
     Notes
     -----
     With tissue classes, a voxel's p is the mixture sum_k pi_k(x) p_k(s)
@@ -236,7 +267,9 @@ class HealthyNull:
     def __init__(self, values: dict[str, np.ndarray], postprocessing: PostProcessing = PostProcessing(),
                  tail_fraction: float = 0.01, combination: str = "fisher", scans: list[str] | None = None,
                  tissue: TissueModel | None = None, log_posterior: np.ndarray | None = None,
-                 copies: list[CalibrationCopy] | None = None, copy_index: np.ndarray | None = None) -> None:
+                 copies: list[CalibrationCopy] | None = None, copy_index: np.ndarray | None = None,
+                 control_shifts: dict[str, float] | None = None,
+                 uncentred: dict[str, np.ndarray] | None = None) -> None:
         if combination not in COMBINATIONS:
             raise ValueError(f"unknown combination {combination!r}; choose from {sorted(COMBINATIONS)}")
         if not values:
@@ -249,12 +282,18 @@ class HealthyNull:
         if (copies is None) != (copy_index is None) or (copy_index is not None and len(copy_index) != next(iter(lengths))):
             raise ValueError("calibration copies need every voxel's copy index, and vice versa")
         self.values = {k: np.asarray(v, np.float32).ravel() for k, v in values.items()}
+        self.uncentred = None if uncentred is None else {k: np.asarray(v, np.float32).ravel()
+                                                         for k, v in uncentred.items()}
+        if self.uncentred is not None and ({len(v) for v in self.uncentred.values()} != lengths
+                                           or set(self.uncentred) != set(self.values)):
+            raise ValueError("the uncentred values must list the same scores and voxels as the null")
         self.copies = copies
         self.copy_index = None if copy_index is None else np.asarray(copy_index, np.int32)
         self.postprocessing = postprocessing
         self.tail_fraction = tail_fraction
         self.combination = combination
         self.scans = list(scans or [])
+        self.control_shifts = dict(control_shifts or {})
         self.tissue = tissue
         self.log_posterior = None if log_posterior is None else np.asarray(log_posterior, np.float64)
         if tissue is None:
@@ -293,31 +332,61 @@ class HealthyNull:
             tissue = TissueModel.fit(features, tissue_classes, seed)
         return cls(values, tissue=tissue, log_posterior=tissue.log_posterior(features), **kwargs)
 
-    def matched(self, snr: float | None) -> HealthyNull:
-        """The null of the calibration copies matched to a scan of SNR ``snr``.
+    def matched(self, snr: float | None, exclude: Iterable[str] = ()) -> HealthyNull:
+        """The null of the calibration copies matched to a scan of SNR ``snr``, less the participants ``exclude``.
 
         Per calibration scan, the copy whose log SNR is nearest ``log(snr)``;
         with ``snr`` None, or a null without copies, the scans as measured.
         Scores grow with the noise, so a noisier scan judged against quieter
         controls would be flagged everywhere; matched, it meets a null of its
-        own noise level. The tissue model stays the one fitted at calibration.
+        own noise level. ``exclude`` (``sub-<label>``) drops every scan of those
+        participants: a control is judged against the *other* controls, as a
+        new person would be (cross-fitting). The tissue model stays the one
+        fitted at calibration.
         """
         if self.copies is None:
+            if list(exclude):
+                raise ValueError("this null does not know which scan each voxel came from; it cannot leave one out")
             return self
+        excluded = set(exclude)
         chosen = {}
         for i, copy in enumerate(self.copies):
+            if participant(copy.scan) in excluded:
+                continue
             if snr is None or copy.snr is None or any(c.snr is None for c in self.copies if c.scan == copy.scan):
                 distance = abs(np.log(copy.factor))
             else:
                 distance = abs(np.log(copy.snr) - np.log(snr))
             if copy.scan not in chosen or distance < chosen[copy.scan][0]:
                 chosen[copy.scan] = (distance, i)
+        if not chosen:
+            raise ValueError(f"no calibration scan is left once {sorted(excluded)} are left out")
         keep = sorted(i for _, i in chosen.values())
         voxels = np.isin(self.copy_index, keep)
         return HealthyNull({k: v[voxels] for k, v in self.values.items()}, self.postprocessing, self.tail_fraction,
-                           self.combination, self.scans, self.tissue,
+                           self.combination, [s for s in self.scans if participant(s) not in excluded], self.tissue,
                            None if self.log_posterior is None else self.log_posterior[voxels],
-                           [self.copies[i] for i in keep], np.searchsorted(keep, self.copy_index[voxels]))
+                           [self.copies[i] for i in keep], np.searchsorted(keep, self.copy_index[voxels]),
+                           self.control_shifts,
+                           None if self.uncentred is None else {k: v[voxels] for k, v in self.uncentred.items()})
+
+    def shift_null(self) -> HealthyNull:
+        """The null that subject shifts are measured against: this one, or, when the post-processing centres each
+        scan, the same voxels before centring (centring removes the very shift the check looks for)."""
+        if self.postprocessing.centring == "none":
+            return self
+        if self.uncentred is None:
+            raise ValueError("this null centres every scan but does not hold the values before centring")
+        return HealthyNull(self.uncentred, self.postprocessing.uncentred(), self.tail_fraction, self.combination,
+                           self.scans, self.tissue, self.log_posterior, self.copies, self.copy_index,
+                           self.control_shifts)
+
+    def scan_voxels(self, scan: str) -> np.ndarray:
+        """Boolean index of the null's voxels that come from ``scan`` as measured (factor 1)."""
+        if self.copies is None:
+            raise ValueError("this null does not know which scan each voxel came from")
+        measured = [i for i, c in enumerate(self.copies) if c.scan == scan and c.factor == 1.0]
+        return np.isin(self.copy_index, measured)
 
     def _log_mixture(self, scores: dict[str, np.ndarray], log_posterior: np.ndarray) -> np.ndarray:
         """log sum_k pi_k(x) p_k(s) of every voxel."""
@@ -370,7 +439,7 @@ class HealthyNull:
 
     def record(self) -> dict:
         """Settings and fits, for JSON sidecars."""
-        out = {"scans": self.scans, "scores": self.scores,
+        out = {"scans": self.scans, "scores": self.scores, "control_shifts": self.control_shifts,
                "copies": None if self.copies is None else [c.record() for c in self.copies],
                "combination": self.combination if len(self.values) > 1 else "none",
                "tail_fraction": self.tail_fraction, "postprocessing": self.postprocessing.record()}
@@ -383,12 +452,13 @@ class HealthyNull:
     def save(self, path: str | Path) -> None:
         """Write the null values, tissue model and settings to an ``.npz`` file atomically."""
         arrays = {f"score/{k}": v for k, v in self.values.items()}
+        arrays |= {f"uncentred/{k}": v for k, v in (self.uncentred or {}).items()}
         if self.tissue is not None:
             arrays |= self.tissue.to_arrays() | {"log_posterior": self.log_posterior}
         if self.copies is not None:
             arrays |= {"copy_index": self.copy_index}
         settings = {"postprocessing": self.postprocessing.record(), "tail_fraction": self.tail_fraction,
-                    "combination": self.combination, "scans": self.scans,
+                    "combination": self.combination, "scans": self.scans, "control_shifts": self.control_shifts,
                     "copies": None if self.copies is None else [c.record() for c in self.copies]}
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez_compressed(fh, settings=json.dumps(settings), **arrays)
@@ -400,6 +470,7 @@ class HealthyNull:
             with np.load(path) as data:
                 settings = json.loads(str(data["settings"]))
                 values = {k.removeprefix("score/"): data[k] for k in data.files if k.startswith("score/")}
+                uncentred = {k.removeprefix("uncentred/"): data[k] for k in data.files if k.startswith("uncentred/")}
                 tissue = TissueModel.from_arrays(data)
                 log_posterior = data["log_posterior"] if tissue is not None else None
                 copies = settings.get("copies")
@@ -408,4 +479,5 @@ class HealthyNull:
             raise InputError(path, f"not a healthy-null file written by `anomri calibrate` ({exc})") from exc
         return cls(values, PostProcessing(**settings["postprocessing"]), settings["tail_fraction"],
                    settings["combination"], settings["scans"], tissue, log_posterior,
-                   None if copies is None else [CalibrationCopy(**c) for c in copies], copy_index)
+                   None if copies is None else [CalibrationCopy(**c) for c in copies], copy_index,
+                   settings.get("control_shifts"), uncentred or None)

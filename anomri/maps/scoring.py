@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from anomri.dmri.features import check_compatible
+from anomri.errors import InputError
 from anomri.io.derivatives import ScanDerivatives
 from anomri.io.voxels import read_feature_description
 from anomri.maps.novelty import NoveltyModel
@@ -18,25 +19,31 @@ from anomri.settings import default
 __all__ = ["score_scan"]
 
 
-def score_scan(model: str | Path, derivatives_dir: str | Path, prefix: str, scores: str | Sequence[str] = "all", *,
-               reference: str | Path | None = None, n_samples: int = default("scoring.n_samples"),
-               seed: int = default("scoring.seed"), batch_size: int = default("scoring.batch_size"),
-               device: str = default("scoring.device")) -> None:
+def score_scan(model: str | Path | Sequence[str | Path], derivatives_dir: str | Path, prefix: str,
+               scores: str | Sequence[str] = "all", *, reference: str | Path | Sequence[str | Path] | None = None,
+               fold_maps: Sequence[str | Path] = (), fold_scores: Sequence[str] = (),
+               n_samples: int = default("scoring.n_samples"), seed: int = default("scoring.seed"),
+               batch_size: int = default("scoring.batch_size"), device: str = default("scoring.device")) -> None:
     """Write the novelty map of every score of scan ``prefix``, with its sidecar.
 
     Parameters
     ----------
-    model : str or Path
-        The VAE checkpoint; the scan's features must be comparable with its
-        training features (:func:`~anomri.dmri.features.check_compatible`).
+    model : str, Path or sequence of them
+        The VAE checkpoint, or the checkpoints of the cross-fitting fold
+        models that never trained on the scan (each map is then their mean);
+        the scan's features must be comparable with their training features
+        (:func:`~anomri.dmri.features.check_compatible`).
     derivatives_dir : str or Path
         Derivatives tree holding the scan's features and brain mask; the maps are written there.
     prefix : str
         ``sub-<label>[_ses-<label>]...`` of the scan.
     scores : "all" or sequence of str
         Registered score ids.
-    reference : str or Path, optional
-        The reference set (.pt) of ``model``, needed by reference-based scores.
+    reference : str, Path or sequence of them, optional
+        The reference set (.pt) of each model, needed by reference-based scores.
+    fold_maps, fold_scores : sequence
+        One derivative tree per model, where that model's own maps of ``fold_scores`` are written
+        (the cross-conformal lesion probability averages the models' p-values, not their scores).
     n_samples, seed, batch_size : int
         Monte Carlo samples, their seed, and voxels per batch (:class:`~anomri.maps.novelty.NoveltyModel`).
     device : str
@@ -45,13 +52,23 @@ def score_scan(model: str | Path, derivatives_dir: str | Path, prefix: str, scor
     Raises
     ------
     InputError
-        The scan's features differ from the model's training features.
+        The scan's features differ from a model's training features, or the
+        models, reference sets and fold trees do not pair up.
     """
+    paths = [model] if isinstance(model, (str, Path)) else list(model)
+    references = [] if reference is None else [reference] if isinstance(reference, (str, Path)) else list(reference)
+    if references and len(references) != len(paths):
+        raise InputError("--reference", f"{len(references)} reference sets for {len(paths)} models")
+    if fold_maps and len(fold_maps) != len(paths):
+        raise InputError("--fold-maps", f"{len(fold_maps)} trees for {len(paths)} models")
     torch_device = resolve_device(device)
-    vae, metadata = load_vae(model, torch_device)
     scan = ScanDerivatives(derivatives_dir, prefix)
-    check_compatible(metadata["features"], read_feature_description(scan.features), scan.features)
-    reference_set = ReferenceSet.load(reference, torch_device) if reference else None
-    novelty = NoveltyModel(vae, scores, n_samples=n_samples, seed=seed, reference=reference_set,
-                           batch_size=batch_size, device=torch_device)
-    write_novelty_maps(novelty, scan, model)
+    description = read_feature_description(scan.features)
+    models = []
+    for k, path in enumerate(paths):
+        vae, metadata = load_vae(path, torch_device)
+        check_compatible(metadata["features"], description, scan.features)
+        reference_set = ReferenceSet.load(references[k], torch_device) if references else None
+        models.append(NoveltyModel(vae, scores, n_samples=n_samples, seed=seed, reference=reference_set,
+                                   batch_size=batch_size, device=torch_device))
+    write_novelty_maps(models, scan, paths, fold_maps, fold_scores)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy.special import logsumexp
 
 from anomri import __version__
 from anomri.io.atomic import write_json
@@ -14,8 +16,10 @@ from anomri.io.nifti import load_mask, load_nifti, read_data, save_volume
 from anomri.io.voxels import read_snr
 from anomri.maps.novelty import NoveltyModel
 from anomri.maps.postprocess import PostProcessing, label_components
-from anomri.maps.probability import HealthyNull
+from anomri.maps.probability import HealthyNull, participant
+from anomri.maps.quality import ShiftCheck, check_shift, subject_shift
 from anomri.models.checkpoint import file_sha256
+from anomri.settings import default
 
 logger = logging.getLogger(__name__)
 
@@ -32,33 +36,61 @@ def _provenance(scan: ScanDerivatives, sources: list[Path]) -> dict:
     return {"SpatialReference": scan.uri(scan.b0), "Sources": [scan.uri(path) for path in sources]}
 
 
-def write_novelty_maps(model: NoveltyModel, scan: ScanDerivatives, model_path: str | Path) -> None:
-    """Score every in-mask voxel of ``scan`` and write one map + sidecar per score."""
+def write_novelty_maps(models: Sequence[NoveltyModel], scan: ScanDerivatives, model_paths: Sequence[str | Path],
+                       fold_maps: Sequence[str | Path] = (), fold_scores: Sequence[str] = ()) -> None:
+    """Score every in-mask voxel of ``scan`` with each model; write one map + sidecar per score.
+
+    Several models are the cross-fitting folds' models, none of which trained
+    on the scan: each score's map is their mean. With ``fold_maps`` (one
+    derivative tree per model), each model's own maps of ``fold_scores`` are
+    also written there, for the cross-conformal lesion probability.
+    """
+    if fold_maps and len(fold_maps) != len(models):
+        raise ValueError(f"{len(fold_maps)} fold-map trees for {len(models)} models")
     img = load_nifti(scan.features, ndim=4)
     mask_img = load_nifti(scan.mask, ndim=3)
-    fit = model.fit(read_data(img, scan.features), mask=read_data(mask_img, scan.mask) > 0)
-    checkpoint_hash = file_sha256(model_path)
-    for score in model.scores:
-        path = scan.novelty(score.id)
-        save_volume(path, fit.maps[score.id], mask_img)
+    data, brain = read_data(img, scan.features), read_data(mask_img, scan.mask) > 0
+    fits = [model.fit(data, mask=brain) for model in models]
+    checkpoints = [{"Path": str(path), "SHA256": file_sha256(path)} for path in model_paths]
+    first = models[0]
+    settings = {"n_samples": first.n_samples, "seed": first.seed, "batch_size": first.batch_size}
+
+    def write(target: ScanDerivatives, score, volume: np.ndarray, used: list[dict]) -> None:
+        path = target.novelty(score.id)
+        save_volume(path, volume, mask_img)
         write_json(sidecar_path(path), {
-            "Description": score.description,
+            "Description": score.description
+            + (f" Mean over {len(used)} cross-fitting fold models, none of which trained on this scan."
+               if len(used) > 1 else ""),
             "Formula": score.formula,
             "SignConvention": "higher = more novel; 0 outside the brain mask",
             "ScoreId": score.id,
-            "Model": {"Path": str(model_path), "SHA256": checkpoint_hash},
-            "Settings": {"n_samples": model.n_samples, "seed": model.seed, "batch_size": model.batch_size},
+            "Model": used[0] if len(used) == 1 else used,
+            "Settings": settings,
             **_provenance(scan, [scan.features, scan.mask]),
             "GeneratedBy": _generated_by(),
         })
-    logger.info("%s: wrote %d novelty maps", scan.prefix, len(model.scores))
+
+    for score in first.scores:
+        write(scan, score, np.mean([fit.maps[score.id] for fit in fits], axis=0).astype(np.float32), checkpoints)
+    for tree, fit, checkpoint in zip(fold_maps, fits, checkpoints):
+        for score in (s for s in first.scores if s.id in fold_scores):
+            write(ScanDerivatives(Path(tree), scan.prefix), score, fit.maps[score.id], [checkpoint])
+    logger.info("%s: wrote %d novelty maps from %d model%s", scan.prefix, len(first.scores), len(models),
+                "s" if len(models) > 1 else "")
 
 
-def postprocessed_scores(scan: ScanDerivatives, score_id: str, postprocessing: PostProcessing) -> tuple:
-    """A scan's post-processed score map: (volume, mask it is valid in, image)."""
-    img = load_nifti(scan.novelty(score_id), ndim=3)
-    mask = load_mask(scan.mask, img, scan.novelty(score_id))
-    volume, mask = postprocessing.apply(read_data(img, scan.novelty(score_id)), mask, img.header.get_zooms())
+def postprocessed_scores(scan: ScanDerivatives, score_id: str, postprocessing: PostProcessing,
+                         maps: ScanDerivatives | None = None) -> tuple:
+    """A scan's post-processed score map *before centring*: (volume, mask it is valid in, image).
+
+    ``postprocessing.centre(volume[mask])`` gives the values the null compares. ``maps`` is where the novelty
+    map lies when not beside the scan's brain mask (a fold model's tree).
+    """
+    path = (maps or scan).novelty(score_id)
+    img = load_nifti(path, ndim=3)
+    mask = load_mask(scan.mask, img, path)
+    volume, mask = postprocessing.apply(read_data(img, path), mask, img.header.get_zooms(), centre=False)
     return volume, mask, img
 
 
@@ -69,23 +101,42 @@ def masked_features(scan: ScanDerivatives, mask: np.ndarray) -> np.ndarray:
 
 
 def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: str | Path,
-                          levels: tuple[float, ...] = (0.01, 0.001), min_component_voxels: int = 1) -> None:
-    """Write the lesion probability map 1 - p and a lesion mask per false-positive level.
+                          levels: tuple[float, ...] = (0.01, 0.001), min_component_voxels: int = 1,
+                          fold_maps: Sequence[str | Path] = (),
+                          ood_margin: float = default("probability.ood_margin")) -> ShiftCheck:
+    """Write the lesion probability map 1 - p and a lesion mask per false-positive level; return the shift check.
 
     p is the calibrated tail probability of the post-processed score(s) among
-    healthy calibration voxels (:class:`~anomri.maps.probability.HealthyNull`).
-    The mask at level a holds the voxels with p <= a, so a fraction a of
-    healthy voxels is flagged, less any connected component (26-connectivity)
-    smaller than ``min_component_voxels``. A null with noisier calibration
-    copies is first matched to the scan's SNR (:meth:`HealthyNull.matched`).
+    healthy voxels (:class:`~anomri.maps.probability.HealthyNull`), matched to
+    the scan's SNR (:meth:`HealthyNull.matched`). A control's own scans are
+    left out of the null, so its map is what a new person's would be. With
+    ``fold_maps`` (the derivative trees where each fold model wrote this
+    scan's maps), p is the mean of the fold models' p: the cross-conformal
+    p-value. The mask at level a holds the voxels with p <= a, less any
+    connected component (26-connectivity) smaller than ``min_component_voxels``.
+    The scan's shift is checked against the controls' out-of-fold range
+    (:func:`anomri.maps.quality.check_shift`) and reported in the log and sidecar.
     """
-    snr = read_snr(scan.features) if null.copies is not None else None
-    null = null.matched(snr)
-    processed = {k: postprocessed_scores(scan, k, null.postprocessing) for k in null.scores}
-    _, mask, img = processed[null.scores[0]]
-    features = masked_features(scan, mask) if null.tissue is not None else None
-    log_p = null.log_tail_probability({k: volume[mask] for k, (volume, _, _) in processed.items()}, features)
+    snr = read_snr(scan.features)
+    own = participant(scan.prefix)
+    left_out = [own] if any(participant(s) == own for s in null.scans) else []
+    null = null.matched(snr, left_out)
+    shift_null = null.shift_null()
+    pp = null.postprocessing
+    trees = [ScanDerivatives(Path(tree), scan.prefix) for tree in fold_maps] or [scan]
+    log_ps, shift_log_ps = [], []
+    for tree in trees:
+        processed = {k: postprocessed_scores(scan, k, pp, tree) for k in null.scores}
+        _, mask, img = processed[null.scores[0]]
+        features = masked_features(scan, mask) if null.tissue is not None else None
+        raw = {k: volume[mask] for k, (volume, _, _) in processed.items()}
+        log_ps.append(null.log_tail_probability({k: pp.centre(v) for k, v in raw.items()}, features))
+        shift_log_ps.append(log_ps[-1] if shift_null is null else shift_null.log_tail_probability(raw, features))
+    # Cross-conformal: the mean of the fold models' p (one model: its own p).
+    log_p = logsumexp(log_ps, axis=0) - np.log(len(log_ps))
     p = np.exp(log_p)
+    shift = subject_shift(logsumexp(shift_log_ps, axis=0) - np.log(len(shift_log_ps)))
+    check = check_shift(shift, null.control_shifts, own, ood_margin)
     probability = np.zeros(mask.shape, np.float32)
     probability[mask] = 1.0 - p
     save_volume(scan.probseg, probability, img)
@@ -93,18 +144,21 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
     evidence = np.zeros(mask.shape, np.float32)
     evidence[mask] = -log_p / np.log(10.0)
     save_volume(scan.neglog10p, evidence, img)
-    calibration = {"Path": str(null_path), "SHA256": file_sha256(null_path), "ScanSNR": snr} | null.record()
-    sources = [scan.novelty(k) for k in null.scores] + [scan.mask]
-    if null.tissue is not None or null.copies is not None:
-        sources.append(scan.features)
+    calibration = {"Path": str(null_path), "SHA256": file_sha256(null_path), "ScanSNR": snr,
+                   "LeftOut": left_out, "FoldMaps": [scan.uri(t.dir) for t in trees if t is not scan]} | null.record()
+    sources = [t.novelty(k) for t in trees for k in null.scores] + [scan.mask, scan.features]
+    flagged = {level: float(np.mean(p <= level)) for level in levels}
+    quality = check.record() | {"SNR": snr, "FlaggedFraction": {f"{level:g}": f for level, f in flagged.items()}}
     write_json(sidecar_path(scan.probseg), {
         "Description": "Lesion probability 1 - p, with p the tail probability of the post-processed novelty "
-                       "score among voxels of healthy calibration controls that the model never saw "
-                       "(several scores are combined and the combination recalibrated; with tissue classes, "
-                       "per-class nulls mixed by the voxel's class posteriors and recalibrated; generalised Pareto "
-                       "tail beyond the top of the healthy null; 0 outside the post-processed brain mask). "
-                       "Thresholding at 1 - a flags a fraction a of healthy voxels.",
+                       "score among voxels of healthy controls scored by models that never trained on them "
+                       "(cross-fitting; a control's own scans left out; several fold models' p averaged; several "
+                       "scores combined and recalibrated; with tissue classes, per-class nulls mixed by the "
+                       "voxel's class posteriors and recalibrated; generalised Pareto tail beyond the top of the "
+                       "healthy null; 0 outside the post-processed brain mask). Thresholding at 1 - a flags a "
+                       "fraction a of healthy voxels.",
         "Calibration": calibration,
+        "QualityCheck": quality,
         **_provenance(scan, sources),
         "GeneratedBy": _generated_by(),
     })
@@ -113,6 +167,7 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
                        "post-processed brain mask): the same ranking as 1 - p without its float32 saturation "
                        "below p ~ 3e-8. Values >= 2 are the 1 % healthy false-positive level, >= 3 the 0.1 %.",
         "Calibration": {"Path": str(null_path), "SHA256": calibration["SHA256"]},
+        "QualityCheck": quality,
         **_provenance(scan, sources),
         "GeneratedBy": _generated_by(),
     })
@@ -123,20 +178,29 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
         save_volume(scan.lesion_mask(level), lesions, img, dtype=np.uint8)
         write_json(sidecar_path(scan.lesion_mask(level)), {
             "Description": f"Voxels whose lesion probability exceeds 1 - {level:g}: a fraction {level:g} of "
-                           "healthy calibration voxels is flagged at this level.",
+                           "healthy voxels is flagged at this level"
+                           + (" (this scan is out of distribution: see QualityCheck)." if check.out_of_distribution
+                              else "."),
             "Type": "Lesion",
             "FalsePositiveLevel": level,
-            # The threshold on the statistic whose tail p is (ThresholdOn says which).
+            # The threshold on the statistic whose tail p is (ThresholdOn says which); with several fold models
+            # p is their mean, so it holds for each model's p alone.
             "Threshold": null.final.quantile(level),
             "ThresholdOn": null.statistic,
             "MinComponentVoxels": min_component_voxels,
             "Connectivity": 26,
+            "QualityCheck": quality,
             "Calibration": {"Path": str(null_path), "SHA256": calibration["SHA256"]},
             **_provenance(scan, [scan.probseg]),
             "GeneratedBy": _generated_by(),
         })
-    logger.info("%s: lesion probability from %s; %s", scan.prefix, "+".join(null.scores),
-                ", ".join(f"{int((p <= a).sum())} voxels at p <= {a:g}" for a in levels))
+    logger.info("%s: lesion probability from %s (%d fold model%s%s); %s", scan.prefix, "+".join(null.scores),
+                len(trees), "s" if len(trees) > 1 else "", f", {own} left out of the null" if left_out else "",
+                ", ".join(f"{100 * f:.2f} % of the brain at p <= {a:g}" for a, f in flagged.items()))
+    log = logger.warning if check.out_of_distribution else logger.info
+    log("%s: %s%s", scan.prefix, check.message(tuple(levels)),
+        "; OUT OF DISTRIBUTION: its lesion masks are not reliable" if check.out_of_distribution else "")
+    return check
 
 
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:

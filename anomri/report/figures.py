@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,28 +229,38 @@ def plot_overlay(derivatives_dir: str | Path, prefix: str, lesion_path: str | Pa
 # --------------------------------------------------------------------------- training curves
 
 
-def plot_training(history_path: str | Path, out: str | Path) -> None:
-    """Training curves of ``training_history.tsv``: the losses, and the other logged terms.
+def plot_training(history_paths: str | Path | Sequence[str | Path], out: str | Path) -> None:
+    """Training curves of one or more ``training_history.tsv`` (the cross-fitting folds' models), overlaid.
 
     Left panel: every ``*_loss`` column (training and validation objective);
     right panel: every other column (e.g. the reconstruction and KL terms).
+    With several histories each line is labelled by its folder (``fold-1``...).
     ``n/a`` entries are gaps.
     """
-    rows = read_table(history_path)
-    if not rows or "epoch" not in rows[0]:
-        raise InputError(history_path, "expected a TSV with an 'epoch' column and at least one row")
-    epoch = np.array([float(r["epoch"]) for r in rows])
-    columns = [c for c in rows[0] if c != "epoch"]
-    values = {c: np.array([np.nan if r[c] in ("", "n/a") else float(r[c]) for r in rows]) for c in columns}
-    losses = [c for c in columns if c.endswith("_loss")]
-    others = [c for c in columns if c not in losses]
+    paths = [history_paths] if isinstance(history_paths, (str, Path)) else list(history_paths)
     fig = Figure(figsize=(10, 4), layout="constrained")
-    panels = fig.subplots(1, 2 if others else 1, squeeze=False)[0]
-    for ax, group, title in zip(panels, (losses, others), ("objective (negative ELBO)", "terms")):
-        for column in group:
-            ax.plot(epoch, values[column], marker="o", ms=3, label=column)
-        ax.set(xlabel="epoch", title=title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    panels = None
+    epochs = []
+    for path in paths:
+        rows = read_table(path)
+        if not rows or "epoch" not in rows[0]:
+            raise InputError(path, "expected a TSV with an 'epoch' column and at least one row")
+        epoch = np.array([float(r["epoch"]) for r in rows])
+        epochs.append(len(rows))
+        columns = [c for c in rows[0] if c != "epoch"]
+        values = {c: np.array([np.nan if r[c] in ("", "n/a") else float(r[c]) for r in rows]) for c in columns}
+        losses = [c for c in columns if c.endswith("_loss")]
+        others = [c for c in columns if c not in losses]
+        if panels is None:
+            panels = fig.subplots(1, 2 if others else 1, squeeze=False)[0]
+        tag = f"{Path(path).parent.name}: " if len(paths) > 1 else ""
+        for ax, group, title in zip(panels, (losses, others), ("objective (negative ELBO)", "terms")):
+            for column in group:
+                ax.plot(epoch, values[column], marker="o", ms=3, label=tag + column)
+            ax.set(xlabel="epoch", title=title)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in panels:
         ax.legend(fontsize=7)
-    fig.suptitle(f"VAE training ({len(rows)} epochs)", fontsize=10)
+    models = f"{len(paths)} fold models, " if len(paths) > 1 else ""
+    fig.suptitle(f"VAE training ({models}{'/'.join(map(str, epochs))} epochs)", fontsize=10)
     save_figure(fig, out)

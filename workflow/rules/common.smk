@@ -1,6 +1,7 @@
 # Shared definitions: the cohort plan, path helpers and the input functions of the rules.
 import json
 import math
+import re
 import os
 import sys
 from pathlib import Path
@@ -77,9 +78,62 @@ if LEARNED and len(PLAN.evaluable) < 2:
 
 SCANS = {scan.prefix: scan for scan in PLAN.scans}
 
+# Cross-fitting (anomri.io.cohort): fold k's model (k = 1..K, the folder models/fold-<k>) trains on the controls
+# of every other fold. A control is scored by its own fold's model, everyone else by all K.
+FOLDS = [str(k + 1) for k in range(len(PLAN.folds))]
+CONTROL_FOLD = {scan.prefix: str(PLAN.fold_of(scan) + 1) for scan in PLAN.controls}
+
+
+def fold_dir(fold):
+    return OUT / "models" / f"fold-{fold}"
+
+
+def fold_training(fold):
+    """The control scans that train fold ``fold``'s model."""
+    return PLAN.training(int(fold) - 1)
+
+
+def fold_maps(fold):
+    """The derivatives tree where fold ``fold``'s model writes its own maps of the scans it scores with the others."""
+    return fold_dir(fold) / "maps"
+
+
+def fold_model(fold):
+    return fold_dir(fold) / "vae.pt"
+
+
+def fold_reference(fold):
+    return fold_dir(fold) / "reference_set.pt"
+
+
+def scoring_models(prefix):
+    """The fold models that never trained on scan ``prefix``: its own fold's for a control, all for anyone else."""
+    return [CONTROL_FOLD[prefix]] if prefix in CONTROL_FOLD else FOLDS
+
+
+def scoring_inputs(wc):
+    """The fold models that never trained on the scan (and their reference sets, when a score needs one)."""
+    folds = scoring_models(wc.prefix)
+    inputs = {"models": [fold_model(k) for k in folds]}
+    if NEEDS_REFERENCE:
+        inputs["references"] = [fold_reference(k) for k in folds]
+    return inputs
+
+
+def probability_maps(wc):
+    """The maps a scan's p comes from: its own out-of-fold maps for a control, every fold model's for anyone else."""
+    if wc.prefix in CONTROL_FOLD:
+        return [derivatives(wc.prefix).novelty(k) for k in PROBABILITY_SCORES]
+    return [ScanDerivatives(fold_maps(f), wc.prefix).novelty(k) for f in FOLDS for k in PROBABILITY_SCORES]
+
+
+def prefix_regex(prefixes):
+    """A wildcard constraint matching exactly these scan prefixes (nothing, for none)."""
+    return "|".join(re.escape(p) for p in prefixes) or "(?!)"
+
 
 def preprocess_inputs(wildcards):
-    """A scan's input files, for rules preprocess and augment_noise: its brain and lesion masks where it has them."""
+    """A scan's input files, for rules preprocess and augment: its brain and lesion masks where it has them."""
     scan = SCANS[wildcards.prefix]
     inputs = {"dwi": scan.dwi, "bval": scan.bval, "bvec": scan.bvec}
     if scan.brain_mask:
@@ -95,7 +149,8 @@ wildcard_constraints:
     subdir=r"sub-[a-zA-Z0-9]+(/ses-[a-zA-Z0-9]+)?",
     prefix=PREFIX_PATTERN,
     score=r"[a-z0-9-]+",
-    level=r"[0-9]+",
+    fold=r"[0-9]+",
+    variant=r"(noise|diffusivity|anisotropy)-[0-9]+",
 
 
 def benchmark_file(rule, *parts):
@@ -108,20 +163,34 @@ def derivatives(prefix):
     return ScanDerivatives(OUT, prefix)
 
 
-# Noisier copies of the training controls (and, with probability.noise_matching, of the calibration
-# controls): one derivatives tree per noise level (noise std x level / 100).
+# Copies of every control, each a derivatives tree models/augmented/<copy>: noisier (noise-<100 x factor>) and, with
+# training.diffusivity_augmentation / anisotropy_augmentation, with every diffusivity or the directional contrast
+# scaled (diffusivity-<100 x factor>, anisotropy-<100 x factor>). Every copy of a
+# fold's training controls joins its training pool; with probability.noise_matching, the noisier copies of every
+# control also join the healthy null.
 AUGMENTED = OUT / "models" / "augmented"
-NOISE_LEVELS = [str(round(100 * factor)) for factor in config["training"]["noise_augmentation"]]
-CALIBRATION_LEVELS = NOISE_LEVELS if config["probability"]["noise_matching"] else []
+NOISE_COPIES = [f"noise-{round(100 * f)}" for f in config["training"]["noise_augmentation"]]
+TRAINING_COPIES = NOISE_COPIES + [
+    f"{kind}-{round(100 * f)}"
+    for kind in ("diffusivity", "anisotropy")
+    for f in config["training"][f"{kind}_augmentation"]
+]
+CALIBRATION_COPIES = NOISE_COPIES if config["probability"]["noise_matching"] else []
 
 
-def augmented(level, prefix):
-    return ScanDerivatives(AUGMENTED / f"noise-{level}", prefix)
+def augmented(copy, prefix):
+    return ScanDerivatives(AUGMENTED / copy, prefix)
 
 
 def augmented_pattern(suffix):
-    """Output pattern of a noisier copy's derivative, e.g. augmented_pattern('desc-brain_mask.nii.gz')."""
-    return str(AUGMENTED / "noise-{level}" / "{subdir}" / "dwi" / f"{{prefix}}_space-dwi_{suffix}")
+    """Output pattern of a copy's derivative, e.g. augmented_pattern('desc-brain_mask.nii.gz')."""
+    return str(AUGMENTED / "{variant}" / "{subdir}" / "dwi" / f"{{prefix}}_space-dwi_{suffix}")
+
+
+def copy_options(copy):
+    """``anomri preprocess`` options that make a copy: ``noise-150`` -> --noise-factor 1.5."""
+    kind, percent = copy.split("-")
+    return ["--noise-factor" if kind == "noise" else f"--{kind}-scale", str(int(percent) / 100)]
 
 
 def novelty_maps(prefix):

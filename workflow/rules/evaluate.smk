@@ -3,12 +3,12 @@
 
 rule evaluate:
     input:
-        [novelty_maps(s.prefix) for s in PLAN.evaluable + PLAN.calibration],
-        [derivatives(s.prefix).neglog10p for s in PLAN.evaluable + PLAN.calibration],
-        [derivatives(s.prefix).mask for s in PLAN.evaluable + PLAN.calibration + PLAN.holdout],
+        [novelty_maps(s.prefix) for s in PLAN.evaluable + PLAN.controls],
+        [derivatives(s.prefix).neglog10p for s in PLAN.evaluable + PLAN.controls],
+        [derivatives(s.prefix).mask for s in PLAN.evaluable + PLAN.controls],
         [
             derivatives(s.prefix).lesion_mask(a)
-            for s in PLAN.evaluable + PLAN.holdout
+            for s in PLAN.evaluable + PLAN.controls
             for a in config["probability"]["levels"]
         ],
         [s.lesion_mask for s in PLAN.evaluable],
@@ -48,8 +48,8 @@ rule evaluate:
     params:
         derivatives=OUT,
         scans=scan_args(PLAN.evaluable),
-        calibration=prefixes(PLAN.calibration),
-        healthy=prefixes(PLAN.holdout),
+        calibration=prefixes(PLAN.controls),
+        healthy=prefixes(PLAN.controls),
         levels=config["probability"]["levels"],
         scores=SCORES,
         ev=config["evaluation"],

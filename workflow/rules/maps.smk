@@ -1,17 +1,18 @@
-# Novelty maps per scan, calibration on held-out controls, lesion probability.
+# Novelty maps per scan from the fold models that never trained on it, calibration on every control's
+# out-of-fold maps, lesion probability, quality table.
 
 
 rule reference_set:
     input:
-        model=OUT / "models" / "vae.pt",
-        features=[derivatives(s.prefix).features for s in PLAN.training],
-        masks=[derivatives(s.prefix).mask for s in PLAN.training],
+        model=OUT / "models" / "fold-{fold}" / "vae.pt",
+        features=lambda wc: [derivatives(s.prefix).features for s in fold_training(wc.fold)],
+        masks=lambda wc: [derivatives(s.prefix).mask for s in fold_training(wc.fold)],
     output:
-        OUT / "models" / "reference_set.pt",
+        OUT / "models" / "fold-{fold}" / "reference_set.pt",
     log:
-        LOGS / "reference_set.log",
+        LOGS / "reference_set" / "fold-{fold}.log",
     benchmark:
-        benchmark_file("reference_set")
+        benchmark_file("reference_set", "fold-{fold}")
     conda:
         "../envs/anomri.yaml"
     threads: config["scoring"]["threads"]
@@ -21,7 +22,7 @@ rule reference_set:
         gpu=1 if config["scoring"]["device"] == "cuda" else 0,
     params:
         derivatives=OUT,
-        scans=prefixes(PLAN.training),
+        scans=lambda wc: prefixes(fold_training(wc.fold)),
         sc=SCORING,
     shell:
         '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} reference'
@@ -30,10 +31,10 @@ rule reference_set:
         " --device {params.sc[device]:q}"
 
 
-rule score:
+rule score_control:
+    # A control's maps come from the one fold model that never trained on it: out of fold.
     input:
-        unpack(lambda wc: {"reference": OUT / "models" / "reference_set.pt"} if NEEDS_REFERENCE else {}),
-        model=OUT / "models" / "vae.pt",
+        unpack(scoring_inputs),
         features=scan_pattern("desc-qspace_features.nii.gz"),
         mask=scan_pattern("desc-brain_mask.nii.gz"),
     output:
@@ -43,6 +44,8 @@ rule score:
         LOGS / "score" / "{subdir}" / "{prefix}.log",
     benchmark:
         benchmark_file("score", "{subdir}", "{prefix}")
+    wildcard_constraints:
+        prefix=prefix_regex(CONTROL_FOLD),
     conda:
         "../envs/anomri.yaml"
     threads: config["scoring"]["threads"]
@@ -54,28 +57,72 @@ rule score:
         derivatives=OUT,
         sc=SCORING,
         scores=SCORES,
-        reference=lambda wc, input: optional_flag("--reference", input, "reference"),
+        reference=lambda wc, input: ["--reference", *map(str, input.references)] if NEEDS_REFERENCE else [],
     shell:
-        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} score --model {input.model:q} {params.reference:q}'
-        " --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} score --model {input.models:q}'
+        " {params.reference:q} --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
         " --scores {params.scores:q} --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
         " --batch-size {params.sc[batch_size]:q} --device {params.sc[device]:q}"
 
 
-rule score_augmented:
-    # The probability scores of a calibration control's noisier copy: the null each scan is matched to.
+rule score_ensemble:
+    # Anyone else's maps: the mean over every fold model; each model's own probability-score maps go to its
+    # fold's tree, for the cross-conformal p.
     input:
-        unpack(lambda wc: {"reference": OUT / "models" / "reference_set.pt"} if PROBABILITY_NEEDS_REFERENCE else {}),
-        model=OUT / "models" / "vae.pt",
+        unpack(scoring_inputs),
+        features=scan_pattern("desc-qspace_features.nii.gz"),
+        mask=scan_pattern("desc-brain_mask.nii.gz"),
+    output:
+        maps=[scan_pattern(f"desc-{desc_label(s)}_novelty.nii.gz") for s in SCORES],
+        sidecars=[scan_pattern(f"desc-{desc_label(s)}_novelty.json") for s in SCORES],
+        fold_maps=[
+            str(fold_maps(k) / "{subdir}" / "dwi" / f"{{prefix}}_space-dwi_desc-{desc_label(s)}_novelty.nii.gz")
+            for k in FOLDS
+            for s in PROBABILITY_SCORES
+        ],
+    log:
+        LOGS / "score" / "{subdir}" / "{prefix}.log",
+    benchmark:
+        benchmark_file("score", "{subdir}", "{prefix}")
+    wildcard_constraints:
+        prefix=prefix_regex([s.prefix for s in PLAN.others]),
+    conda:
+        "../envs/anomri.yaml"
+    threads: config["scoring"]["threads"]
+    resources:
+        mem_mb=measured_mem_mb(722, 6.9),  # the score rule's line; the fold models' maps are held one at a time
+        runtime=60 * len(FOLDS),
+        gpu=1 if config["scoring"]["device"] == "cuda" else 0,
+    params:
+        derivatives=OUT,
+        sc=SCORING,
+        scores=SCORES,
+        fold_maps=[fold_maps(k) for k in FOLDS],
+        fold_scores=PROBABILITY_SCORES,
+        reference=lambda wc, input: ["--reference", *map(str, input.references)] if NEEDS_REFERENCE else [],
+    shell:
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} score --model {input.models:q}'
+        " {params.reference:q} --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
+        " --scores {params.scores:q} --fold-maps {params.fold_maps:q} --fold-scores {params.fold_scores:q}"
+        " --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
+        " --batch-size {params.sc[batch_size]:q} --device {params.sc[device]:q}"
+
+
+rule score_augmented:
+    # The probability scores of a control's noisier copy, by the fold model that never trained on the control:
+    # the null each scan is matched to.
+    input:
+        unpack(lambda wc: {"reference": fold_reference(CONTROL_FOLD[wc.prefix])} if PROBABILITY_NEEDS_REFERENCE else {}),
+        model=lambda wc: fold_model(CONTROL_FOLD[wc.prefix]),
         features=augmented_pattern("desc-qspace_features.nii.gz"),
         mask=augmented_pattern("desc-brain_mask.nii.gz"),
     output:
         maps=[augmented_pattern(f"desc-{desc_label(k)}_novelty.nii.gz") for k in PROBABILITY_SCORES],
         sidecars=[augmented_pattern(f"desc-{desc_label(k)}_novelty.json") for k in PROBABILITY_SCORES],
     log:
-        LOGS / "score_augmented" / "noise-{level}" / "{subdir}" / "{prefix}.log",
+        LOGS / "score_augmented" / "{variant}" / "{subdir}" / "{prefix}.log",
     benchmark:
-        benchmark_file("score_augmented", "noise-{level}", "{subdir}", "{prefix}")
+        benchmark_file("score_augmented", "{variant}", "{subdir}", "{prefix}")
     conda:
         "../envs/anomri.yaml"
     threads: config["scoring"]["threads"]
@@ -84,7 +131,7 @@ rule score_augmented:
         runtime=30,
         gpu=1 if config["scoring"]["device"] == "cuda" else 0,
     params:
-        tree=lambda wc: AUGMENTED / f"noise-{wc.level}",
+        tree=lambda wc: AUGMENTED / wc.variant,
         sc=SCORING,
         scores=PROBABILITY_SCORES,
         reference=lambda wc, input: optional_flag("--reference", input, "reference"),
@@ -97,13 +144,13 @@ rule score_augmented:
 
 rule calibrate:
     input:
-        [derivatives(s.prefix).novelty(k) for s in PLAN.calibration for k in PROBABILITY_SCORES],
-        [derivatives(s.prefix).mask for s in PLAN.calibration],
-        [derivatives(s.prefix).features for s in PLAN.calibration],
+        [derivatives(s.prefix).novelty(k) for s in PLAN.controls for k in PROBABILITY_SCORES],
+        [derivatives(s.prefix).mask for s in PLAN.controls],
+        [derivatives(s.prefix).features for s in PLAN.controls],
         [
-            augmented(level, s.prefix).novelty(k)
-            for s in PLAN.calibration
-            for level in CALIBRATION_LEVELS
+            augmented(copy, s.prefix).novelty(k)
+            for s in PLAN.controls
+            for copy in CALIBRATION_COPIES
             for k in PROBABILITY_SCORES
         ],
     output:
@@ -120,17 +167,18 @@ rule calibrate:
         runtime=20,
     params:
         derivatives=OUT,
-        scans=prefixes(PLAN.calibration),
+        scans=prefixes(PLAN.controls),
         scores=PROBABILITY_SCORES,
         pp=config["probability"],
-        augmented=[AUGMENTED / f"noise-{level}" for level in CALIBRATION_LEVELS],
+        augmented=[AUGMENTED / copy for copy in CALIBRATION_COPIES],
     shell:
         '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} calibrate'
         " --derivatives-dir {params.derivatives:q} --scans {params.scans:q}"
         " --augmented {params.augmented:q}"
         " --scores {params.scores:q} --out {output:q} --erosion-voxels {params.pp[erosion_voxels]:q}"
         " --median-filter-voxels {params.pp[median_filter_voxels]:q}"
-        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]:q} --tail-fraction {params.pp[tail_fraction]:q}"
+        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]:q} --centring {params.pp[centring]:q}"
+        " --tail-fraction {params.pp[tail_fraction]:q}"
         " --combination {params.pp[combination]:q} --tissue-classes {params.pp[tissue_classes]:q}"
         " --seed {params.pp[seed]:q}"
 
@@ -138,7 +186,7 @@ rule calibrate:
 rule probability:
     input:
         null=OUT / "calibration" / "healthy_null.npz",
-        maps=[scan_pattern(f"desc-{desc_label(k)}_novelty.nii.gz") for k in PROBABILITY_SCORES],
+        maps=probability_maps,
         mask=scan_pattern("desc-brain_mask.nii.gz"),
         features=scan_pattern("desc-qspace_features.nii.gz"),
     output:
@@ -161,11 +209,40 @@ rule probability:
         derivatives=OUT,
         pp=config["probability"],
         levels=config["probability"]["levels"],
+        fold_maps=lambda wc: [] if wc.prefix in CONTROL_FOLD else ["--fold-maps", *map(str, map(fold_maps, FOLDS))],
     shell:
         '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} probability'
         " --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
-        " --null {input.null:q} --levels {params.levels:q}"
-        " --min-component-voxels {params.pp[min_component_voxels]:q}"
+        " --null {input.null:q} --levels {params.levels:q} {params.fold_maps:q}"
+        " --min-component-voxels {params.pp[min_component_voxels]:q} --ood-margin {params.pp[ood_margin]:q}"
+
+
+rule quality:
+    # Every scan's SNR, flagged fraction and out-of-distribution check, read from its probability sidecar.
+    input:
+        [derivatives(s.prefix).probseg for s in PLAN.scans],
+    output:
+        table=report(OUT / "quality.tsv", caption="../report/dmri_quality.rst", category="Quality"),
+        sidecar=OUT / "quality.json",
+    log:
+        LOGS / "quality.log",
+    benchmark:
+        benchmark_file("quality")
+    conda:
+        "../envs/anomri.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    params:
+        derivatives=OUT,
+        scans=prefixes(PLAN.scans),
+        controls=prefixes(PLAN.controls),
+        levels=config["probability"]["levels"],
+    shell:
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} quality'
+        " --derivatives-dir {params.derivatives:q} --scans {params.scans:q} --controls {params.controls:q}"
+        " --levels {params.levels:q} --out {output.table:q}"
 
 
 rule learn_combination:
@@ -191,7 +268,7 @@ rule learn_combination:
         runtime=30,
     params:
         derivatives=OUT,
-        calibration=prefixes(PLAN.calibration),
+        calibration=prefixes(PLAN.controls),
         labelled=scan_args(PLAN.evaluable),
         others=prefixes([s for s in PLAN.scans if s not in PLAN.evaluable]),
         scores=SCORES,
@@ -202,5 +279,6 @@ rule learn_combination:
         " --scores {params.scores:q} --out {output.model:q}"
         " --C {params.pp[learned_combination][C]:q} --erosion-voxels {params.pp[erosion_voxels]:q}"
         " --median-filter-voxels {params.pp[median_filter_voxels]:q}"
-        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]:q} --tail-fraction {params.pp[tail_fraction]:q}"
+        " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]:q} --centring {params.pp[centring]:q}"
+        " --tail-fraction {params.pp[tail_fraction]:q}"
         " --tissue-classes {params.pp[tissue_classes]:q} --seed {params.pp[seed]:q}"

@@ -1,9 +1,10 @@
-# Pool healthy training voxels and train the VAE on them.
+# Pool healthy training voxels and train one VAE per cross-fitting fold on them.
 
 
-rule augment_noise:
-    # A noisier copy of a training control (noise std x level / 100), preprocessed like the original in its
-    # brain mask: the model then learns healthy tissue across the SNR of a cohort.
+rule augment:
+    # A copy of a control, preprocessed like the original in its brain mask: noisier (noise std x factor) or with
+    # every diffusivity scaled. The fold models then learn healthy tissue across the SNR and diffusivities of a
+    # cohort, and the null is noise-matched.
     input:
         unpack(preprocess_inputs),
         brain=lambda wc: derivatives(wc.prefix).mask,
@@ -15,9 +16,9 @@ rule augment_noise:
         b0=augmented_pattern("desc-meanb0_S0map.nii.gz"),
         b0_sidecar=augmented_pattern("desc-meanb0_S0map.json"),
     log:
-        LOGS / "augment_noise" / "noise-{level}" / "{subdir}" / "{prefix}.log",
+        LOGS / "augment" / "{variant}" / "{subdir}" / "{prefix}.log",
     benchmark:
-        benchmark_file("augment_noise", "noise-{level}", "{subdir}", "{prefix}")
+        benchmark_file("augment", "{variant}", "{subdir}", "{prefix}")
     conda:
         "../envs/anomri.yaml"
     threads: 1
@@ -27,8 +28,8 @@ rule augment_noise:
     params:
         pre=config["preprocessing"],
         source=PLAN.bids_dir,
-        tree=lambda wc: AUGMENTED / f"noise-{wc.level}",
-        factor=lambda wc: int(wc.level) / 100,
+        tree=lambda wc: AUGMENTED / wc.variant,
+        options=lambda wc: copy_options(wc.variant),
         seed=config["training"]["seed"],
         gibbs="--gibbs-removal" if config["preprocessing"]["gibbs_removal"] else "--no-gibbs-removal",
         motion="--motion-correction" if config["preprocessing"]["motion_correction"] else "--no-motion-correction",
@@ -38,22 +39,22 @@ rule augment_noise:
         " --output-dir {params.tree:q} --prefix {wildcards.prefix:q} --mask {input.brain:q}"
         " --source-dir {params.source:q}"
         " --b0-threshold {params.pre[b0_threshold]:q} --denoise {params.pre[denoise]:q}"
-        " {params.gibbs:q} {params.motion:q} --noise-factor {params.factor:q} --noise-seed {params.seed:q}"
+        " {params.gibbs:q} {params.motion:q} {params.options:q} --noise-seed {params.seed:q}"
         " --features {params.pre[features]:q} --context {params.pre[context]:q}"
         " --context-radius {params.pre[context_radius]:q}"
 
 
 rule pool_training_voxels:
     input:
-        [derivatives(s.prefix).features for s in PLAN.training],
-        [derivatives(s.prefix).mask for s in PLAN.training],
-        [augmented(level, s.prefix).features for s in PLAN.training for level in NOISE_LEVELS],
+        lambda wc: [derivatives(s.prefix).features for s in fold_training(wc.fold)],
+        lambda wc: [derivatives(s.prefix).mask for s in fold_training(wc.fold)],
+        lambda wc: [augmented(copy, s.prefix).features for s in fold_training(wc.fold) for copy in TRAINING_COPIES],
     output:
-        OUT / "models" / "training_voxels.npz",
+        OUT / "models" / "fold-{fold}" / "training_voxels.npz",
     log:
-        LOGS / "pool_training_voxels.log",
+        LOGS / "pool_training_voxels" / "fold-{fold}.log",
     benchmark:
-        benchmark_file("pool_training_voxels")
+        benchmark_file("pool_training_voxels", "fold-{fold}")
     conda:
         "../envs/anomri.yaml"
     threads: 1
@@ -62,8 +63,8 @@ rule pool_training_voxels:
         runtime=20,
     params:
         derivatives=OUT,
-        scans=prefixes(PLAN.training),
-        augmented=[AUGMENTED / f"noise-{level}" for level in NOISE_LEVELS],
+        scans=lambda wc: prefixes(fold_training(wc.fold)),
+        augmented=[AUGMENTED / copy for copy in TRAINING_COPIES],
         max_voxels=config["training"]["max_voxels_per_scan"],
         max_training_voxels=config["training"]["max_training_voxels"],
         seed=config["training"]["seed"],
@@ -76,14 +77,18 @@ rule pool_training_voxels:
 
 rule train:
     input:
-        OUT / "models" / "training_voxels.npz",
+        OUT / "models" / "fold-{fold}" / "training_voxels.npz",
     output:
-        model=OUT / "models" / "vae.pt",
-        history=report(OUT / "models" / "training_history.tsv", category="Training"),
+        model=OUT / "models" / "fold-{fold}" / "vae.pt",
+        history=report(
+            OUT / "models" / "fold-{fold}" / "training_history.tsv",
+            category="Training",
+            labels={"fold": "{fold}"},
+        ),
     log:
-        LOGS / "train.log",
+        LOGS / "train" / "fold-{fold}.log",
     benchmark:
-        benchmark_file("train")
+        benchmark_file("train", "fold-{fold}")
     conda:
         "../envs/anomri.yaml"
     # A fixed count, not workflow.cores: a cluster run has no total core count.
@@ -95,7 +100,15 @@ rule train:
     params:
         settings=settings_json(
             "training",
-            exclude=("device", "max_voxels_per_scan", "max_training_voxels", "threads", "noise_augmentation"),
+            exclude=(
+                "device",
+                "max_voxels_per_scan",
+                "max_training_voxels",
+                "threads",
+                "noise_augmentation",
+                "diffusivity_augmentation",
+                "anisotropy_augmentation",
+            ),
         ),
         device=config["training"]["device"],
     shell:

@@ -68,7 +68,7 @@ rule plot_overlay:
 
 rule plot_training:
     input:
-        OUT / "models" / "training_history.tsv",
+        [fold_dir(k) / "training_history.tsv" for k in FOLDS],
     output:
         report(FIGURES.training, caption="../report/dmri_training.rst", category="Training", subcategory="Curves"),
     log:

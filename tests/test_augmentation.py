@@ -1,0 +1,88 @@
+"""Subject-level augmentation of healthy scans (anomri.dmri.augmentation), through ``anomri preprocess``."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+from dipy.core.gradients import gradient_table
+
+from anomri.cli import main
+from conftest import RAW_FEATURES, unit_directions, write_gradients
+
+SHAPE = (20, 20, 8)
+BVALS = np.r_[0.0, 0.0, np.full(12, 1000.0), np.full(12, 2500.0)]
+
+
+def _scan(tmp_path, signal: np.ndarray, head: np.ndarray, bvecs: np.ndarray) -> None:
+    nib.save(nib.Nifti1Image(np.where(head[..., None], signal, 0.0).astype(np.float32), np.eye(4)),
+             tmp_path / "dwi.nii.gz")
+    write_gradients(tmp_path / "dwi.bval", tmp_path / "dwi.bvec", BVALS, bvecs)
+    nib.save(nib.Nifti1Image(head.astype(np.uint8), np.eye(4)), tmp_path / "mask.nii.gz")
+
+
+def _features(tmp_path, option: str, scale: float) -> tuple[np.ndarray, dict]:
+    """Raw S/S0 features of the copy at ``scale`` and the sidecar's Preprocessing record."""
+    out = tmp_path / f"out{option}{scale:g}"
+    assert main(["preprocess", "--dwi", str(tmp_path / "dwi.nii.gz"), "--bval", str(tmp_path / "dwi.bval"),
+                 "--bvec", str(tmp_path / "dwi.bvec"), "--mask", str(tmp_path / "mask.nii.gz"),
+                 "--output-dir", str(out), "--prefix", "sub-01", option, str(scale), *RAW_FEATURES]) == 0
+    path = out / "sub-01" / "dwi" / "sub-01_space-dwi_desc-qspace_features.nii.gz"
+    record = json.loads(path.with_name(path.name.replace(".nii.gz", ".json")).read_text())["Preprocessing"]
+    return np.asarray(nib.load(path).dataobj), record
+
+
+def _head() -> np.ndarray:
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1)
+    return np.linalg.norm((ijk - [9.5, 9.5, 3.5]) / [7, 8, 10], axis=-1) < 1
+
+
+def _bvecs() -> np.ndarray:
+    return np.r_[np.zeros((2, 3)), unit_directions(1), unit_directions(2)]
+
+
+def test_diffusivity_augmentation_scales_every_diffusivity(tmp_path) -> None:
+    """S/S0 = exp(-b D) per voxel; the copy at scale s has exp(-b s D) = (S/S0)^s in every voxel and volume."""
+    head = _head()
+    diffusivity = 0.5e-3 + 2e-3 * np.random.default_rng(6).uniform(size=head.shape)  # mm^2/s, per voxel
+    _scan(tmp_path, 1000.0 * np.exp(-BVALS * diffusivity[..., None]), head, _bvecs())
+    dw = BVALS > 0
+    for scale in (0.9, 1.1):
+        features, record = _features(tmp_path, "--diffusivity-scale", scale)
+        assert record["diffusivity_augmentation"] == {"scale": scale}
+        expected = np.exp(-BVALS[dw] * scale * diffusivity[head][:, None])
+        np.testing.assert_allclose(features[head], expected, rtol=1e-4)
+
+
+def test_anisotropy_augmentation_scales_the_directional_contrast_around_its_mean(tmp_path) -> None:
+    """A tensor per voxel: -log(S/S0)/b = D(g). The copy at t has D'(g) = mean_shell D + t (D(g) - mean_shell D)."""
+    head = _head()
+    rng = np.random.default_rng(7)
+    bvecs = _bvecs()
+    fibre = rng.normal(size=(*head.shape, 3))
+    fibre /= np.linalg.norm(fibre, axis=-1, keepdims=True)
+    cos2 = np.einsum("xyzc,vc->xyzv", fibre, bvecs) ** 2
+    d_par, d_perp = 1.7e-3, 0.4e-3 + 0.2e-3 * rng.uniform(size=head.shape)[..., None]
+    apparent = d_perp + (d_par - d_perp) * cos2
+    _scan(tmp_path, 1000.0 * np.exp(-BVALS * apparent), head, bvecs)
+    for scale in (0.9, 1.1):
+        features, record = _features(tmp_path, "--anisotropy-scale", scale)
+        assert record["anisotropy_augmentation"] == {"scale": scale}
+        for b in (1000.0, 2500.0):
+            shell = np.flatnonzero(BVALS[BVALS > 0] == b)
+            d = apparent[head][:, np.flatnonzero(BVALS == b)]
+            expected = d.mean(1, keepdims=True) + scale * (d - d.mean(1, keepdims=True))
+            np.testing.assert_allclose(-np.log(features[head][:, shell]) / b, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("option", ["--diffusivity-scale", "--anisotropy-scale"])
+def test_a_scale_beyond_a_subject_level_shift_is_one_error_line(tmp_path, option: str, capsys) -> None:
+    _scan(tmp_path, np.ones((*SHAPE, len(BVALS))), _head(), _bvecs())
+    assert main(["preprocess", "--dwi", str(tmp_path / "dwi.nii.gz"), "--bval", str(tmp_path / "dwi.bval"),
+                 "--bvec", str(tmp_path / "dwi.bvec"), "--output-dir", str(tmp_path / "o"), "--prefix", "sub-01",
+                 option, "3"]) != 0
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("anomri: error:")]
+    assert len(errors) == 1 and "must lie in [0.5, 2.0]" in errors[0]
+    assert not (tmp_path / "o").exists()
