@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 #: The CLI defaults most tests were written against, before the flags took the pipeline's (config.yaml) values:
 #: raw S/S0 features, and calibration without erosion, smoothing or tissue classes.
 RAW_FEATURES = ["--features", "raw"]
-PLAIN_CALIBRATION = ["--erosion-voxels", "0", "--smoothing-fwhm-mm", "0", "--tissue-classes", "1"]
+PLAIN_CALIBRATION = ["--erosion-voxels", "0", "--smoothing-fwhm-mm", "0", "--tissue-classes", "1", "--centring", "none"]
 
 #: Grid of the synthetic scan: small enough to preprocess in milliseconds.
 SHAPE = (8, 8, 6)

@@ -29,7 +29,7 @@ def test_descriptions_map_every_label_to_its_score(tmp_path: Path) -> None:
         assert (row["score_id"], row["formula"]) == (score.id, score.formula)
         assert row["sign_convention"].startswith("higher = more novel")
     assert set(rows) == {"desc-brain", "desc-meanb0", "desc-qspace", "desc-vaereg", "desc-negelbo", "desc-neglog10p",
-                         "desc-p01", "desc-p001"}
+                         "desc-p01", "desc-p001", "desc-clusters"}
     columns = json.loads((tmp_path / "descriptions.json").read_text())
     assert {"score_id", "formula", "sign_convention"} <= set(columns)
     description = json.loads((tmp_path / "dataset_description.json").read_text())

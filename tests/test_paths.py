@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, digest_tree, files_under, write_synthetic_scan
+from test_findings import page_links
 from test_workflow import snakemake, write_tiny_config
 
 from anomri.demo.cohort import demo_participants
@@ -53,6 +54,10 @@ def assert_complete(out: Path) -> None:
         *PATIENTS, "pooled"}
     assert (out / "figures" / "training_curves.png").stat().st_size > 0
     assert all((out / "figures" / f"{pid}_overlay.png").stat().st_size > 0 for pid in PATIENTS)
+    # Every participant's findings, and the cohort page whose relative links resolve below the awkward folder.
+    assert all(ScanDerivatives(out, pid).clusters_table.stat().st_size > 0 for pid in PIDS)
+    assert all((out / "figures" / f"{pid}_findings.png").stat().st_size > 0 for pid in PIDS)
+    assert sorted(row[0] for row in page_links(out / "cohort.html")[1]) == sorted(PIDS)
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from anomri.io.derivatives import ScanDerivatives, sidecar_path
+from anomri.io.nifti import save_volume
 from anomri.maps.postprocess import FWHM_TO_SIGMA, PostProcessing
 from anomri.maps.postprocess import masked_median
 from anomri.maps.probability import HealthyNull, TailModel, fisher_statistic
-from anomri.maps.writing import remove_small_components
+from anomri.maps.writing import remove_small_components, write_probability_map
 
 
 def test_tail_probability_matches_brute_force_count_in_the_body(tmp_path) -> None:
@@ -123,7 +128,7 @@ def test_smoothing_never_leaks_across_the_mask() -> None:
     volume = rng.normal(size=mask.shape).astype(np.float32)
     other = volume.copy()
     other[~mask] = 1e6  # whatever lies outside the brain must not matter
-    post = PostProcessing(erosion_voxels=0, smoothing_fwhm_mm=4.0)
+    post = PostProcessing(erosion_voxels=0, smoothing_fwhm_mm=4.0, centring="none")
     a, mask_a = post.apply(volume, mask, (2.0, 2.0, 2.0))
     b, _ = post.apply(other, mask, (2.0, 2.0, 2.0))
     np.testing.assert_array_equal(a, b)
@@ -139,41 +144,39 @@ def test_constant_map_stays_constant_after_smoothing() -> None:
     mask = np.zeros((15, 15, 15), bool)
     mask[3:12, 2:13, 5:10] = True
     volume = np.full(mask.shape, 7.0, np.float32)
-    out, _ = PostProcessing(erosion_voxels=0, smoothing_fwhm_mm=6.0).apply(volume, mask, (3.0, 3.0, 3.0))
+    out, _ = PostProcessing(erosion_voxels=0, smoothing_fwhm_mm=6.0, centring="none").apply(volume, mask, (3.0, 3.0, 3.0))
     np.testing.assert_allclose(out[mask], 7.0, rtol=1e-5)
 
 
 def test_erosion_peels_the_brain_edge() -> None:
     mask = np.zeros((10, 10, 10), bool)
     mask[2:8, 2:8, 2:8] = True
-    out, eroded = PostProcessing(erosion_voxels=1).apply(np.ones(mask.shape), mask, (1.0, 1.0, 1.0))
+    out, eroded = PostProcessing(erosion_voxels=1, centring="none").apply(np.ones(mask.shape), mask, (1.0, 1.0, 1.0))
     assert eroded.sum() == 4**3
     assert eroded[3:7, 3:7, 3:7].all()
     assert out[2, 4, 4] == 0 and out[4, 4, 4] == 1
 
 
-def test_probability_map_and_lesion_masks_of_a_scan(tmp_path) -> None:
-    import json
-
-    import nibabel as nib
-
-    from anomri.io.derivatives import ScanDerivatives, sidecar_path
-    from anomri.io.nifti import save_volume
-    from anomri.maps.writing import write_probability_map
-
-    rng = np.random.default_rng(8)
-    reference = nib.Nifti1Image(np.zeros((12, 12, 12), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
-    scan = ScanDerivatives(tmp_path, "sub-P01")
+def _scan_with_mask(root, mask: np.ndarray) -> tuple[ScanDerivatives, nib.Nifti1Image]:
+    """sub-P01's derivatives folder under ``root`` holding only its brain mask (2 mm voxels), and the grid."""
+    reference = nib.Nifti1Image(np.zeros(mask.shape, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    scan = ScanDerivatives(root, "sub-P01")
     scan.dir.mkdir(parents=True)
+    save_volume(scan.mask, mask, reference, dtype=np.uint8)
+    return scan, reference
+
+
+def test_probability_map_and_lesion_masks_of_a_scan(tmp_path) -> None:
+    rng = np.random.default_rng(8)
     mask = np.zeros((12, 12, 12), bool)
     mask[1:11, 1:11, 1:11] = True
-    save_volume(scan.mask, mask, reference, dtype=np.uint8)
+    scan, reference = _scan_with_mask(tmp_path, mask)
     volume = rng.normal(size=mask.shape).astype(np.float32)
     volume[5:7, 5:7, 5:7] = 50.0  # an 8-voxel lesion far above the healthy null
     volume[1:4, 1:4, 1:4] = 0.0
     volume[2, 2, 2] = 50.0  # and an isolated voxel
     save_volume(scan.novelty("s"), np.where(mask, volume, 0), reference)
-    null = HealthyNull({"s": rng.normal(size=20_000)}, PostProcessing(0, 0, 0.0))
+    null = HealthyNull({"s": rng.normal(size=20_000)}, PostProcessing(0, 0, 0.0, "none"))
     null_path = tmp_path / "null.npz"
     null.save(null_path)
 
@@ -281,27 +284,16 @@ def test_a_tied_tail_falls_back_to_a_scale_from_the_null_itself() -> None:
 
 def test_cross_conformal_probability_is_the_mean_of_the_fold_models_p(tmp_path) -> None:
     """A patient scored by three fold models: p is the mean of the three p-values, each against the pooled null."""
-    import json
-
-    import nibabel as nib
-
-    from anomri.io.derivatives import ScanDerivatives, sidecar_path
-    from anomri.io.nifti import save_volume
-    from anomri.maps.writing import write_probability_map
-
     rng = np.random.default_rng(16)
-    reference = nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
-    scan = ScanDerivatives(tmp_path, "sub-P01")
-    scan.dir.mkdir(parents=True)
     mask = np.ones((8, 8, 8), bool)
-    save_volume(scan.mask, mask, reference, dtype=np.uint8)
+    scan, reference = _scan_with_mask(tmp_path, mask)
     folds = [tmp_path / "models" / f"fold-{k}" / "maps" for k in (1, 2, 3)]
     fold_maps = [rng.normal(loc=k, size=mask.shape).astype(np.float32) for k in range(3)]
     for tree, volume in zip(folds, fold_maps):
         target = ScanDerivatives(tree, "sub-P01")
         target.dir.mkdir(parents=True)
         save_volume(target.novelty("s"), volume, reference)
-    null = HealthyNull({"s": rng.normal(size=20_000)}, PostProcessing(0, 0, 0.0))
+    null = HealthyNull({"s": rng.normal(size=20_000)}, PostProcessing(0, 0, 0.0, "none"))
     null_path = tmp_path / "null.npz"
     null.save(null_path)
     write_probability_map(scan, HealthyNull.load(null_path), null_path, levels=(0.01,), fold_maps=folds)
@@ -318,7 +310,7 @@ def test_centring_subtracts_the_scans_own_median_after_smoothing() -> None:
     mask = np.zeros((12, 12, 12), bool)
     mask[2:10, 2:10, 2:10] = True
     volume = 3.0 + rng.normal(size=mask.shape)
-    plain, valid = PostProcessing(1, 0, 4.0).apply(volume, mask, (2.0, 2.0, 2.0))
+    plain, valid = PostProcessing(1, 0, 4.0, "none").apply(volume, mask, (2.0, 2.0, 2.0))
     centred, same = PostProcessing(1, 0, 4.0, "median").apply(volume, mask, (2.0, 2.0, 2.0))
     np.testing.assert_array_equal(valid, same)
     np.testing.assert_allclose(centred[valid], plain[valid] - np.median(plain[valid]), rtol=1e-5, atol=1e-6)

@@ -23,8 +23,10 @@ from anomri.scores import score_ids
 REPO = Path(__file__).resolve().parents[1]
 #: Three controls, the smallest cohort the defaults must run: three cross-fitting folds, one control each.
 N_CONTROLS, N_PATIENTS = 3, 2
-#: Detection floor of the tiny run (test_detection_quality_floor).
-AUROC_FLOOR, AUPRC_GAIN_FLOOR = 0.0, 0.0
+#: Detection floor of the tiny run (test_detection_quality_floor): pooled AUROC, and AUPRC as a multiple of the
+#: lesion prevalence (chance). Measured 0.862 and 12.3x (AUPRC 0.075 at prevalence 0.0061) on 2026-12-05; the
+#: floors sit well below so that only a collapse of detection, not a seed or a platform, fails them.
+AUROC_FLOOR, AUPRC_GAIN_FLOOR = 0.75, 4.0
 
 
 def snakemake(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -86,7 +88,9 @@ def test_every_map_written_and_viewable(run: Path) -> None:
         prob = np.asarray(nib.load(scan.probseg).dataobj)
         assert prob.min() >= 0 and prob.max() <= 1
         sidecar = json.loads(sidecar_path(scan.novelty("det-rec-lik")).read_text())
-        assert sidecar["Formula"] and len(sidecar["Model"]["SHA256"]) == 64
+        # A control's map comes from one fold model, a patient's from the ensemble of all of them.
+        models = sidecar["Model"] if isinstance(sidecar["Model"], list) else [sidecar["Model"]]
+        assert sidecar["Formula"] and models and all(len(m["SHA256"]) == 64 for m in models)
 
 
 def _controls() -> list[str]:
@@ -181,7 +185,8 @@ def test_out_of_fold_false_positive_rate_and_noise_matched_calibration(run: Path
         scored = ndimage.binary_erosion(brain)
         flagged = np.asarray(nib.load(scan.lesion_mask(float(row["level"]))).dataobj) > 0
         assert int(row["n_brain_voxels"]) == int(brain.sum()) and int(row["n_scored_voxels"]) == int(scored.sum())
-        assert float(row["realised_fpr"]) == pytest.approx(flagged[scored].sum() / scored.sum())
+        # The table holds 6 significant digits.
+        assert float(row["realised_fpr"]) == pytest.approx(flagged[scored].sum() / scored.sum(), rel=1e-5)
     # Each scan is calibrated against, per other control, its copy nearest the scan's SNR.
     snr_of = {}
     for pid in controls:
@@ -197,7 +202,7 @@ def test_out_of_fold_false_positive_rate_and_noise_matched_calibration(run: Path
         for other in (c for c in controls if c != pid):
             nearest = min((1.0, 1.5, 2.0), key=lambda f: abs(np.log(snr_of[other, f]) - np.log(snr)))
             expected.append((other, nearest))
-        assert [(c["scan"], c["factor"]) for c in record["copies"]] == expected
+        assert sorted((c["scan"], c["factor"]) for c in record["copies"]) == expected  # any order of the controls
         # The -log10 p map is the probability map's p, unsaturated (checked where float32 1 - p is exact enough).
         prob = np.asarray(nib.load(ScanDerivatives(run, pid).probseg).dataobj, np.float64)
         evidence = np.asarray(nib.load(ScanDerivatives(run, pid).neglog10p).dataobj, np.float64)
@@ -249,6 +254,7 @@ def test_report_figures_and_html(run: Path) -> None:
     expected = [f"score-{m}_curves.png" for m in score_ids() + ["lesion-probability"]]
     expected += [f"{pid}_overlay.png" for pid, group in demo_participants(N_CONTROLS, N_PATIENTS)
                  if group == "patient"]
+    expected += [f"{pid}_findings.png" for pid, _ in demo_participants(N_CONTROLS, N_PATIENTS)]
     expected.append("training_curves.png")
     assert sorted(p.name for p in figures.iterdir()) == sorted(expected)
     report = run.parent / "report.html"
@@ -257,6 +263,30 @@ def test_report_figures_and_html(run: Path) -> None:
     html = report.read_text()
     for name in expected + ["evaluation_summary.tsv", "evaluation.tsv", "training_history.tsv"]:
         assert name in html, name
+
+
+def test_every_participant_has_findings_on_the_cohort_page(run: Path) -> None:
+    """Every participant, control or patient, has a clusters table (its rows the components of its lesion masks)
+    and a findings figure, and the cohort page lists them all with links that resolve."""
+    from scipy import ndimage
+
+    from test_findings import page_links
+
+    pids = [pid for pid, _ in demo_participants(N_CONTROLS, N_PATIENTS)]
+    for pid in pids:
+        scan = ScanDerivatives(run, pid)
+        with open(scan.clusters_table, newline="") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        assert "neglog10p_peak" in json.loads(scan.clusters_table.with_suffix(".json").read_text())
+        for level in (0.01, 0.001):
+            mask = np.asarray(nib.load(scan.lesion_mask(level)).dataobj) > 0
+            found = [r for r in rows if float(r["level"]) == level]
+            assert sum(int(r["n_voxels"]) for r in found) == int(mask.sum())
+            assert len(found) == ndimage.label(mask, np.ones((3, 3, 3)))[1]
+        assert (run / "figures" / f"{pid}_findings.png").stat().st_size > 0
+    links, rows = page_links(run / "cohort.html")
+    assert sorted(row[0] for row in rows) == sorted(pids)
+    assert {f"figures/{pid}_findings.png" for pid in pids} <= set(links)
 
 
 def bids_validator() -> str | None:
@@ -300,7 +330,7 @@ def test_no_job_used_more_memory_than_it_requested(run: Path) -> None:
         assert max_rss <= int(mem.group(1)), (rule.group(1), bench.group(1), max_rss, mem.group(1))
         checked.append(rule.group(1))
     # Every rule that ran with a benchmark file, the input-scaled ones among them.
-    assert {"preprocess", "score", "probability", "calibrate", "evaluate", "train"} <= set(checked)
+    assert {"preprocess", "score_control", "score_ensemble", "probability", "calibrate", "evaluate", "train"} <= set(checked)
 
 
 def test_rerun_has_nothing_to_do(run: Path) -> None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from anomri import __version__
-from anomri.cli import bids, demo, dmri, images
+from anomri.cli import bids, demo, dmri, findings, images
 from anomri.cli.registry import COMMANDS, report_error
 from anomri.errors import InputError
 
@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     bids.add_parser(sub)
     demo.add_parser(sub)
     dmri.add_parsers(sub)
+    findings.add_parsers(sub)
     images.add_parsers(sub)
     return parser
 

@@ -10,10 +10,12 @@ Levels
 ------
 participant
     The whole pipeline for the selected participants, as snakebids apps do: preprocessing, training
-    on the selected controls, calibration, every map, and the evaluation when patients have masks.
+    on the selected controls, calibration, every map and every scan's findings (clusters table and
+    figure), and the evaluation when patients have masks.
 group
-    The cohort-level outputs (dataset description, evaluation tables, report figures; any map they
-    need is built when missing), then the self-contained HTML report ``<OUTPUT_DIR>/report.html``.
+    The cohort-level outputs (dataset description, quality and evaluation tables, report figures, the
+    cohort page ``<OUTPUT_DIR>/cohort.html``; any map they need is built when missing), then the
+    self-contained HTML report ``<OUTPUT_DIR>/report.html``.
 
 Exit codes follow the BIDS Apps execution specification; see :class:`ExitCode`. The input dataset
 is checked before anything is written, and never written to.
@@ -219,7 +221,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     # Checked by the command, not argparse: an unknown level exits with 17, as BIDS Apps do.
     p.add_argument("analysis_level", metavar="{participant,group}",
                    help="participant: the whole pipeline for the selected participants; group: the cohort-level "
-                        "evaluation and figures, then OUTPUT_DIR/report.html")
+                        "evaluation, figures and OUTPUT_DIR/cohort.html, then OUTPUT_DIR/report.html")
     p.add_argument("--participant-label", "--participant_label", nargs="+", default=[], metavar="LABEL",
                    help="participants to analyse, with or without 'sub-' (default: all); the model trains on the "
                         "selected controls")

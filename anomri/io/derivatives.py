@@ -14,9 +14,11 @@ each file with a ``.json`` sidecar:
 ``<prefix>_space-dwi_label-L_desc-learned_probseg.nii.gz``  learned lesion probability (opt-in)
 ``<prefix>_space-dwi_label-L_desc-<level>_mask.nii.gz``     lesions at a healthy false-positive
                                                             rate, e.g. ``p01`` = 1 % (uint8)
+``<prefix>_space-dwi_label-L_desc-clusters_table.tsv``      the masks' clusters, one row each [1]
 ==========================================================  ==================================
 
-[1] BIDS has no suffix for them: ``.bidsignore`` lists them (:data:`BIDSIGNORE`). A score's
+[1] BIDS has no suffix for them: ``.bidsignore`` lists them (:data:`BIDSIGNORE`), with the cohort-level
+files (``quality.tsv``, the figures, the cohort page ``cohort.html``). A score's
 ``desc`` label is its id without hyphens (:func:`desc_label`); ``descriptions.tsv`` at the root
 maps every label back. Sidecars name their inputs as BIDS URIs: ``bids::<path>`` in this dataset,
 ``bids:raw:<path>`` in the input dataset (:data:`RAW`, a key of ``DatasetLinks``).
@@ -24,7 +26,9 @@ maps every label back. Sidecars name their inputs as BIDS URIs: ``bids::<path>``
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +40,19 @@ from anomri.io.atomic import write_json, write_text
 #: Name of the input dataset in BIDS URIs (``bids:raw:sub-01/dwi/sub-01_dwi.nii.gz``).
 RAW = "raw"
 BIDS_VERSION = "1.11.0"
-#: What BIDS has no place for, with the reason (README.md, "Outputs").
+#: What BIDS has no place for, with the reason (docs/development.md, "BIDS validity").
 BIDSIGNORE = """\
-# anomri outputs that BIDS 1.11 has no file type for (anomri's README.md, "Outputs", says why).
+# anomri outputs that BIDS 1.11 has no file type for (anomri's docs/development.md, "BIDS validity", says why).
 # Voxelwise novelty scores and -log10 p: BIDS has no suffix for a statistic map of diffusion data.
 *_novelty.*
 # The model's input: q-space features, one volume per feature.
 *_features.*
-# Cohort tables, the trained model, calibration, figures, logs, run times, the image engine, the report.
+# Per-scan tables of the lesion masks' clusters: BIDS has no suffix for a table of findings.
+*_table.*
+# Cohort tables, the trained model, calibration, figures, logs, run times, the image engine, the reports.
 /evaluation*
+/quality*
+/cohort.html
 /models
 /calibration
 /figures
@@ -63,9 +71,11 @@ Derivatives written by anomri {version} from the diffusion MRI dataset {source}
 Per scan, in `sub-<label>/[ses-<label>/]dwi/`: the brain mask and mean b0, one novelty map per score
 (`desc-<score label>_novelty`), the lesion probability (`label-L_probseg`), its -log10 p
 (`label-L_desc-neglog10p_novelty`) and the lesion masks at healthy false-positive levels
-(`label-L_desc-p01_mask`, ...). `descriptions.tsv` explains every `desc` label and maps each score's
-label to its id, formula and sign convention. At the top level: the evaluation tables
-(`evaluation*.tsv`), the trained model (`models/`), the calibration (`calibration/`), the report's
+(`label-L_desc-p01_mask`, ...) with a table of their clusters (`label-L_desc-clusters_table.tsv`).
+`cohort.html` lists every scan's findings and quality checks, with links to its figure and table.
+`descriptions.tsv` explains every `desc` label and maps each score's
+label to its id, formula and sign convention. At the top level: the evaluation and quality
+tables (`evaluation*.tsv`, `quality.tsv`), the trained model (`models/`), the calibration (`calibration/`), the report's
 figures (`figures/`), logs and run times; `.bidsignore` lists what BIDS has no file type for.
 """
 
@@ -136,6 +146,11 @@ class ScanDerivatives:
 
     def lesion_mask(self, level: float) -> Path:
         return self._file(f"label-L_desc-{level_label(level)}_mask.nii.gz")
+
+    @property
+    def clusters_table(self) -> Path:
+        """The lesion masks' clusters (:mod:`anomri.maps.clusters`); its sidecar: ``.with_suffix(".json")``."""
+        return self._file("label-L_desc-clusters_table.tsv")
 
     def uri(self, path: str | Path) -> str:
         """BIDS URI of a file below ``output_dir``: ``bids::sub-01/dwi/...``.
@@ -237,10 +252,24 @@ def description_rows(scores: Iterable[Score], levels: Sequence[float], learned: 
                         sign="higher = more likely lesion"))
     rows += [row(level_label(a), f"Lesion mask (label-L): voxels with p <= {a:g}, flagging a fraction {a:g} of "
                                  "healthy calibration voxels.") for a in levels]
+    if levels:
+        rows.append(row("clusters", "Table of the lesion masks' clusters (label-L; connected components): per "
+                                    "level, each cluster's size, volume, lesion probability, -log10 p and centroid."))
     labels = [r["desc_id"] for r in rows]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two files share a desc label: {sorted(x for x in labels if labels.count(x) > 1)}")
     return rows
+
+
+def layout_digest() -> str:
+    """A short digest of what :func:`write_dataset_description` writes whatever the run's settings.
+
+    ``.bidsignore``, the README template and the fixed rows of ``descriptions.tsv``: the workflow passes it to
+    its ``dataset_description`` rule as a parameter, so that a finished run whose dataset-level files an older
+    anomri wrote gets them rewritten (a new output listed in ``.bidsignore``, a new ``desc`` label).
+    """
+    fixed = json.dumps(description_rows([], [0.5], learned=True))
+    return hashlib.sha256((BIDSIGNORE + README + fixed).encode()).hexdigest()[:12]
 
 
 def _code_url() -> dict[str, str]:

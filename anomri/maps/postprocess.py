@@ -105,6 +105,9 @@ def masked_median(volume: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray
     return np.nanmedian(windows.reshape(len(windows), -1), axis=1)
 
 
+#: Neighbourhood of the lesion masks' connected components: the ``min_component_voxels`` filter and the
+#: clusters table (:mod:`anomri.maps.clusters`) count 26-connected components.
+MASK_CONNECTIVITY = 26
 # scipy's ``generate_binary_structure(3, c)`` connectivity for each neighbourhood size.
 _NEIGHBOURHOOD_TO_SCIPY = {6: 1, 18: 2, 26: 3}
 

@@ -15,7 +15,7 @@ from anomri.io.derivatives import ScanDerivatives, sidecar_path
 from anomri.io.nifti import load_mask, load_nifti, read_data, save_volume
 from anomri.io.voxels import read_snr
 from anomri.maps.novelty import NoveltyModel
-from anomri.maps.postprocess import PostProcessing, label_components
+from anomri.maps.postprocess import MASK_CONNECTIVITY, PostProcessing, label_components
 from anomri.maps.probability import HealthyNull, participant
 from anomri.maps.quality import ShiftCheck, check_shift, subject_shift
 from anomri.models.checkpoint import file_sha256
@@ -188,7 +188,7 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
             "Threshold": null.final.quantile(level),
             "ThresholdOn": null.statistic,
             "MinComponentVoxels": min_component_voxels,
-            "Connectivity": 26,
+            "Connectivity": MASK_CONNECTIVITY,
             "QualityCheck": quality,
             "Calibration": {"Path": str(null_path), "SHA256": calibration["SHA256"]},
             **_provenance(scan, [scan.probseg]),
@@ -204,10 +204,10 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
 
 
 def remove_small_components(mask: np.ndarray, min_voxels: int) -> np.ndarray:
-    """``mask`` without its 26-connected components of fewer than ``min_voxels`` voxels."""
+    """``mask`` without its connected components (:data:`MASK_CONNECTIVITY`) of fewer than ``min_voxels`` voxels."""
     if min_voxels <= 1:
         return mask
-    labels, _ = label_components(mask, 26)
+    labels, _ = label_components(mask, MASK_CONNECTIVITY)
     sizes = np.bincount(labels.ravel())
     keep = sizes >= min_voxels
     keep[0] = False

@@ -13,7 +13,7 @@ from anomri.errors import InputError
 from anomri.evaluate.table import PROBABILITY
 from anomri.io.bids import PREFIX_PATTERN
 from anomri.io.cohort import plan_from_config
-from anomri.io.derivatives import ScanDerivatives, desc_label, level_label
+from anomri.io.derivatives import ScanDerivatives, desc_label, layout_digest, level_label
 from anomri.report.figures import FigurePaths
 from anomri.scores import get_scores
 
@@ -231,9 +231,23 @@ EVALUATED_MAPS = SCORES + [PROBABILITY]
 
 
 def report_figures():
-    """Every report figure the default target builds."""
-    figures = [FIGURES.training]
+    """Every report figure the default target builds: a findings figure for every scan, labelled or not."""
+    figures = [FIGURES.training] + [FIGURES.findings(s.prefix) for s in PLAN.scans]
     if PLAN.evaluable:
         figures += [FIGURES.curves(m) for m in EVALUATED_MAPS]
         figures += [FIGURES.overlay(s.prefix) for s in PLAN.evaluable]
     return figures
+
+
+def findings_inputs(wildcards):
+    """The maps a scan's findings figure draws (rule plot_findings), with its lesion mask where it has one."""
+    scan = derivatives(wildcards.prefix)
+    inputs = {
+        "b0": scan.b0,
+        "mask": scan.mask,
+        "evidence": scan.neglog10p,
+        "masks": [scan.lesion_mask(a) for a in config["probability"]["levels"]],
+    }
+    if SCANS[wildcards.prefix].lesion_mask:
+        inputs["lesion"] = SCANS[wildcards.prefix].lesion_mask
+    return inputs

@@ -87,6 +87,9 @@ rule dataset_description:
         scores=SCORES,
         levels=config["probability"]["levels"],
         learned=["--learned"] if LEARNED else [],
+        # Not on the command line: a new anomri whose dataset-level files differ (.bidsignore, desc labels) rewrites
+        # them in a finished run.
+        layout=layout_digest(),
     shell:
         '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} dataset-description'
         " --derivatives-dir {params.derivatives:q} --source {params.source:q} --scores {params.scores:q}"

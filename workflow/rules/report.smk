@@ -1,5 +1,6 @@
 # Figures of the HTML report (snakemake --report report.html): ROC/PR curves per score, one overlay
-# per patient, training curves. They are part of the default target, so the report finds them.
+# per patient with a lesion mask, one findings figure per scan (labelled or not), training curves.
+# They are part of the default target, so the report finds them; so is the cohort page, cohort.html.
 # Thin rules only: each calls one `anomri` command. Their paths: FIGURES (rules/common.smk).
 
 
@@ -64,6 +65,65 @@ rule plot_overlay:
         '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} plot-overlay'
         " --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
         " --lesion-mask {input.lesion:q} --evaluation {input.evaluation:q} --out {output:q}"
+
+
+rule plot_findings:
+    # Any scan, labelled or not: -log10 p over the mean b0 through its largest flagged clusters.
+    input:
+        unpack(findings_inputs),
+    output:
+        report(
+            FIGURES.findings("{prefix}"),
+            caption="../report/dmri_findings.rst",
+            category="Findings",
+            subcategory="Figures",
+            labels={"scan": "{prefix}"},
+        ),
+    log:
+        LOGS / "figures" / "findings_{prefix}.log",
+    benchmark:
+        benchmark_file("plot_findings", "{prefix}")
+    conda:
+        "../envs/anomri.yaml"
+    threads: 1
+    resources:
+        mem_mb=600,  # 1.5x peak RSS 328 MB on a 1 mm scan (182 x 218 x 182); 207 MB on a 3 mm cohort
+        runtime=10,
+    params:
+        derivatives=OUT,
+        levels=config["probability"]["levels"],
+        lesion=lambda wc, input: optional_flag("--lesion-mask", input, "lesion"),
+    shell:
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} plot-findings'
+        " --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q} --levels {params.levels:q}"
+        " {params.lesion:q} --out {output:q}"
+
+
+rule cohort_page:
+    # One HTML file, opened without a server: every scan's findings and quality checks, linking its figure and table.
+    input:
+        quality=OUT / "quality.tsv",
+        tables=[derivatives(s.prefix).clusters_table for s in PLAN.scans],
+        figures=[FIGURES.findings(s.prefix) for s in PLAN.scans],
+    output:
+        OUT / "cohort.html",
+    log:
+        LOGS / "cohort_page.log",
+    benchmark:
+        benchmark_file("cohort_page")
+    conda:
+        "../envs/anomri.yaml"
+    threads: 1
+    resources:
+        mem_mb=500,  # 1.5x peak RSS 187 MB on a 10-scan cohort: the tables only, not the images
+        runtime=5,
+    params:
+        derivatives=OUT,
+        levels=config["probability"]["levels"],
+    shell:
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} cohort-page'
+        " --derivatives-dir {params.derivatives:q} --quality {input.quality:q} --levels {params.levels:q}"
+        " --out {output:q}"
 
 
 rule plot_training:
