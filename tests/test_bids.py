@@ -505,7 +505,9 @@ def test_demo_plan_honours_the_selection(tmp_path: Path) -> None:
     from anomri.demo.plan import planned_scans
 
     config = defaults()
-    config.update(output_dir=str(tmp_path), exclude_participant_label=["C08", "P04"])
+    n_controls, n_patients = config["demo"]["n_controls"], config["demo"]["n_patients"]
+    # Leave out the last control and the last patient of the demo cohort.
+    config.update(output_dir=str(tmp_path), exclude_participant_label=[f"C{n_controls:02d}", f"P{n_patients:02d}"])
     plan = plan_from_config(config, planned_scans(config))
-    assert [s.participant_id for s in plan.scans] == [f"sub-C0{i}" for i in range(1, 8)] + [
-        f"sub-P0{i}" for i in range(1, 4)]
+    assert [s.participant_id for s in plan.scans] == [f"sub-C{i:02d}" for i in range(1, n_controls)] + [
+        f"sub-P{i:02d}" for i in range(1, n_patients)]
