@@ -25,7 +25,7 @@ def run_preprocess(args: argparse.Namespace) -> None:
     preprocess_scan(args.dwi, args.bval, args.bvec, ScanDerivatives(args.output_dir, args.prefix),
                     mask=args.mask, lesion_mask=args.lesion_mask, b0_threshold=args.b0_threshold,
                     denoising=args.denoise, representation=args.features, context=args.context,
-                    context_radius=args.context_radius, gibbs=args.gibbs_removal,
+                    context_radius=args.context_radius, harmonisation=args.harmonisation, gibbs=args.gibbs_removal,
                     motion_correction=args.motion_correction, noise_factor=args.noise_factor,
                     noise_seed=args.noise_seed, diffusivity_scale=args.diffusivity_scale,
                     anisotropy_scale=args.anisotropy_scale, source_dir=args.source_dir)
@@ -180,6 +180,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="spatial context: append the in-mask neighbourhood mean and std of every feature")
     p.add_argument("--context-radius", type=int, default=default("preprocessing.context_radius"),
                    help="neighbourhood half-width, voxels (1: 3x3x3)")
+    p.add_argument("--harmonisation", default=default("preprocessing.harmonisation"), choices=["none", "median"],
+                   help="per-subject harmonisation: divide every feature by its brain median")
     p.add_argument("--gibbs-removal", action=argparse.BooleanOptionalAction,
                    default=default("preprocessing.gibbs_removal"),
                    help="remove Gibbs ringing (dipy, slice by slice along the third axis)")

@@ -49,6 +49,9 @@ class FeatureSet:
     context : dict, optional
         Spatial-context settings when neighbourhood features were appended
         (:func:`anomri.dmri.context.add_context`); None for per-voxel features.
+    harmonisation : dict, optional
+        The per-subject harmonisation and its divisors
+        (:func:`anomri.dmri.harmonisation.harmonise`); None when not harmonised.
     """
 
     data: np.ndarray
@@ -56,13 +59,15 @@ class FeatureSet:
     representation: str
     scheme: dict = field(default_factory=dict)
     context: dict | None = None
+    harmonisation: dict | None = None
 
     def description(self) -> dict:
         """The JSON-ready part of the sidecar."""
-        # Per-voxel features leave "Context" out, so their sidecars read as before.
+        # Optional parts are left out when unused, so older sidecars read the same.
         context = {"Context": self.context} if self.context is not None else {}
+        harmonisation = {"Harmonisation": self.harmonisation} if self.harmonisation is not None else {}
         return {"Representation": self.representation, "FeatureNames": self.names, "Scheme": self.scheme,
-                **context}
+                **context, **harmonisation}
 
 
 def raw_signal_features(norm: NormalizedDWI, gtab: GradientTable) -> FeatureSet:
@@ -103,13 +108,16 @@ def check_compatible(expected: dict, actual: dict, path: str | Path) -> None:
     ``expected`` and ``actual`` are :meth:`FeatureSet.description` dictionaries.
     Raw signals must come from the same b-values (within 5 %) and directions
     (up to sign, which diffusion cannot tell apart); the spatial context
-    settings must match too.
+    settings and the harmonisation method must match too.
     """
     if expected["Representation"] != actual["Representation"]:
         raise InputError(path, f"features are '{actual['Representation']}', expected '{expected['Representation']}'")
     if expected.get("Context") != actual.get("Context"):
         raise InputError(path, f"spatial context {actual.get('Context')} differs from the training features' "
                                f"{expected.get('Context')}")
+    methods = [(d.get("Harmonisation") or {}).get("Method", "none") for d in (expected, actual)]
+    if methods[0] != methods[1]:
+        raise InputError(path, f"features harmonised by '{methods[1]}', the training features by '{methods[0]}'")
     if expected["Representation"] != "raw":
         if expected["FeatureNames"] != actual["FeatureNames"]:
             raise InputError(path, "feature names differ from the training features (different shells?)")

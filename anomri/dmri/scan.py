@@ -19,6 +19,7 @@ from anomri import __version__
 from anomri.dmri.augmentation import scale_anisotropy, scale_diffusivity
 from anomri.dmri.context import add_context
 from anomri.dmri.features import FeatureSet, compute_features
+from anomri.dmri.harmonisation import harmonise
 from anomri.dmri.gradients import load_gradient_table
 from anomri.dmri.motion import correct_motion, motion_record
 from anomri.dmri.noise import add_noise, estimate_sigma, signal_to_noise
@@ -44,6 +45,7 @@ def preprocess_scan(
     representation: str = default("preprocessing.features"),
     context: str = default("preprocessing.context"),
     context_radius: int = default("preprocessing.context_radius"),
+    harmonisation: str = default("preprocessing.harmonisation"),
     gibbs: bool = default("preprocessing.gibbs_removal"),
     motion_correction: bool = default("preprocessing.motion_correction"),
     noise_factor: float = 1.0,
@@ -60,7 +62,9 @@ def preprocess_scan(
     (``motion_correction``) registered volume by volume to the mean b0 with
     the b-vectors rotated accordingly; ``context`` and ``context_radius``
     optionally append in-mask neighbourhood statistics
-    (:func:`anomri.dmri.context.add_context`).
+    (:func:`anomri.dmri.context.add_context`) to the features, after
+    ``harmonisation`` has (or has not) scaled each to its brain median
+    (:func:`anomri.dmri.harmonisation.harmonise`).
 
     With ``noise_factor`` > 1 the scan is first made noisier, as if acquired
     with a noise standard deviation ``noise_factor`` times its own (estimated
@@ -124,7 +128,11 @@ def preprocess_scan(
             except ValueError as exc:
                 raise InputError(f"--{option}-scale", str(exc)) from exc
             noise |= {f"{option}_augmentation": {"scale": scale}}
-    features = add_context(compute_features(norm, gtab, representation), norm.mask, context, context_radius)
+    try:
+        features = harmonise(compute_features(norm, gtab, representation), norm.mask, harmonisation)
+    except ValueError as exc:
+        raise InputError(dwi, str(exc)) from exc
+    features = add_context(features, norm.mask, context, context_radius)
 
     reference = source_uri(dwi, source_dir)
     sources = [source_uri(path, source_dir) for path in (dwi, bval, bvec, *([mask] if mask else []))]

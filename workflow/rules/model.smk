@@ -41,7 +41,7 @@ rule augment:
         " --b0-threshold {params.pre[b0_threshold]:q} --denoise {params.pre[denoise]:q}"
         " {params.gibbs:q} {params.motion:q} {params.options:q} --noise-seed {params.seed:q}"
         " --features {params.pre[features]:q} --context {params.pre[context]:q}"
-        " --context-radius {params.pre[context_radius]:q}"
+        " --context-radius {params.pre[context_radius]:q} --harmonisation {params.pre[harmonisation]:q}"
 
 
 rule pool_training_voxels:

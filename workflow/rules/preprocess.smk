@@ -37,4 +37,4 @@ rule preprocess:
         " --b0-threshold {params.pre[b0_threshold]:q} --denoise {params.pre[denoise]:q}"
         " {params.gibbs:q} {params.motion:q}"
         " --features {params.pre[features]:q} --context {params.pre[context]:q}"
-        " --context-radius {params.pre[context_radius]:q}"
+        " --context-radius {params.pre[context_radius]:q} --harmonisation {params.pre[harmonisation]:q}"
