@@ -16,8 +16,9 @@ from anomri.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 #: The CLI defaults most tests were written against, before the flags took the pipeline's (config.yaml) values:
-#: raw S/S0 features, and calibration without erosion, smoothing or tissue classes.
-RAW_FEATURES = ["--features", "raw"]
+#: raw S/S0 features left unharmonised (so tests can check them against the signal they were made from), and
+#: calibration without erosion, smoothing or tissue classes.
+RAW_FEATURES = ["--features", "raw", "--harmonisation", "none"]
 PLAIN_CALIBRATION = ["--erosion-voxels", "0", "--smoothing-fwhm-mm", "0", "--tissue-classes", "1", "--centring", "none"]
 
 #: Grid of the synthetic scan: small enough to preprocess in milliseconds.
