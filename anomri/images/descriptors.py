@@ -55,6 +55,8 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 from sklearn.covariance import LedoitWolf, MinCovDet
 
+from anomri.images.settings import DESCRIPTOR_ESTIMATORS
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DESCRIPTOR_GROUPS", "ESTIMATORS", "GlobalDescriptorFit", "GlobalDescriptorModel", "band_edges",
@@ -63,7 +65,7 @@ __all__ = ["DESCRIPTOR_GROUPS", "ESTIMATORS", "GlobalDescriptorFit", "GlobalDesc
 #: The descriptor groups, in the order of the vector.
 DESCRIPTOR_GROUPS = ("intensity", "spectrum", "local")
 #: Estimators of the normal descriptor distribution.
-ESTIMATORS = ("ledoit-wolf", "mcd", "knn")
+ESTIMATORS = DESCRIPTOR_ESTIMATORS
 #: Quantiles of the pixel values (group ``intensity``).
 INTENSITY_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 #: Quantiles of each local map over the image (group ``local``), besides its mean and standard deviation.

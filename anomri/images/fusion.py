@@ -19,10 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FUSION_RULES", "NormalCalibration", "fuse"]
+from anomri.images.settings import FUSION_RULES
 
-#: How calibrated scores are combined (:func:`fuse`).
-FUSION_RULES = ("max", "mean")
+__all__ = ["FUSION_RULES", "NormalCalibration", "fuse"]
 
 
 @dataclass(frozen=True)
