@@ -17,7 +17,7 @@ from PIL import Image
 from anomri.errors import InputError
 from anomri.images.outputs import ImageOutputs
 from anomri.images.scoring import score_method
-from anomri.images.settings import METHODS, ImageSettings
+from anomri.images.settings import METHODS, PRIMARY_SCORE, ImageSettings
 from anomri.images.training import load_image_model, save_image_model
 from anomri.io.images import scan_mvtec
 
@@ -120,6 +120,13 @@ def test_tables(run: tuple[Path, Path]) -> None:
     for row in primary:
         assert 0.0 <= float(row["image_auroc"]) <= 1.0 and 0.0 <= float(row["pixel_auroc"]) <= 1.0
         assert 0.0 <= float(row["aupro"]) <= 1.0
+    # The image-level descriptor novelty, and every method's primary score fused with it (image metrics only).
+    descriptor = [r for r in rows if r["method"] == "global-descriptors"]
+    assert {r["defect_type"] for r in descriptor} == {"all", "fluid", "drusen"}
+    fused = {(r["method"], r["score"]) for r in rows if r["score"].endswith("+descriptors")}
+    assert fused == {(m, f"{PRIMARY_SCORE[m]}+descriptors") for m in METHODS}
+    for row in descriptor + [r for r in rows if r["score"].endswith("+descriptors")]:
+        assert 0.0 <= float(row["image_auroc"]) <= 1.0 and row["pixel_auroc"] == "n/a"
 
 
 def test_rerun_has_nothing_to_do(run: tuple[Path, Path]) -> None:

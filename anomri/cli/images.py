@@ -36,14 +36,17 @@ def run_images_score(args: argparse.Namespace) -> None:
 @command("images-evaluate")
 def run_images_evaluate(args: argparse.Namespace) -> None:
     from anomri.images.evaluation import evaluate_methods
+    from anomri.images.global_scores import descriptor_score_rows
     from anomri.images.outputs import ImageOutputs
     from anomri.images.settings import ImageSettings
 
     out = ImageOutputs(args.images_dir)
     settings = ImageSettings.from_json(args.settings)
+    descriptor_rows = descriptor_score_rows(args.root, settings) if settings.descriptor_score else None
     evaluate_methods(args.root, {m: out.scores(m) for m in args.methods}, {m: out.thresholds(m) for m in args.methods},
                      {m: out.maps(m) for m in args.methods}, out.image_scores, out.evaluation, out.curves,
-                     settings.threshold_percentile, settings.aupro_fpr_limit)
+                     settings.threshold_percentile, settings.aupro_fpr_limit,
+                     descriptor_rows=descriptor_rows, fusion=settings.descriptor_fusion)
 
 
 @command("images-report")

@@ -15,8 +15,9 @@ from anomri.errors import InputError
 if TYPE_CHECKING:
     from anomri.images.geometry import ImageGeometry
 
-__all__ = ["CHOICES", "DRAEM_TEXTURES", "GEOMETRIES", "GEOMETRY_SETTINGS", "ImageSettings", "LR_SCHEDULES",
-           "MAP_NORMALIZATIONS", "METHODS", "MODEL_OF_METHOD", "PRIMARY_SCORE", "PROJECTION_MAPS", "SLOW_IMAGE_SCORES"]
+__all__ = ["CHOICES", "DESCRIPTOR_ESTIMATORS", "DRAEM_TEXTURES", "FUSION_RULES", "GEOMETRIES", "GEOMETRY_SETTINGS",
+           "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS", "MODEL_OF_METHOD", "PRIMARY_SCORE",
+           "PROJECTION_MAPS", "SLOW_IMAGE_SCORES"]
 
 #: Method id (output folder) -> the trained model it needs.
 MODEL_OF_METHOD = {"vae": "conv-vae", "vae-projection": "conv-vae", "anogan": "anogan", "mhp-vae": "mhp-vae",
@@ -44,12 +45,17 @@ GEOMETRIES = ("resize", "tile")
 GEOMETRY_SETTINGS = {"draem": ("draem_geometry", "draem_tile_scale")}
 #: Texture sources of DRAEM's synthetic anomalies (:mod:`anomri.models.synthetic_anomalies`).
 DRAEM_TEXTURES = ("both", "self", "procedural")
+#: Models of the normal global descriptors (:class:`~anomri.images.descriptors.GlobalDescriptorModel`).
+DESCRIPTOR_ESTIMATORS = ("ledoit-wolf", "mcd", "knn")
+#: How calibrated image scores are fused (:func:`~anomri.images.fusion.fuse`).
+FUSION_RULES = ("max", "mean")
 
 
 #: Settings that take one of a few values, and those values.
 CHOICES = {"geometry": GEOMETRIES, "draem_geometry": GEOMETRIES, "map_normalization": MAP_NORMALIZATIONS,
            "score_normalization": MAP_NORMALIZATIONS, "vae_lr_schedule": LR_SCHEDULES,
-           "projection_map": PROJECTION_MAPS, "draem_lr_schedule": LR_SCHEDULES, "draem_texture": DRAEM_TEXTURES}
+           "projection_map": PROJECTION_MAPS, "draem_lr_schedule": LR_SCHEDULES, "draem_texture": DRAEM_TEXTURES,
+           "descriptor_estimator": DESCRIPTOR_ESTIMATORS, "descriptor_fusion": FUSION_RULES}
 
 
 def _invalid(name: str, expected: str, value: object) -> None:
@@ -121,6 +127,12 @@ class ImageSettings:
     draem_ridge_probability: float = 0.5
     draem_geometry: str = "resize"
     draem_tile_scale: float = 1.0
+    # image-level global descriptors (anomri.images.descriptors): their own score, and fused with each primary
+    descriptor_score: bool = True
+    descriptor_estimator: str = "ledoit-wolf"
+    descriptor_size: int = 128
+    descriptor_scales: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
+    descriptor_fusion: str = "max"
     # maps and evaluation
     map_sigma: float = 1.0
     map_normalization: str = "none"
