@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 from anomri.errors import InputError
 from anomri.images.settings import DRAEM_TEXTURES, ImageSettings
 from anomri.images.training import train_image_model
-from anomri.models.synthetic_anomalies import TEXTURE_SOURCES, perlin_masks, perlin_noise, synthesize_anomalies
+from anomri.models.synthetic_anomalies import (FAINT_CHANGES, TEXTURE_SOURCES, faint_anomalies, perlin_masks,
+                                               perlin_noise, soft_masks, synthesize_anomalies)
 
 
 def _brute_perlin(angles: np.ndarray, i: int, j: int, height: int, width: int) -> float:
@@ -121,6 +122,63 @@ def test_synthetic_anomalies_stay_inside_their_masks(source: str) -> None:
     assert torch.equal(none.images, images) and not none.masks.any()
 
 
+def test_soft_masks_are_large_smooth_regions_of_their_drawn_area() -> None:
+    size, low, high = 128, 0.1, 0.5
+    alpha = soft_masks(40, size, (low, high), torch.Generator().manual_seed(0)).numpy()
+    assert alpha.shape == (40, size, size) and alpha.min() >= 0 and alpha.max() <= 1
+    areas = (alpha >= 0.5).mean(axis=(1, 2))
+    assert np.all(areas >= low - 1 / size**2) and np.all(areas <= high + 1 / size**2)
+    assert areas.max() - areas.min() > 0.5 * (high - low)
+    # Soft: every mask has a border of intermediate weights, and neighbouring pixels differ by far less than 1.
+    assert np.all(((alpha > 0.05) & (alpha < 0.95)).mean(axis=(1, 2)) > 0.01)
+    assert np.abs(np.diff(alpha, axis=2)).max() < 0.5
+    # Large: a few pieces of several per cent of the image each, not specks.
+    piece_size = areas / np.array([ndimage.label(a >= 0.5)[1] for a in alpha])
+    assert piece_size.min() >= 0.01 and np.median(piece_size) >= 0.03
+    with pytest.raises(ValueError, match="soft mask area"):
+        soft_masks(1, size, (0.2, 1.0), torch.Generator())
+
+
+def test_faint_anomalies_blend_a_change_of_the_image_under_a_soft_mask() -> None:
+    # Black images, white "other" images: of the changes, only brightness (by at most 0.25, upwards) and the
+    # other image (to exactly 1) move a black pixel, so an image whose change reaches past 0.25 took the other
+    # image, and there the result is x + alpha (1 - x) = alpha, the soft mask itself.
+    n, size = 120, 32
+    black, white = torch.zeros(n, 1, size, size), torch.ones(n, 1, size, size)
+    batch = faint_anomalies(black, torch.Generator().manual_seed(3), area=(0.1, 0.5), others=white)
+    assert batch.images.min() >= 0 and batch.images.max() <= 1
+    other = batch.images.flatten(1).amax(1) > 0.25
+    assert abs(float(other.float().mean()) - 1 / len(FAINT_CHANGES)) < 0.1  # one change in six
+    alpha = batch.images[other]
+    torch.testing.assert_close(batch.masks[other], (alpha >= 0.5).float())
+    areas = batch.masks[other].flatten(1).mean(1)
+    assert torch.all(areas >= 0.1 - 1 / size**2) and torch.all(areas <= 0.5 + 1 / size**2)
+    brightness = ~other & (batch.images.flatten(1).amax(1) > 0)
+    assert torch.all(batch.images[brightness] <= 0.25 + 1e-6)
+    # On a mid-grey image every change moves pixels, and never by more than the soft mask allows: |x' - x| <= 1 * alpha
+    # with alpha < 0.5 outside the mask.
+    grey = torch.full((n, 1, size, size), 0.5) + 0.1 * torch.rand(n, 1, size, size)
+    moved = faint_anomalies(grey, torch.Generator().manual_seed(4), others=torch.rand(n, 1, size, size))
+    outside = moved.masks.expand_as(grey) == 0
+    assert (moved.images - grey).abs()[outside].max() < 0.5
+
+
+def test_faint_anomalies_replace_a_share_of_the_pasted_ones() -> None:
+    images = torch.rand(64, 1, 32, 32)
+    generator = torch.Generator().manual_seed(5)
+    every = synthesize_anomalies(images, generator, probability=1.0, area=(0.001, 0.01), faint_probability=1.0)
+    areas = every.masks.flatten(1).mean(1)
+    assert torch.all(areas >= 0.1 - 1 / 32**2)  # all large: none of the pasted masks' 0.1-1 %
+    half = synthesize_anomalies(images, torch.Generator().manual_seed(6), probability=1.0, area=(0.001, 0.01),
+                                faint_probability=0.5)
+    share = float((half.masks.flatten(1).mean(1) >= 0.05).float().mean())
+    assert 0.3 < share < 0.7
+    kept = synthesize_anomalies(images, torch.Generator().manual_seed(7), probability=0.0, faint_probability=1.0)
+    assert torch.equal(kept.images, images) and not kept.masks.any()  # only images chosen for an anomaly get one
+    with pytest.raises(ValueError, match="faint anomaly probability"):
+        synthesize_anomalies(images, generator, faint_probability=1.5)
+
+
 def test_texture_choices_agree_and_bad_draem_settings_are_refused() -> None:
     assert DRAEM_TEXTURES == TEXTURE_SOURCES
     with pytest.raises(InputError, match="draem_texture"):
@@ -129,6 +187,10 @@ def test_texture_choices_agree_and_bad_draem_settings_are_refused() -> None:
         ImageSettings(draem_mask_area=[0.5, 0.1])
     with pytest.raises(InputError, match="draem_ridge_probability"):
         ImageSettings(draem_ridge_probability=-0.1)
+    with pytest.raises(InputError, match="draem_faint_probability"):
+        ImageSettings(draem_faint_probability=2.0)
+    with pytest.raises(InputError, match="draem_faint_area"):
+        ImageSettings(draem_faint_area=[0.2, 1.0])
 
 
 @pytest.fixture

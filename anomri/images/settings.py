@@ -125,6 +125,8 @@ class ImageSettings:
     draem_mask_area: list[float] = field(default_factory=lambda: [0.001, 0.3])
     draem_texture: str = "both"
     draem_ridge_probability: float = 0.5
+    draem_faint_probability: float = 0.0
+    draem_faint_area: list[float] = field(default_factory=lambda: [0.1, 0.5])
     draem_geometry: str = "resize"
     draem_tile_scale: float = 1.0
     # image-level global descriptors (anomri.images.descriptors): their own score, and fused with each primary
@@ -157,6 +159,11 @@ class ImageSettings:
             _invalid("draem_mask_area", "[min, max] with 0 < min <= max <= 1", area)
         if not 0.0 <= self.draem_ridge_probability <= 1.0:
             _invalid("draem_ridge_probability", "in [0, 1]", self.draem_ridge_probability)
+        if not 0.0 <= self.draem_faint_probability <= 1.0:
+            _invalid("draem_faint_probability", "in [0, 1]", self.draem_faint_probability)
+        faint = self.draem_faint_area
+        if not (len(faint) == 2 and 0.0 < faint[0] <= faint[1] < 1.0):
+            _invalid("draem_faint_area", "[min, max] with 0 < min <= max < 1", faint)
 
     @classmethod
     def from_json(cls, text: str) -> ImageSettings:

@@ -114,7 +114,8 @@ def _synthetic(model: DRAEM, batch: torch.Tensor, generator: torch.Generator, s:
                ) -> dict[str, torch.Tensor]:
     """DRAEM's losses on ``batch`` with synthetic anomalies drawn from ``generator``."""
     corrupted = synthesize_anomalies(batch, generator, s.draem_anomaly_probability, s.draem_mask_area,
-                                     s.draem_texture, s.draem_ridge_probability)
+                                     s.draem_texture, s.draem_ridge_probability, s.draem_faint_probability,
+                                     s.draem_faint_area)
     return model.losses(batch, corrupted.images, corrupted.masks)
 
 
@@ -175,7 +176,7 @@ TRAINING_SETTINGS = {
                 "mhp_adversarial_weight", "mhp_wta_epsilon"),
     "draem": ("draem_reconstruction_channels", "draem_segmentation_channels", "draem_learning_rate",
               "draem_lr_schedule", "draem_anomaly_probability", "draem_mask_area", "draem_texture",
-              "draem_ridge_probability"),
+              "draem_ridge_probability", "draem_faint_probability", "draem_faint_area"),
 }
 #: The learning-rate schedule setting of each model kind that has one (the others keep a constant rate).
 LR_SCHEDULE_SETTING = {"conv-vae": "vae_lr_schedule", "draem": "draem_lr_schedule"}
