@@ -53,6 +53,12 @@ def _draw(low: float, high: float, generator: torch.Generator) -> float:
     return low + (high - low) * float(torch.rand((), generator=generator, device=generator.device))
 
 
+def _corner(height: int, width: int, size: int, generator: torch.Generator) -> tuple[int, int]:
+    """A random top-left corner at which a ``height`` x ``width`` box lies inside a ``size`` px image."""
+    return tuple(int(torch.randint(0, size - side + 1, (), generator=generator, device=generator.device))
+                 for side in (height, width))
+
+
 def patch_outline(kind: str, size: int, generator: torch.Generator) -> torch.Tensor:
     """The boolean outline (h, w) of one patch of ``kind`` ("cut-paste" or "scar") for a ``size`` px image.
 
@@ -126,8 +132,7 @@ def cut_paste(images: torch.Tensor, kind: str, generator: torch.Generator) -> Pa
     for i in range(n):
         outline = patch_outline(kind, size, generator)
         height, width = outline.shape
-        source, target = ([int(torch.randint(0, size - side + 1, (), generator=generator, device=generator.device))
-                           for side in (height, width)] for _ in range(2))
+        source, target = _corner(height, width, size, generator), _corner(height, width, size, generator)
         gain[i] = _draw(1.0 - JITTER, 1.0 + JITTER, generator)
         bias[i] = _draw(-JITTER, JITTER, generator)
         offsets[i] = torch.tensor([target[0] - source[0], target[1] - source[1]])
