@@ -37,8 +37,8 @@ from anomri.settings import default
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_KINDS", "build_model", "build_patch_memory", "train_image_model", "train_on_folder", "save_image_model",
-           "load_image_model"]
+__all__ = ["MODEL_KINDS", "build_model", "build_patch_memory", "train_image_model", "train_on_folder",
+           "save_image_model", "load_image_model"]
 
 MODEL_KINDS: dict[str, type[nn.Module]] = {"conv-vae": ConvVAE, "anogan": DCGAN, "mhp-vae": MultiHypothesisVAE,
                                            "draem": DRAEM, "patch-memory": PatchMemory}
