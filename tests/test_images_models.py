@@ -201,11 +201,13 @@ def _settings(**kw) -> ImageSettings:
     base = {"vae_channels": [4, 8], "vae_latent_size": 4, "anogan_channels": [4, 8], "anogan_latent_size": 4,
             "mhp_channels": [4, 8], "mhp_latent_size": 4, "mhp_hypotheses": 2, "batch_size": 4,
             "draem_reconstruction_channels": [4, 8], "draem_segmentation_channels": [4, 8],
-            "vae_epochs": 2, "anogan_epochs": 2, "mhp_epochs": 2, "draem_epochs": 2}
+            "patch_memory_width": 4, "patch_memory_batch_size": 4, "patch_memory_positions": 4,
+            "patch_memory_coreset_size": 20,
+            "vae_epochs": 2, "anogan_epochs": 2, "mhp_epochs": 2, "draem_epochs": 2, "patch_memory_epochs": 2}
     return ImageSettings(**(base | kw))
 
 
-@pytest.mark.parametrize("kind", ["conv-vae", "anogan", "mhp-vae", "draem"])
+@pytest.mark.parametrize("kind", ["conv-vae", "anogan", "mhp-vae", "draem", "patch-memory"])
 def test_training_resumes_to_the_same_weights_and_checkpoints_round_trip(kind: str, tmp_path) -> None:
     images = np.random.default_rng(0).random((10, 1, 16, 16), dtype=np.float32)
     # A constant learning rate, so a finished shorter run can be resumed for more epochs.
@@ -214,7 +216,7 @@ def test_training_resumes_to_the_same_weights_and_checkpoints_round_trip(kind: s
     assert len(history) == 2
     resume = tmp_path / "resume.pt"
     train_image_model(kind, images, _settings(vae_epochs=1, anogan_epochs=1, mhp_epochs=1, draem_epochs=1,
-                                              **constant), resume, progress=False)
+                                              patch_memory_epochs=1, **constant), resume, progress=False)
     # Settings that do not change training (here the projection's) do not invalidate the checkpoint.
     resumed, resumed_history = train_image_model(kind, images, _settings(projection_steps=7, **constant),
                                                  resume, progress=False)

@@ -29,6 +29,7 @@ TINY = {
     "mhp_channels": [4, 8], "mhp_latent_size": 8, "mhp_epochs": 2, "mhp_hypotheses": 2,
     "draem_reconstruction_channels": [4, 8], "draem_segmentation_channels": [4, 8, 16], "draem_epochs": 2,
     "draem_geometry": "tile",  # DRAEM cuts tiles while the other models resize, in the same run
+    "patch_memory_width": 4, "patch_memory_epochs": 2, "patch_memory_positions": 16, "patch_memory_coreset_size": 64,
     "projection_steps": 5,
     "validation_fraction": 0.25,  # three normal validation images: enough for the per-pixel map statistics
     "demo": {"n_train": 12, "n_test_good": 3, "n_test_per_defect": 2, "height": 48, "seed": 1},

@@ -24,6 +24,11 @@ Methods (output folder names) and what they compute on each model input:
     DRAEM's reconstructive and discriminative networks; map: the
     segmentation network's anomaly probability; its image scores are the
     map scores below (primary: ``map-max``, as in DRAEM).
+``patch-memory``
+    CutPaste-trained CNN and PatchCore memory bank
+    (:mod:`anomri.models.patch_memory`); map: each patch's distance to its
+    nearest memory-bank feature, upsampled; image scores: the map scores
+    below (primary: ``map-max``, as in PatchCore).
 
 Every method also gets two scores from its map:
 
@@ -71,6 +76,7 @@ from anomri.models.checkpoint import file_sha256
 from anomri.models.conv_vae import ConvVAE, FlatImageVAE
 from anomri.models.draem import DRAEM
 from anomri.models.mhp_vae import MultiHypothesisVAE
+from anomri.models.patch_memory import PatchMemory
 from anomri.models.projection import project, projection_map
 from anomri.models.training import resolve_device
 from anomri.scores.context import ScoreContext
@@ -181,16 +187,17 @@ def _mhp_outputs(model: MultiHypothesisVAE, raw: torch.Tensor, s: ImageSettings,
 
 
 @torch.no_grad()
-def _draem_outputs(model: DRAEM, raw: torch.Tensor, s: ImageSettings, progress: bool,
-                   reference_images: np.ndarray | None = None) -> Outputs:
+def _map_outputs(model: DRAEM | PatchMemory, raw: torch.Tensor, s: ImageSettings, progress: bool,
+                 reference_images: np.ndarray | None = None) -> Outputs:
+    """The model's own ``anomaly_map`` and no scores of its own (methods whose image scores are the map scores)."""
     maps = [model.anomaly_map(raw[first:first + s.batch_size])
-            for first in tqdm(_batches(len(raw), s.batch_size), desc="draem", disable=not progress)]
+            for first in tqdm(_batches(len(raw), s.batch_size), desc=model.kind, disable=not progress)]
     return {}, torch.cat(maps).cpu().numpy()
 
 
 METHOD_OUTPUTS: dict[str, Callable[..., Outputs]] = {
     "vae": _vae_outputs, "vae-projection": _projection_outputs, "anogan": _anogan_outputs, "mhp-vae": _mhp_outputs,
-    "draem": _draem_outputs,
+    "draem": _map_outputs, "patch-memory": _map_outputs,
 }
 
 

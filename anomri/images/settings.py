@@ -16,12 +16,12 @@ if TYPE_CHECKING:
     from anomri.images.geometry import ImageGeometry
 
 __all__ = ["CHOICES", "DESCRIPTOR_ESTIMATORS", "DRAEM_TEXTURES", "FUSION_RULES", "GEOMETRIES", "GEOMETRY_SETTINGS",
-           "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS", "MODEL_OF_METHOD", "PRIMARY_SCORE",
-           "PROJECTION_MAPS", "SLOW_IMAGE_SCORES"]
+           "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS", "MINIMUM_INTEGERS", "MODEL_OF_METHOD",
+           "POSITIVE_NUMBERS", "PRIMARY_SCORE", "PROJECTION_MAPS", "SLOW_IMAGE_SCORES"]
 
 #: Method id (output folder) -> the trained model it needs.
 MODEL_OF_METHOD = {"vae": "conv-vae", "vae-projection": "conv-vae", "anogan": "anogan", "mhp-vae": "mhp-vae",
-                   "draem": "draem"}
+                   "draem": "draem", "patch-memory": "patch-memory"}
 METHODS = tuple(MODEL_OF_METHOD)
 #: Registry scores that optimise over z for every image (minutes per 128 px image on a CPU).
 SLOW_IMAGE_SCORES = ("closest-generated", "max-generated-lik")
@@ -35,8 +35,9 @@ LR_SCHEDULES = ("constant", "cosine")
 #: Dehaene et al. evaluate projection maps only; its image score is the robust top of its normalised map.
 #: DRAEM's is the maximum of its smoothed segmentation map (on the magnetic tiles' development types 0.831
 #: image AUROC against 0.796 for map-top: the U-Net's probabilities need no normalisation by normal maps).
+#: Patch memory's is PatchCore's: the largest distance of any patch to its nearest normal patch.
 PRIMARY_SCORE = {"vae": "det-rec-err", "vae-projection": "map-top", "anogan": "anomaly-score", "mhp-vae": "wta",
-                 "draem": "map-max"}
+                 "draem": "map-max", "patch-memory": "map-max"}
 #: How images become model inputs (:class:`~anomri.images.geometry.ImageGeometry`).
 GEOMETRIES = ("resize", "tile")
 #: Model kinds with a geometry of their own: (mode setting, tile-scale setting) in place of ``geometry`` and
@@ -49,6 +50,13 @@ DRAEM_TEXTURES = ("both", "self", "procedural")
 DESCRIPTOR_ESTIMATORS = ("ledoit-wolf", "mcd", "knn")
 #: How calibrated image scores are fused (:func:`~anomri.images.fusion.fuse`).
 FUSION_RULES = ("max", "mean")
+
+
+#: Whole-number settings and their smallest allowed value (the command line takes JSON past the config schema).
+MINIMUM_INTEGERS = {"patch_memory_width": 1, "patch_memory_epochs": 0, "patch_memory_batch_size": 2,
+                    "patch_memory_positions": 1, "patch_memory_coreset_size": 1}
+#: Settings that must be positive numbers.
+POSITIVE_NUMBERS = ("patch_memory_learning_rate",)
 
 
 #: Settings that take one of a few values, and those values.
@@ -129,6 +137,13 @@ class ImageSettings:
     draem_faint_area: list[float] = field(default_factory=lambda: [0.1, 0.5])
     draem_geometry: str = "resize"
     draem_tile_scale: float = 1.0
+    # patch memory: CutPaste-trained CNN features in a PatchCore memory bank
+    patch_memory_width: int = 16
+    patch_memory_epochs: int = 25
+    patch_memory_batch_size: int = 32
+    patch_memory_learning_rate: float = 1e-3
+    patch_memory_positions: int = 256
+    patch_memory_coreset_size: int = 8192
     # image-level global descriptors (anomri.images.descriptors): their own score, and fused with each primary
     descriptor_score: bool = True
     descriptor_estimator: str = "ledoit-wolf"
@@ -164,6 +179,14 @@ class ImageSettings:
         faint = self.draem_faint_area
         if not (len(faint) == 2 and 0.0 < faint[0] <= faint[1] < 1.0):
             _invalid("draem_faint_area", "[min, max] with 0 < min <= max < 1", faint)
+        for name, minimum in MINIMUM_INTEGERS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                _invalid(name, f"an integer >= {minimum}", value)
+        for name in POSITIVE_NUMBERS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                _invalid(name, "a number > 0", value)
 
     @classmethod
     def from_json(cls, text: str) -> ImageSettings:

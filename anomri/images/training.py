@@ -1,5 +1,5 @@
-"""Training the image models (conv VAE, AnoGAN's DCGAN, multiple-hypotheses VAE, DRAEM), with resume and
-checkpoints.
+"""Training the image models (conv VAE, AnoGAN's DCGAN, multiple-hypotheses VAE, DRAEM, patch memory), with
+resume and checkpoints.
 
 Every epoch draws its shuffling, flips, latent noise and synthetic anomalies
 from a generator seeded by (seed, epoch), so a run resumed from its per-epoch
@@ -26,20 +26,22 @@ from anomri.io.tables import write_table
 from anomri.models.anogan import DCGAN
 from anomri.models.checkpoint import load_model, save_model
 from anomri.models.conv_vae import ConvVAE
+from anomri.models.cutpaste import three_way_batch
 from anomri.models.draem import DRAEM
 from anomri.models.fitting import EpochPlan, descend, fit, training_fingerprint
 from anomri.models.mhp_vae import MultiHypothesisVAE
+from anomri.models.patch_memory import PatchMemory
 from anomri.models.synthetic_anomalies import synthesize_anomalies
 from anomri.models.training import resolve_device
 from anomri.settings import default
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_KINDS", "build_model", "train_image_model", "train_on_folder", "save_image_model",
-           "load_image_model"]
+__all__ = ["MODEL_KINDS", "build_model", "build_patch_memory", "train_image_model", "train_on_folder",
+           "save_image_model", "load_image_model"]
 
 MODEL_KINDS: dict[str, type[nn.Module]] = {"conv-vae": ConvVAE, "anogan": DCGAN, "mhp-vae": MultiHypothesisVAE,
-                                           "draem": DRAEM}
+                                           "draem": DRAEM, "patch-memory": PatchMemory}
 
 
 def build_model(kind: str, in_shape: tuple[int, int, int], settings: ImageSettings) -> nn.Module:
@@ -52,6 +54,8 @@ def build_model(kind: str, in_shape: tuple[int, int, int], settings: ImageSettin
         return MultiHypothesisVAE(in_shape, settings.mhp_latent_size, settings.mhp_channels, settings.mhp_hypotheses)
     if kind == "draem":
         return DRAEM(in_shape, settings.draem_reconstruction_channels, settings.draem_segmentation_channels)
+    if kind == "patch-memory":
+        return PatchMemory(in_shape, settings.patch_memory_width)
     raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(MODEL_KINDS)}")
 
 
@@ -126,11 +130,25 @@ def _draem_step(model: DRAEM, optimizers: list[torch.optim.Optimizer], batch: to
     return {k: v.item() for k, v in losses.items()}
 
 
+def _cutpaste_loss(model: PatchMemory, batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """CutPaste's three-way loss on ``batch`` with patches drawn from ``generator``."""
+    return model.loss(*three_way_batch(batch, generator))
+
+
+def _patch_memory_step(model: PatchMemory, optimizers: list[torch.optim.Optimizer], batch: torch.Tensor,
+                       generator: torch.Generator, s: ImageSettings) -> dict[str, float]:
+    loss = _cutpaste_loss(model, batch, generator)
+    descend(optimizers[0], loss)
+    return {"loss": loss.item()}
+
+
 def _optimizers(kind: str, model: nn.Module, s: ImageSettings) -> list[torch.optim.Optimizer]:
     if kind == "conv-vae":
         return [torch.optim.Adam(model.parameters(), lr=s.vae_learning_rate)]
     if kind == "draem":
         return [torch.optim.Adam(model.parameters(), lr=s.draem_learning_rate)]
+    if kind == "patch-memory":
+        return [torch.optim.Adam(model.parameters(), lr=s.patch_memory_learning_rate)]
     if kind == "anogan":
         # DCGAN's recipe: beta1 = 0.5 keeps the adversarial game from oscillating.
         return [torch.optim.Adam(model.generator.parameters(), lr=s.anogan_learning_rate, betas=(0.5, 0.999)),
@@ -142,8 +160,8 @@ def _optimizers(kind: str, model: nn.Module, s: ImageSettings) -> list[torch.opt
 @torch.no_grad()
 def _validation_loss(kind: str, model: nn.Module, validation: torch.Tensor, s: ImageSettings) -> float | None:
     """Mean loss on held-out normal images: deterministic negative ELBO (conv VAE), WTA error
-    (multiple-hypotheses VAE), or DRAEM's loss with the same synthetic anomalies every epoch (drawn
-    from ``seed``). None for the GAN, whose losses do not measure fit."""
+    (multiple-hypotheses VAE), or DRAEM's and CutPaste's losses with the same synthetic anomalies or
+    pasted patches every epoch (drawn from ``seed``). None for the GAN, whose losses do not measure fit."""
     if kind == "anogan" or validation is None or not len(validation):
         return None
     model.eval()
@@ -154,6 +172,9 @@ def _validation_loss(kind: str, model: nn.Module, validation: torch.Tensor, s: I
         if kind == "draem":
             total += float(_synthetic(model, raw, generator, s)["loss"]) * len(raw)
             continue
+        if kind == "patch-memory":
+            total += float(_cutpaste_loss(model, raw, generator)) * len(raw)
+            continue
         x = model.standardize(raw)
         loss = model.reconstruct_with_loss(x)[1] if kind == "conv-vae" else model.score(x)[0]
         total += float(loss.sum())
@@ -162,7 +183,7 @@ def _validation_loss(kind: str, model: nn.Module, validation: torch.Tensor, s: I
 
 STEPS: dict[str, tuple[Step, str]] = {
     "conv-vae": (_vae_step, "vae_epochs"), "anogan": (_gan_step, "anogan_epochs"), "mhp-vae": (_mhp_step, "mhp_epochs"),
-    "draem": (_draem_step, "draem_epochs"),
+    "draem": (_draem_step, "draem_epochs"), "patch-memory": (_patch_memory_step, "patch_memory_epochs"),
 }
 
 
@@ -177,13 +198,15 @@ TRAINING_SETTINGS = {
     "draem": ("draem_reconstruction_channels", "draem_segmentation_channels", "draem_learning_rate",
               "draem_lr_schedule", "draem_anomaly_probability", "draem_mask_area", "draem_texture",
               "draem_ridge_probability", "draem_faint_probability", "draem_faint_area"),
+    # The memory bank's settings are left out: the bank is built anew after every run, resumed or not.
+    "patch-memory": ("patch_memory_width", "patch_memory_learning_rate"),
 }
 #: The learning-rate schedule setting of each model kind that has one (the others keep a constant rate).
 LR_SCHEDULE_SETTING = {"conv-vae": "vae_lr_schedule", "draem": "draem_lr_schedule"}
 COMMON_TRAINING_SETTINGS = ("seed", "horizontal_flip", "vertical_flip")
 #: Model kinds that train on batches of their own size rather than ``batch_size``: DRAEM learns from many
 #: small steps (benchmarks/README.md).
-BATCH_SIZE_SETTING = {"draem": "draem_batch_size"}
+BATCH_SIZE_SETTING = {"draem": "draem_batch_size", "patch-memory": "patch_memory_batch_size"}
 
 
 def _fingerprint(kind: str, images: np.ndarray, validation: np.ndarray | None, settings: ImageSettings) -> str:
@@ -245,7 +268,7 @@ def train_image_model(
 
     Parameters
     ----------
-    kind : {"conv-vae", "anogan", "mhp-vae", "draem"}
+    kind : {"conv-vae", "anogan", "mhp-vae", "draem", "patch-memory"}
     images : ndarray (N, C, S, S)
         Normal training inputs in [0, 1] (whole resized images, or tiles).
     settings : ImageSettings
@@ -258,17 +281,18 @@ def train_image_model(
     progress : bool
         Show a progress bar with the losses.
     validation : ndarray (M, C, S, S), optional
-        Held-out normal inputs. For the VAEs and DRAEM the epoch with the
-        lowest validation loss is returned, so one unstable late epoch (a
-        learnt variance can spike) cannot spoil the model; the GAN keeps its
-        last epoch.
+        Held-out normal inputs. For the VAEs, DRAEM and patch memory the epoch
+        with the lowest validation loss is returned, so one unstable late epoch
+        (a learnt variance can spike) cannot spoil the model; the GAN keeps its
+        last epoch. Patch memory then fills its memory bank from ``images``
+        (:func:`build_patch_memory`).
 
     Returns
     -------
     model : nn.Module
         The trained model, in eval mode on ``device``.
     history : list of dict
-        Per epoch: ``epoch``, the batch-mean losses and ``val_loss`` (VAEs, DRAEM).
+        Per epoch: ``epoch``, the batch-mean losses and ``val_loss`` (VAEs, DRAEM, patch memory).
     """
     device = torch.device(device)
     step, epochs_field = STEPS[kind]
@@ -292,8 +316,19 @@ def train_image_model(
     history = fit(model, optimizers, data.to(device), flipped_step,
                   lambda: _validation_loss(kind, model, held_out, settings), plan,
                   _fingerprint(kind, images, validation, settings), resume_path, progress, f"training {kind}")
+    if kind == "patch-memory":
+        build_patch_memory(model, data.to(device), settings)
     logger.info("trained %s for %d epochs on %d inputs of %s", kind, n_epochs, len(images), tuple(images.shape[1:]))
     return model.eval(), history
+
+
+def build_patch_memory(model: PatchMemory, images: torch.Tensor, settings: ImageSettings) -> None:
+    """Fill ``model``'s memory bank from the normal training inputs ``images`` (N, C, S, S), as the
+    ``patch_memory_*`` settings say; positions and the coreset's start and projection are drawn from ``seed``."""
+    generator = torch.Generator(device=images.device).manual_seed(settings.seed)
+    model.build_memory(images, settings.patch_memory_positions, settings.patch_memory_coreset_size, generator,
+                       settings.batch_size)
+    logger.info("patch memory: %d features in the bank, from %d inputs", len(model.memory), len(images))
 
 
 def train_on_folder(kind: str, root: str | Path, settings: ImageSettings, out: str | Path, history_path: str | Path,
@@ -305,7 +340,7 @@ def train_on_folder(kind: str, root: str | Path, settings: ImageSettings, out: s
 
     Parameters
     ----------
-    kind : {"conv-vae", "anogan", "mhp-vae", "draem"}
+    kind : {"conv-vae", "anogan", "mhp-vae", "draem", "patch-memory"}
     root : str or Path
         MVTec-layout image folder.
     settings : ImageSettings
