@@ -218,9 +218,8 @@ def test_bad_patch_memory_settings_are_refused(name: str, value: object) -> None
     assert repr(value) in str(error.value)
 
 
-def test_patch_memory_is_a_method_with_map_max_primary() -> None:
+def test_patch_memory_is_a_method() -> None:
     assert "patch-memory" in METHODS and MODEL_OF_METHOD["patch-memory"] == "patch-memory"
-    assert PRIMARY_SCORE["patch-memory"] == "map-max"
 
 
 # --------------------------------------------------------------------------- end to end
@@ -270,4 +269,4 @@ def test_a_bright_square_on_a_constant_texture_stands_out(tmp_path: Path) -> Non
     assert roc_auc_score(np.concatenate(labels), np.concatenate(values)) > 0.95
     assert min(max_square) > max(max_good)
     thresholds = json.loads(out.thresholds("patch-memory").read_text())
-    assert thresholds["primary_score"] == "map-max"
+    assert thresholds["primary_score"] == PRIMARY_SCORE["patch-memory"]
