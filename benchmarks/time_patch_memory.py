@@ -26,6 +26,7 @@ from anomri.images.training import build_model, build_patch_memory, training_bat
 from anomri.io.images import scan_mvtec
 from anomri.models.cutpaste import three_way_batch
 from anomri.models.patch_memory import greedy_coreset
+from anomri.scores.memory_bank import MemoryBankMap
 
 
 def _seconds(func) -> float:
@@ -75,7 +76,8 @@ def main() -> None:
     total = s.patch_memory_epochs * epoch + len(train) * feature_time + coreset_time
     build_patch_memory(model, x, s)
     test = torch.from_numpy(load_model_inputs(folder.test[:s.batch_size], geometry, 1, False).inputs)
-    map_time = _seconds(lambda: model.anomaly_map(test)) / len(test)
+    anomaly_map = MemoryBankMap(model)
+    map_time = _seconds(lambda: anomaly_map(test)) / len(test)
     print(json.dumps({
         "training_images": len(train), "validation_images": len(validation), "test_images": len(folder.test),
         "step_s": round(step_time, 3), "images_per_step": batch_size, "validation_s": round(validation_time, 2),

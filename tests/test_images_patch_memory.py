@@ -24,6 +24,7 @@ from anomri.images.training import load_image_model, save_image_model, train_ima
 from anomri.io.images import scan_mvtec
 from anomri.models.cutpaste import CUT_AREA, CUT_ASPECT, SCAR_WIDTH, cut_paste, patch_outline, three_way_batch
 from anomri.models.patch_memory import PatchMemory, greedy_coreset, random_projection
+from anomri.scores.memory_bank import MemoryBankMap
 
 TINY = {"patch_memory_width": 4, "patch_memory_epochs": 2, "patch_memory_batch_size": 8,
         "patch_memory_positions": 8, "patch_memory_coreset_size": 40, "batch_size": 8}
@@ -172,13 +173,13 @@ def test_memory_bank_is_a_coreset_of_training_features_and_its_distances_are_bru
     assert torch.cdist(model.memory.double(), pool).min(1).values.max() < 1e-5
     queries = model.patch_features(torch.rand(3, 1, 32, 32)).permute(0, 2, 3, 1).reshape(-1, 24)
     brute = torch.cdist(queries.double(), model.memory.double()).min(1).values
-    torch.testing.assert_close(model.nearest_distance(queries).double(), brute, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(MemoryBankMap(model).nearest_distance(queries).double(), brute, rtol=1e-5, atol=1e-5)
 
 
 def test_anomaly_map_is_the_upsampled_distance_grid() -> None:
     model, _ = _built_model()
     images = torch.rand(2, 1, 32, 32)
-    anomaly_map = model.anomaly_map(images)
+    anomaly_map = MemoryBankMap(model)(images)
     assert anomaly_map.shape == (2, 32, 32) and torch.isfinite(anomaly_map).all() and anomaly_map.min() >= 0
     features = model.patch_features(images)
     grid = torch.cdist(features.permute(0, 2, 3, 1).reshape(-1, 24).double(), model.memory.double())
@@ -186,7 +187,7 @@ def test_anomaly_map_is_the_upsampled_distance_grid() -> None:
     expected = F.interpolate(grid, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
     torch.testing.assert_close(anomaly_map.double(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(RuntimeError, match="memory bank is empty"):
-        PatchMemory((1, 32, 32), width=4).anomaly_map(images)
+        MemoryBankMap(PatchMemory((1, 32, 32), width=4))
 
 
 def test_training_is_deterministic_and_the_bank_survives_a_checkpoint(tmp_path: Path) -> None:
@@ -204,7 +205,7 @@ def test_training_is_deterministic_and_the_bank_survives_a_checkpoint(tmp_path: 
     loaded, _ = load_image_model(tmp_path / "model.pt")
     assert torch.equal(loaded.memory, first.memory)
     probe = torch.rand(2, 1, 32, 32)
-    assert torch.equal(loaded.anomaly_map(probe), first.anomaly_map(probe))
+    assert torch.equal(MemoryBankMap(loaded)(probe), MemoryBankMap(first)(probe))
 
 
 @pytest.mark.parametrize(("name", "value"), [

@@ -80,6 +80,7 @@ from anomri.models.patch_memory import PatchMemory
 from anomri.models.projection import project, projection_map
 from anomri.models.training import resolve_device
 from anomri.scores.context import ScoreContext
+from anomri.scores.memory_bank import MemoryBankMap
 from anomri.scores.pixelwise import PIXELWISE_SCORES, PixelwiseContext
 from anomri.scores.reference import ReferenceSet
 from anomri.scores.registry import NoveltyScore, get_scores
@@ -189,8 +190,10 @@ def _mhp_outputs(model: MultiHypothesisVAE, raw: torch.Tensor, s: ImageSettings,
 @torch.no_grad()
 def _map_outputs(model: DRAEM | PatchMemory, raw: torch.Tensor, s: ImageSettings, progress: bool,
                  reference_images: np.ndarray | None = None) -> Outputs:
-    """The model's own ``anomaly_map`` and no scores of its own (methods whose image scores are the map scores)."""
-    maps = [model.anomaly_map(raw[first:first + s.batch_size])
+    """The method's anomaly map and no scores of its own (methods whose image scores are the map scores)."""
+    # A patch-memory model's map is its distance to the memory bank, a score (its index is built once here).
+    anomaly_map = MemoryBankMap(model) if isinstance(model, PatchMemory) else model.anomaly_map
+    maps = [anomaly_map(raw[first:first + s.batch_size])
             for first in tqdm(_batches(len(raw), s.batch_size), desc=model.kind, disable=not progress)]
     return {}, torch.cat(maps).cpu().numpy()
 

@@ -20,9 +20,8 @@ Two steps, both on normal training images only:
    ``coreset_size`` features that cover the pool.
 
 At test time each position's anomaly is the Euclidean distance from its
-feature to the nearest feature of the bank, found exactly by the project's own
-search (:class:`~anomri.scores.indexes.EuclideanIndex`); the map is that
-distance per position, upsampled (bilinear) to the input size.
+feature to the nearest feature of the bank (:class:`anomri.scores.memory_bank.MemoryBankMap`:
+a score, so it lives in the scores layer).
 
 Scaled down for a CPU: CutPaste trains a ResNet-18 for 256 epochs, PatchCore
 uses an ImageNet WideResNet-50; the width, epochs, positions and coreset size
@@ -40,7 +39,6 @@ from torch.nn import functional as F
 
 from anomri.models.conv_vae import ChannelStandardizer, check_image_shape
 from anomri.models.cutpaste import CLASSES
-from anomri.scores.indexes import EuclideanIndex
 
 __all__ = ["CORESET_PROJECTION", "PatchMemory", "greedy_coreset", "random_projection"]
 
@@ -128,7 +126,6 @@ class PatchMemory(nn.Module):
                                   nn.LeakyReLU(), nn.Linear(widths[-1], len(CLASSES)))
         self.feature_size = sum(widths[k] for k in FEATURE_LEVELS)
         self.register_buffer("memory", torch.zeros(int(memory_size), self.feature_size))
-        self._index: tuple[tuple, EuclideanIndex] | None = None
 
     def _level_maps(self, images: torch.Tensor, last: int) -> list[torch.Tensor]:
         """Feature maps of levels 0 .. ``last`` of raw images (N, C, S, S)."""
@@ -180,30 +177,6 @@ class PatchMemory(nn.Module):
             pool.append(features.reshape(-1, features.shape[-1]))
         bank = torch.cat(pool)
         self.memory = bank[greedy_coreset(bank, coreset_size, generator)].contiguous()
-
-    def memory_index(self) -> EuclideanIndex:
-        """The exact nearest-neighbour index of the memory bank, built once per bank."""
-        if not len(self.memory):
-            raise RuntimeError("the memory bank is empty: build it (build_memory) before scoring")
-        # Keyed on the tensor, its device and its version counter: moving the model or loading a state dict
-        # (an in-place copy) gives another bank.
-        key = (id(self.memory), self.memory.device, self.memory._version)
-        if self._index is None or self._index[0] != key:
-            self._index = (key, EuclideanIndex(self.memory))
-        return self._index[1]
-
-    @torch.no_grad()
-    def nearest_distance(self, features: torch.Tensor) -> torch.Tensor:
-        """Euclidean distance (Q,) from each of ``features`` (Q, 6 width) to its nearest memory-bank feature."""
-        return self.memory_index().min_sqdist(features).clamp_min(0.0).sqrt().to(features.dtype)
-
-    @torch.no_grad()
-    def anomaly_map(self, images: torch.Tensor) -> torch.Tensor:
-        """Per-pixel anomaly (N, S, S) of raw images: each position's distance to the bank, upsampled."""
-        features = self.patch_features(images)
-        n, dims, rows, cols = features.shape
-        distance = self.nearest_distance(features.permute(0, 2, 3, 1).reshape(-1, dims)).reshape(n, 1, rows, cols)
-        return F.interpolate(distance, size=self.in_shape[1:], mode="bilinear", align_corners=False)[:, 0]
 
     def hparams(self) -> dict:
         """Constructor arguments, for rebuilding the model (and the bank's shape) from a checkpoint."""
