@@ -14,6 +14,7 @@ from sklearn.metrics import roc_auc_score
 from anomri.errors import InputError
 from anomri.images.settings import DRAEM_TEXTURES, ImageSettings
 from anomri.images.training import train_image_model
+from anomri.models.training import autocast_dtype
 from anomri.models.synthetic_anomalies import (FAINT_CHANGES, TEXTURE_SOURCES, faint_anomalies, perlin_masks,
                                                perlin_noise, soft_masks, synthesize_anomalies)
 
@@ -221,3 +222,36 @@ def test_segmentation_network_finds_a_square_it_never_saw(one_thread: None) -> N
     anomaly_map = model.anomaly_map(torch.from_numpy(test)).numpy()
     assert anomaly_map.shape == (8, size, size) and anomaly_map.min() >= 0 and anomaly_map.max() <= 1
     assert roc_auc_score(masks.ravel(), anomaly_map.ravel()) > 0.95
+
+
+def test_autocast_dtype_follows_the_precision_setting() -> None:
+    cpu = torch.device("cpu")
+    assert autocast_dtype("float32", cpu) is None
+    assert autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) in (None, torch.bfloat16)
+    with pytest.raises(ValueError, match="float16"):
+        autocast_dtype("float16", cpu)
+    with pytest.raises(InputError, match="draem_precision"):
+        ImageSettings(draem_precision="half")
+
+
+def test_bfloat16_training_is_deterministic_and_keeps_its_losses_in_float32(one_thread: None) -> None:
+    # Smooth, nearly flat images: their local variances (4e-4) are below bfloat16's rounding of a local mean
+    # of 0.5 (2e-3), so an SSIM computed in bfloat16 would be noise.
+    rng = np.random.default_rng(0)
+    normal = (0.5 + 0.02 * rng.standard_normal((16, 1, 32, 32))).astype(np.float32)
+    settings = ImageSettings(batch_size=8, draem_epochs=2, draem_precision="bfloat16",
+                             draem_reconstruction_channels=[8, 16], draem_segmentation_channels=[8, 16, 32])
+    first, history = train_image_model("draem", normal, settings, progress=False)
+    second, again = train_image_model("draem", normal, settings, progress=False)
+    assert history == again
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert (a.dtype == torch.float32 or not a.is_floating_point()) and torch.equal(a, b), name
+    x = torch.from_numpy(normal[:8])
+    masks = torch.zeros(8, 1, 32, 32)
+    with torch.no_grad():
+        exact = first.losses(x, x, masks)
+        reduced = first.losses(x, x, masks, torch.bfloat16)
+    for name, value in reduced.items():
+        assert value.dtype == torch.float32
+        assert abs(float(value) - float(exact[name])) < 0.02 + 0.02 * abs(float(exact[name])), name

@@ -31,6 +31,8 @@ MAP_NORMALIZATIONS = ("none", "zscore")
 PROJECTION_MAPS = ("standardized", "residual", "reconstruction")
 #: Learning-rate schedules of the conv VAE and DRAEM: constant, or cosine annealing over their epochs.
 LR_SCHEDULES = ("constant", "cosine")
+#: DRAEM's training precisions (:func:`anomri.models.training.autocast_dtype`).
+PRECISIONS = ("auto", "float32", "bfloat16")
 #: The score each method's paper defines; the one the report ranks methods by.
 #: Dehaene et al. evaluate projection maps only; its image score is the robust top of its normalised map.
 #: DRAEM's is the maximum of its smoothed segmentation map (on the magnetic tiles' development types 0.831
@@ -66,6 +68,7 @@ POSITIVE_NUMBERS = ("patch_memory_learning_rate",)
 CHOICES = {"geometry": GEOMETRIES, "draem_geometry": GEOMETRIES, "map_normalization": MAP_NORMALIZATIONS,
            "score_normalization": MAP_NORMALIZATIONS, "vae_lr_schedule": LR_SCHEDULES,
            "projection_map": PROJECTION_MAPS, "draem_lr_schedule": LR_SCHEDULES, "draem_texture": DRAEM_TEXTURES,
+           "draem_precision": PRECISIONS,
            "descriptor_estimator": DESCRIPTOR_ESTIMATORS, "descriptor_fusion": FUSION_RULES}
 
 
@@ -128,10 +131,11 @@ class ImageSettings:
     # DRAEM: reconstructive + discriminative network trained on synthetic anomalies
     draem_reconstruction_channels: list[int] = field(default_factory=lambda: [32, 64, 128, 256])
     draem_segmentation_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    draem_epochs: int = 40
+    draem_epochs: int = 35
     draem_batch_size: int = 8
     draem_learning_rate: float = 5e-4
     draem_lr_schedule: str = "cosine"
+    draem_precision: str = "auto"
     draem_anomaly_probability: float = 0.5
     draem_mask_area: list[float] = field(default_factory=lambda: [0.001, 0.3])
     draem_texture: str = "both"

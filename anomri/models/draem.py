@@ -91,13 +91,18 @@ class DRAEM(nn.Module):
         pair = torch.cat([self.standardize(images), self.standardize(reconstruction)], dim=1)
         return reconstruction, self.segmenter(pair)
 
-    def losses(self, normal: torch.Tensor, corrupted: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, normal: torch.Tensor, corrupted: torch.Tensor, masks: torch.Tensor,
+               autocast: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """DRAEM's losses on one batch: raw normal images, the same with synthetic anomalies, and their masks.
 
         Returns ``loss`` = ``l2`` + ``ssim`` + ``focal`` (batch means; ``ssim``
-        is 1 - SSIM between reconstruction and normal image).
+        is 1 - SSIM between reconstruction and normal image). With ``autocast``
+        (a reduced dtype) the networks run autocast to it, the losses in float32:
+        SSIM's local variances, E[x^2] - E[x]^2, cancel to noise in bfloat16.
         """
-        reconstruction, logits = self.segment(corrupted)
+        with torch.autocast(corrupted.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            reconstruction, logits = self.segment(corrupted)
+        reconstruction, logits = reconstruction.float(), logits.float()
         l2 = ((reconstruction - normal) ** 2).mean()
         ssim = self.ssim(reconstruction, normal)
         focal = self.focal(logits, masks)

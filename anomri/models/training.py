@@ -47,6 +47,28 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The reduced dtype to autocast training to on ``device`` (None: plain float32).
+
+    ``precision`` is ``float32``; ``bfloat16`` (autocast: convolutions and
+    matrix products in bfloat16; weights, optimiser state and the reductions
+    autocast keeps in float32 stay there); or ``auto``, which asks the
+    hardware: bfloat16 on a CPU that computes it natively (AVX-512 BF16 or
+    AMX, as oneDNN reports) or a CUDA device that supports it. Elsewhere
+    bfloat16 is emulated and slower than float32, so ``auto`` stays in
+    float32; an explicit ``bfloat16`` is honoured anyway.
+    """
+    if precision == "float32":
+        return None
+    if precision == "auto":
+        native = (torch.cuda.is_bf16_supported() if device.type == "cuda"
+                  else device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.bfloat16 if native else None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    raise ValueError(f"unknown precision {precision!r}; known: auto, float32, bfloat16")
+
+
 def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(fraction * n)))
