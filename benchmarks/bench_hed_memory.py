@@ -101,9 +101,9 @@ def main() -> None:
     score_folder("patch-memory", model, {"path": str(args.weights)}, args.root, s, out.maps("patch-memory"),
                  out.scores("patch-memory"), out.thresholds("patch-memory"), progress=False)
     score_s = time.perf_counter() - start
-    rows = evaluate_methods(args.root, {"patch-memory": out.scores("patch-memory")},
-                            {"patch-memory": out.thresholds("patch-memory")}, {"patch-memory": out.maps("patch-memory")},
-                            out.image_scores, out.evaluation, out.curves, s.threshold_percentile, s.aupro_fpr_limit,
+    method = "patch-memory"
+    rows = evaluate_methods(args.root, {method: out.scores(method)}, {method: out.thresholds(method)},
+                            {method: out.maps(method)}, out.image_scores, out.evaluation, out.curves, s.threshold_percentile, s.aupro_fpr_limit,
                             {"dev (pooled)": folder.defect_types})
     print(f"bank {bank_s:.0f} s, scoring {score_s:.0f} s")
     print("| score | defect type | image AUROC | pixel AUROC | AUPRO |")
