@@ -4,8 +4,9 @@ Times DRAEM training steps (synthetic anomalies, both networks forward and backw
 magnetic tiles' normal training images at the image settings' defaults, in four arms: the plain float32
 channels-first step a user of the reference implementation would run, channels-last alone, bfloat16 autocast
 alone, and both (what ``train_image_model`` does with ``draem_precision: bfloat16``; ``auto`` picks bfloat16
-where the CPU has it natively). It prints the median step, the ratio to the plain step, and the training time
-that step implies for the full set (685 inputs, ``draem_epochs``, validation left out).
+where the CPU has it natively). Each step is the training's own (``draem_losses``, then Adam). It prints the
+median step, the ratio to the plain step, and the training time that step implies for the full set (685
+inputs, ``draem_epochs``, validation left out).
 
     python benchmarks/time_draem.py [--root DIR] [--threads 2] [--steps 8]
 """
@@ -13,6 +14,7 @@ that step implies for the full set (685 inputs, ``draem_epochs``, validation lef
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -21,17 +23,16 @@ import torch
 
 from anomri.images.geometry import load_model_inputs, split_validation
 from anomri.images.settings import ImageSettings
-from anomri.images.training import build_model, training_batch_size
+from anomri.images.training import build_model, draem_losses, training_batch_size
 from anomri.io.images import scan_mvtec
 from anomri.models.fitting import descend
-from anomri.models.synthetic_anomalies import synthesize_anomalies
 
-ARMS = {"float32": (torch.contiguous_format, None), "channels-last": (torch.channels_last, None),
-        "bfloat16": (torch.contiguous_format, torch.bfloat16), "both": (torch.channels_last, torch.bfloat16)}
+#: Arms: the networks' weight layout (DRAEM's own is channels-last) and ``draem_precision``.
+ARMS = {"float32": (torch.contiguous_format, "float32"), "channels-last": (torch.channels_last, "float32"),
+        "bfloat16": (torch.contiguous_format, "bfloat16"), "both": (torch.channels_last, "bfloat16")}
 
 
-def median_step(x: torch.Tensor, s: ImageSettings, memory_format: torch.memory_format, dtype: torch.dtype | None,
-                steps: int) -> float:
+def median_step(x: torch.Tensor, s: ImageSettings, memory_format: torch.memory_format, steps: int) -> float:
     """Median seconds of a DRAEM training step on ``x``, the first two (allocations) left out."""
     torch.manual_seed(s.seed)
     model = build_model("draem", tuple(x.shape[1:]), s)
@@ -42,11 +43,7 @@ def median_step(x: torch.Tensor, s: ImageSettings, memory_format: torch.memory_f
     times = []
     for _ in range(steps + 2):
         start = time.perf_counter()
-        corrupted = synthesize_anomalies(x, generator, s.draem_anomaly_probability, s.draem_mask_area,
-                                         s.draem_texture, s.draem_ridge_probability, s.draem_faint_probability,
-                                         s.draem_faint_area)
-        normal, images = (t.contiguous(memory_format=memory_format) for t in (x, corrupted.images))
-        descend(optimizer, model.losses(normal, images, corrupted.masks, dtype)["loss"])
+        descend(optimizer, draem_losses(model, x, generator, s)["loss"])
         times.append(time.perf_counter() - start)
     return float(np.median(times[2:]))
 
@@ -66,8 +63,8 @@ def main() -> None:
     result = {"threads": args.threads, "batch": batch_size, "training_inputs": len(train), "epochs": s.draem_epochs,
               "native_bfloat16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
     plain = None
-    for name, (memory_format, dtype) in ARMS.items():
-        step = median_step(x, s, memory_format, dtype, args.steps)
+    for name, (memory_format, precision) in ARMS.items():
+        step = median_step(x, dataclasses.replace(s, draem_precision=precision), memory_format, args.steps)
         plain = plain or step
         result[name] = {"step_s": round(step, 3), "speed-up": round(plain / step, 2),
                         "training_min": round(step * steps_per_epoch * s.draem_epochs / 60, 1)}

@@ -188,19 +188,28 @@ def _mhp_outputs(model: MultiHypothesisVAE, raw: torch.Tensor, s: ImageSettings,
 
 
 @torch.no_grad()
-def _map_outputs(model: DRAEM | PatchMemory, raw: torch.Tensor, s: ImageSettings, progress: bool,
-                 reference_images: np.ndarray | None = None) -> Outputs:
-    """The method's anomaly map and no scores of its own (methods whose image scores are the map scores)."""
-    # A patch-memory model's map is its distance to the memory bank, a score (its index is built once here).
-    anomaly_map = MemoryBankMap(model) if isinstance(model, PatchMemory) else model.anomaly_map
+def _maps_only(anomaly_map: Callable[[torch.Tensor], torch.Tensor], kind: str, raw: torch.Tensor, s: ImageSettings,
+               progress: bool) -> Outputs:
+    """``anomaly_map`` of every batch and no scores of its own (methods whose image scores are the map scores)."""
     maps = [anomaly_map(raw[first:first + s.batch_size])
-            for first in tqdm(_batches(len(raw), s.batch_size), desc=model.kind, disable=not progress)]
+            for first in tqdm(_batches(len(raw), s.batch_size), desc=kind, disable=not progress)]
     return {}, torch.cat(maps).cpu().numpy()
+
+
+def _draem_outputs(model: DRAEM, raw: torch.Tensor, s: ImageSettings, progress: bool,
+                   reference_images: np.ndarray | None = None) -> Outputs:
+    return _maps_only(model.anomaly_map, model.kind, raw, s, progress)
+
+
+def _patch_memory_outputs(model: PatchMemory, raw: torch.Tensor, s: ImageSettings, progress: bool,
+                          reference_images: np.ndarray | None = None) -> Outputs:
+    # The map is each patch's distance to the memory bank, a score; the bank's index is built once here.
+    return _maps_only(MemoryBankMap(model), model.kind, raw, s, progress)
 
 
 METHOD_OUTPUTS: dict[str, Callable[..., Outputs]] = {
     "vae": _vae_outputs, "vae-projection": _projection_outputs, "anogan": _anogan_outputs, "mhp-vae": _mhp_outputs,
-    "draem": _map_outputs, "patch-memory": _map_outputs,
+    "draem": _draem_outputs, "patch-memory": _patch_memory_outputs,
 }
 
 

@@ -37,8 +37,8 @@ from anomri.settings import default
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_KINDS", "build_model", "build_patch_memory", "train_image_model", "train_on_folder",
-           "save_image_model", "load_image_model"]
+__all__ = ["MODEL_KINDS", "build_model", "build_patch_memory", "draem_losses", "train_image_model",
+           "train_on_folder", "save_image_model", "load_image_model"]
 
 MODEL_KINDS: dict[str, type[nn.Module]] = {"conv-vae": ConvVAE, "anogan": DCGAN, "mhp-vae": MultiHypothesisVAE,
                                            "draem": DRAEM, "patch-memory": PatchMemory}
@@ -114,21 +114,18 @@ def _mhp_step(model: MultiHypothesisVAE, optimizers: list[torch.optim.Optimizer]
     return {k: v.item() for k, v in losses.items()}
 
 
-def _synthetic(model: DRAEM, batch: torch.Tensor, generator: torch.Generator, s: ImageSettings
-               ) -> dict[str, torch.Tensor]:
-    """DRAEM's losses on ``batch`` with synthetic anomalies drawn from ``generator``."""
+def draem_losses(model: DRAEM, batch: torch.Tensor, generator: torch.Generator, s: ImageSettings
+                 ) -> dict[str, torch.Tensor]:
+    """DRAEM's losses on ``batch`` with synthetic anomalies drawn from ``generator``, in ``draem_precision``."""
     corrupted = synthesize_anomalies(batch, generator, s.draem_anomaly_probability, s.draem_mask_area,
                                      s.draem_texture, s.draem_ridge_probability, s.draem_faint_probability,
                                      s.draem_faint_area)
-    # Channels-last inputs for the channels-last model (train_image_model): oneDNN's convolutions run
-    # about a fifth faster on a CPU that way (benchmarks/README.md).
-    images, corrupted_images = (x.contiguous(memory_format=torch.channels_last) for x in (batch, corrupted.images))
-    return model.losses(images, corrupted_images, corrupted.masks, autocast_dtype(s.draem_precision, batch.device))
+    return model.losses(batch, corrupted.images, corrupted.masks, autocast_dtype(s.draem_precision, batch.device))
 
 
 def _draem_step(model: DRAEM, optimizers: list[torch.optim.Optimizer], batch: torch.Tensor,
                 generator: torch.Generator, s: ImageSettings) -> dict[str, float]:
-    losses = _synthetic(model, batch, generator, s)
+    losses = draem_losses(model, batch, generator, s)
     descend(optimizers[0], losses["loss"])
     return {k: v.item() for k, v in losses.items()}
 
@@ -173,7 +170,7 @@ def _validation_loss(kind: str, model: nn.Module, validation: torch.Tensor, s: I
     for first in range(0, len(validation), s.batch_size):
         raw = validation[first:first + s.batch_size]
         if kind == "draem":
-            total += float(_synthetic(model, raw, generator, s)["loss"]) * len(raw)
+            total += float(draem_losses(model, raw, generator, s)["loss"]) * len(raw)
             continue
         if kind == "patch-memory":
             total += float(_cutpaste_loss(model, raw, generator)) * len(raw)
@@ -305,7 +302,7 @@ def train_image_model(
     model = build_model(kind, tuple(data.shape[1:]), settings)
     if hasattr(model, "standardizer"):
         model.standardizer.fit(data)
-    model.to(device, memory_format=torch.channels_last if kind == "draem" else torch.contiguous_format)
+    model.to(device)
     optimizers = _optimizers(kind, model, settings)
     held_out = None if validation is None else torch.from_numpy(np.ascontiguousarray(validation, np.float32)).to(device)
     # Every epoch draws from a generator seeded by (seed, epoch); batches of one are skipped, as batch norm needs two.
