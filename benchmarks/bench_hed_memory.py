@@ -99,7 +99,8 @@ def main() -> None:
     out = ImageOutputs(args.out / "images")
     start = time.perf_counter()
     score_folder("patch-memory", model, {"path": str(args.weights)}, args.root, s, out.maps("patch-memory"),
-                 out.scores("patch-memory"), out.thresholds("patch-memory"), progress=False)
+                 out.scores("patch-memory"), out.thresholds("patch-memory"), out.validation_maps("patch-memory"),
+                 progress=False)
     score_s = time.perf_counter() - start
     method = "patch-memory"
     rows = evaluate_methods(args.root, {method: out.scores(method)}, {method: out.thresholds(method)},

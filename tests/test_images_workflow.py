@@ -17,7 +17,7 @@ from PIL import Image
 from anomri.errors import InputError
 from anomri.images.outputs import ImageOutputs
 from anomri.images.scoring import score_method
-from anomri.images.settings import METHODS, PRIMARY_SCORE, ImageSettings
+from anomri.images.settings import ALL_METHODS, FUSION_METHOD, PRIMARY_SCORE, ImageSettings
 from anomri.images.training import load_image_model, save_image_model
 from anomri.io.images import scan_mvtec
 
@@ -64,7 +64,7 @@ def test_every_output_exists(run: tuple[Path, Path]) -> None:
     out = ImageOutputs(run[0] / "images")
     test = scan_mvtec(out.demo).test
     assert {r.label for r in test} == {"good", "fluid", "drusen"}
-    for method in METHODS:
+    for method in ALL_METHODS:
         for record in test:
             pixel_map = np.load(out.maps(method) / record.label / f"{record.stem}.npy")
             width, height = Image.open(record.path).size
@@ -75,7 +75,11 @@ def test_every_output_exists(run: tuple[Path, Path]) -> None:
         assert out.examples_figure(method).stat().st_size > 0
         thresholds = json.loads(out.thresholds(method).read_text())
         assert np.isfinite(thresholds["pixel_threshold"])
-        assert thresholds["score_normalization"] == "zscore" and thresholds["map_normalization"] == "none"
+        assert len(list(out.validation_maps(method).rglob("*.npy"))) == 3  # the normal validation images
+        if method == FUSION_METHOD:
+            assert set(thresholds["components"]) == {"draem", "patch-memory"}
+        else:
+            assert thresholds["score_normalization"] == "zscore" and thresholds["map_normalization"] == "none"
     for path in (out.roc_figure, out.curves, out.model("conv-vae"), out.history("mhp-vae"), out.model("draem")):
         assert path.stat().st_size > 0
     # The demo B-scans get the demo's band handling (config.yaml: images.demo.oct_band), not images.oct_band.
@@ -109,14 +113,14 @@ def test_tables(run: tuple[Path, Path]) -> None:
     with open(out.image_scores) as fh:
         scores = list(csv.DictReader(fh, delimiter="\t"))
     n_test = len(scan_mvtec(out.demo).test)
-    for method in METHODS:
-        for score in ("map-max", "map-top"):
+    for method in ALL_METHODS:
+        for score in ("map-max", PRIMARY_SCORE[method]):
             test_rows = [r for r in scores if r["method"] == method and r["split"] == "test" and r["score"] == score]
             assert len(test_rows) == n_test
     with open(out.evaluation) as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
     primary = [r for r in rows if r["primary"] == "True"]
-    assert sorted({r["method"] for r in primary}) == sorted(METHODS)
+    assert sorted({r["method"] for r in primary}) == sorted(ALL_METHODS)
     assert {r["defect_type"] for r in primary} == {"all", "fluid", "drusen"}
     for row in primary:
         assert 0.0 <= float(row["image_auroc"]) <= 1.0 and 0.0 <= float(row["pixel_auroc"]) <= 1.0
@@ -125,7 +129,7 @@ def test_tables(run: tuple[Path, Path]) -> None:
     descriptor = [r for r in rows if r["method"] == "global-descriptors"]
     assert {r["defect_type"] for r in descriptor} == {"all", "fluid", "drusen"}
     fused = {(r["method"], r["score"]) for r in rows if r["score"].endswith("+descriptors")}
-    assert fused == {(m, f"{PRIMARY_SCORE[m]}+descriptors") for m in METHODS}
+    assert fused == {(m, f"{PRIMARY_SCORE[m]}+descriptors") for m in ALL_METHODS}
     for row in descriptor + [r for r in rows if r["score"].endswith("+descriptors")]:
         assert 0.0 <= float(row["image_auroc"]) <= 1.0 and row["pixel_auroc"] == "n/a"
 

@@ -1,4 +1,4 @@
-"""The 2-D image subcommands: demo-images, images-train, images-score, images-evaluate, images-report."""
+"""The 2-D image subcommands: demo-images, images-train, images-score, images-fuse, images-evaluate, images-report."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def run_images_score(args: argparse.Namespace) -> None:
                  args.device)
 
 
+@command("images-fuse")
+def run_images_fuse(args: argparse.Namespace) -> None:
+    from anomri.images.map_fusion import fuse_method_maps
+    from anomri.images.settings import ImageSettings
+
+    fuse_method_maps(args.images_dir, ImageSettings.from_json(args.settings))
+
+
 @command("images-evaluate")
 def run_images_evaluate(args: argparse.Namespace) -> None:
     from anomri.images.evaluation import evaluate_methods
@@ -57,7 +65,7 @@ def run_images_report(args: argparse.Namespace) -> None:
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    from anomri.images.settings import METHODS, MODEL_OF_METHOD
+    from anomri.images.settings import ALL_METHODS, METHODS, MODEL_OF_METHOD
 
     p = sub.add_parser("demo-images", help="write the synthetic OCT-like demo images (MVTec layout)")
     p.add_argument("out", help="new image folder")
@@ -85,10 +93,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint from images-train")
     p.add_argument("--images-dir", required=True, help="<output_dir>/images")
 
+    p = sub.add_parser("images-fuse", help="method fusion: the maps of images.map_fusion_methods, calibrated on "
+                                           "normal images and fused per pixel")
+    p.add_argument("--settings", default="{}", help="JSON object of ImageSettings fields")
+    p.add_argument("--images-dir", required=True, help="<output_dir>/images, where images-score wrote")
+
     for name, help_text in (("images-evaluate", "metrics of every method, by defect type"),
                             ("images-report", "ROC curves, best/worst examples and per-image overlays")):
         p = sub.add_parser(name, help=help_text)
         common(p)
-        p.add_argument("--methods", nargs="+", required=True, choices=METHODS)
+        p.add_argument("--methods", nargs="+", required=True, choices=ALL_METHODS)
         p.add_argument("--images-dir", required=True)
 

@@ -38,6 +38,10 @@ class ImageOutputs:
         """Folder of ``<test class>/<stem>.npy`` anomaly maps."""
         return self.root / "maps" / method
 
+    def validation_maps(self, method: str) -> Path:
+        """Folder of ``<class>/<stem>.npy`` maps of the held-back normal validation images."""
+        return self.root / "validation_maps" / method
+
     def scores(self, method: str) -> Path:
         return self.root / "scores" / f"{method}.tsv"
 

@@ -289,12 +289,15 @@ def score_folder(
     maps_dir: str | Path,
     scores_path: str | Path,
     thresholds_path: str | Path,
+    validation_maps_dir: str | Path,
     progress: bool = True,
 ) -> None:
     """Score the validation and test images of an MVTec folder with ``method``; write maps, scores, thresholds.
 
     Writes ``maps_dir/<class>/<stem>.npy`` for every test image (float32,
-    original size, higher = more anomalous); ``scores_path``, a TSV with
+    original size, higher = more anomalous) and the same under
+    ``validation_maps_dir`` for the normal validation images (what the pixel
+    threshold and method ``fusion`` are calibrated on); ``scores_path``, a TSV with
     columns :data:`SCORE_COLUMNS` for the held-out normal validation images
     (split ``val``) and the test images; and ``thresholds_path``, JSON with
     the pixel threshold from the validation maps and the normalisation
@@ -333,10 +336,11 @@ def score_folder(
         for score_id, values in scores.items():
             rows += [{"method": method, "split": split, "label": r.label, "stem": r.stem, "score": score_id,
                       "value": f"{v:.10g}"} for r, v in zip(records, values)]
-    for record, pixel_map in zip(folder.test, test_maps):
-        with atomic_path(map_path(maps_dir, record.label, record.stem)) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, pixel_map.astype(np.float32))
-    Path(maps_dir).mkdir(parents=True, exist_ok=True)
+    for where, records, maps in ((maps_dir, folder.test, test_maps), (validation_maps_dir, validation, val_maps)):
+        for record, pixel_map in zip(records, maps, strict=True):
+            with atomic_path(map_path(where, record.label, record.stem)) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, pixel_map.astype(np.float32))
+        Path(where).mkdir(parents=True, exist_ok=True)
     write_table(scores_path, rows, SCORE_COLUMNS)
     pixel_threshold = normal_threshold(np.concatenate([m.ravel() for m in val_maps]), settings.threshold_percentile)
     write_json(thresholds_path, {
@@ -353,7 +357,7 @@ def score_method(method: str, model_path: str | Path, root: str | Path, settings
                  images_dir: str | Path, device: str = default("images.device")) -> None:
     """Score an MVTec folder with ``method`` and the trained model at ``model_path`` (:func:`score_folder`).
 
-    The maps, scores and thresholds go to the method's place under
+    The maps (test and validation), scores and thresholds go to the method's place under
     ``images_dir`` (:class:`~anomri.images.outputs.ImageOutputs`); the
     thresholds name the model file and its SHA-256.
     """
@@ -368,4 +372,4 @@ def score_method(method: str, model_path: str | Path, root: str | Path, settings
             raise InputError(model_path, f"was trained with {name} {value!r} but is asked to score with "
                              f"{getattr(settings, name)!r}: score with its training settings or retrain")
     score_folder(method, model, {"path": str(model_path), "sha256": file_sha256(model_path)}, root, settings,
-                 out.maps(method), out.scores(method), out.thresholds(method))
+                 out.maps(method), out.scores(method), out.thresholds(method), out.validation_maps(method))

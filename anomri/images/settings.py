@@ -15,14 +15,19 @@ from anomri.errors import InputError
 if TYPE_CHECKING:
     from anomri.images.geometry import ImageGeometry
 
-__all__ = ["CHOICES", "DESCRIPTOR_ESTIMATORS", "DRAEM_TEXTURES", "FUSION_RULES", "GEOMETRIES", "GEOMETRY_SETTINGS",
-           "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS", "MINIMUM_INTEGERS", "MODEL_OF_METHOD",
-           "POSITIVE_NUMBERS", "PRIMARY_SCORE", "PROJECTION_MAPS", "SLOW_IMAGE_SCORES"]
+__all__ = ["ALL_METHODS", "CHOICES", "DESCRIPTOR_ESTIMATORS", "DRAEM_TEXTURES", "FUSION_METHOD", "FUSION_RULES",
+           "GEOMETRIES", "GEOMETRY_SETTINGS", "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS",
+           "MINIMUM_INTEGERS", "MODEL_OF_METHOD", "POSITIVE_NUMBERS", "PRIMARY_SCORE", "PROJECTION_MAPS",
+           "SLOW_IMAGE_SCORES"]
 
 #: Method id (output folder) -> the trained model it needs.
 MODEL_OF_METHOD = {"vae": "conv-vae", "vae-projection": "conv-vae", "anogan": "anogan", "mhp-vae": "mhp-vae",
                    "draem": "draem", "patch-memory": "patch-memory"}
 METHODS = tuple(MODEL_OF_METHOD)
+#: The method that fuses other methods' calibrated maps (:mod:`anomri.images.map_fusion`); it trains nothing.
+FUSION_METHOD = "fusion"
+#: Every method with maps and scores: those with a model, then the fusion.
+ALL_METHODS = (*METHODS, FUSION_METHOD)
 #: Registry scores that optimise over z for every image (minutes per 128 px image on a CPU).
 SLOW_IMAGE_SCORES = ("closest-generated", "max-generated-lik")
 #: Per-pixel normalisations of anomaly maps (:mod:`anomri.images.normalization`).
@@ -41,8 +46,9 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 #: Patch memory's is map-top, not PatchCore's maximum: leave one development type out, over two seeds, every pair
 #: of types preferred it (pooled image AUROC 0.756 against 0.664): the bank's distances are larger at some places
 #: of every normal image, which the normalisation by normal maps discounts.
+#: The fusion's is the fusion of its components' primary scores (:mod:`anomri.images.map_fusion`).
 PRIMARY_SCORE = {"vae": "det-rec-err", "vae-projection": "map-top", "anogan": "anomaly-score", "mhp-vae": "wta",
-                 "draem": "map-max", "patch-memory": "map-top"}
+                 "draem": "map-max", "patch-memory": "map-top", FUSION_METHOD: "fused-primary"}
 #: How images become model inputs (:class:`~anomri.images.geometry.ImageGeometry`).
 GEOMETRIES = ("resize", "tile")
 #: Model kinds with a geometry of their own: (mode setting, tile-scale setting) in place of ``geometry`` and
@@ -69,7 +75,8 @@ CHOICES = {"geometry": GEOMETRIES, "draem_geometry": GEOMETRIES, "map_normalizat
            "score_normalization": MAP_NORMALIZATIONS, "vae_lr_schedule": LR_SCHEDULES,
            "projection_map": PROJECTION_MAPS, "draem_lr_schedule": LR_SCHEDULES, "draem_texture": DRAEM_TEXTURES,
            "draem_precision": PRECISIONS,
-           "descriptor_estimator": DESCRIPTOR_ESTIMATORS, "descriptor_fusion": FUSION_RULES}
+           "descriptor_estimator": DESCRIPTOR_ESTIMATORS, "descriptor_fusion": FUSION_RULES,
+           "map_fusion_rule": FUSION_RULES}
 
 
 def _invalid(name: str, expected: str, value: object) -> None:
@@ -157,6 +164,9 @@ class ImageSettings:
     descriptor_size: int = 128
     descriptor_scales: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     descriptor_fusion: str = "max"
+    # method fusion: these methods' maps, each divided by its normal pixel threshold, fused per pixel
+    map_fusion_methods: list[str] = field(default_factory=lambda: ["draem", "patch-memory"])
+    map_fusion_rule: str = "mean"
     # maps and evaluation
     map_sigma: float = 1.0
     map_normalization: str = "none"
@@ -186,6 +196,10 @@ class ImageSettings:
         faint = self.draem_faint_area
         if not (len(faint) == 2 and 0.0 < faint[0] <= faint[1] < 1.0):
             _invalid("draem_faint_area", "[min, max] with 0 < min <= max < 1", faint)
+        unknown = [m for m in self.map_fusion_methods if m not in METHODS]
+        if unknown or len(set(self.map_fusion_methods)) < 2 or len(set(self.map_fusion_methods)) != len(
+                self.map_fusion_methods):
+            _invalid("map_fusion_methods", f"two or more different methods of {METHODS}", self.map_fusion_methods)
         for name, minimum in MINIMUM_INTEGERS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

@@ -3,15 +3,15 @@
 # (`images_root`), or on the synthetic OCT-like demo set when none is given.
 # Thin rules only: each calls one `anomri` command.
 from anomri.images.outputs import ImageOutputs
-from anomri.images.settings import METHODS, MODEL_OF_METHOD
+from anomri.images.settings import ALL_METHODS, FUSION_METHOD, METHODS, MODEL_OF_METHOD, ImageSettings
 
 IMAGES = ImageOutputs(OUT / "images")
 IMAGES_ROOT = Path(config["images_root"]) if config.get("images_root") else IMAGES.demo
-IMAGE_METHODS = list(METHODS) if config.get("image_methods", "all") == "all" else list(config["image_methods"])
-if set(IMAGE_METHODS) - set(METHODS):
+IMAGE_METHODS = list(ALL_METHODS) if config.get("image_methods", "all") == "all" else list(config["image_methods"])
+if set(IMAGE_METHODS) - set(ALL_METHODS):
     raise WorkflowError(
-        f"anomri: error: config: image_methods {sorted(set(IMAGE_METHODS) - set(METHODS))} "
-        f"unknown; known: {', '.join(METHODS)}"
+        f"anomri: error: config: image_methods {sorted(set(IMAGE_METHODS) - set(ALL_METHODS))} "
+        f"unknown; known: {', '.join(ALL_METHODS)}"
     )
 if config.get("images_layout", "mvtec") != "mvtec":
     raise WorkflowError(f"anomri: error: config: images_layout {config['images_layout']!r} unsupported; use mvtec")
@@ -23,6 +23,8 @@ if not config.get("images_root") and "oct_band" in IMAGE_CONFIG.get("demo", {}):
     # The demo images are OCT B-scans: they get the demo's band handling, a user's folder images.oct_band.
     _image_settings["oct_band"] = IMAGE_CONFIG["demo"]["oct_band"]
 IMAGE_SETTINGS = json.dumps(_image_settings)
+# The methods whose maps method `fusion` fuses (scored whether or not image_methods lists them).
+FUSED_METHODS = IMAGE_CONFIG.get("map_fusion_methods", ImageSettings().map_fusion_methods)
 IMAGE_DEVICE = IMAGE_CONFIG.get("device", "auto")
 # A fixed count, not workflow.cores: a cluster run has no total core count. The rules pass it to
 # `anomri --threads` (torch, BLAS/OpenMP).
@@ -97,6 +99,7 @@ rule images_score:
         model=lambda w: IMAGES.model(MODEL_OF_METHOD[w.image_method]),
     output:
         maps=directory(IMAGES.maps("{image_method}")),
+        validation_maps=directory(IMAGES.validation_maps("{image_method}")),
         scores=IMAGES.scores("{image_method}"),
         thresholds=IMAGES.thresholds("{image_method}"),
     log:
@@ -120,6 +123,35 @@ rule images_score:
         " --root {params.root:q} --method {wildcards.image_method:q}"
         " --model {input.model:q} --images-dir {params.images_dir:q} --settings {params.settings:q}"
         " --device {params.device:q}"
+
+
+rule images_fuse:
+    input:
+        maps=[IMAGES.maps(m) for m in FUSED_METHODS],
+        validation_maps=[IMAGES.validation_maps(m) for m in FUSED_METHODS],
+        scores=[IMAGES.scores(m) for m in FUSED_METHODS],
+        thresholds=[IMAGES.thresholds(m) for m in FUSED_METHODS],
+    output:
+        maps=directory(IMAGES.maps(FUSION_METHOD)),
+        validation_maps=directory(IMAGES.validation_maps(FUSION_METHOD)),
+        scores=IMAGES.scores(FUSION_METHOD),
+        thresholds=IMAGES.thresholds(FUSION_METHOD),
+    log:
+        LOGS / "images" / "fuse.log",
+    benchmark:
+        benchmark_file("images_fuse")
+    conda:
+        "../envs/anomri.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    params:
+        images_dir=IMAGES.root,
+        settings=IMAGE_SETTINGS,
+    shell:
+        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} images-fuse'
+        " --images-dir {params.images_dir:q} --settings {params.settings:q}"
 
 
 rule images_evaluate:

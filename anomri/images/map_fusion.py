@@ -1,0 +1,139 @@
+"""Method ``fusion``: several methods' anomaly maps, each calibrated on the normal validation images, fused per pixel.
+
+A DRAEM map is a probability, a patch-memory map a feature distance: their
+numbers cannot be averaged as they are. Each component map is divided by that
+method's pixel threshold, the ``threshold_percentile`` of its maps of the
+held-back normal validation images (never trained on), so 1 means "as high as
+the top 1 % of normal pixels" for every method; the fused map is the mean (or
+the maximum, ``map_fusion_rule``) of the calibrated maps. Evidence that adds
+up: a defect two methods see moderately outranks one pixel a single method
+over-reacts to.
+
+The image scores: ``fused-primary``, each component's primary score as a
+z-score against the same normal validation images, fused by the same rule
+(the method's primary score), and ``map-max`` of the fused map. The method's
+pixel threshold is the same percentile of the fused validation maps.
+
+On the magnetic tiles' development types (benchmarks/README.md) the mean of
+DRAEM's and patch memory's calibrated maps raised pooled pixel AUROC by
+0.003-0.007 and AU-PRO by 0.02-0.045 over DRAEM alone across four seed pairs;
+leave one type out chose it for every type.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from anomri.errors import InputError
+from anomri.evaluate.image_metrics import normal_threshold
+from anomri.images.evaluation import read_scores
+from anomri.images.fusion import NormalCalibration, fuse
+from anomri.images.outputs import SCORE_COLUMNS, ImageOutputs, map_path
+from anomri.images.settings import FUSION_METHOD, PRIMARY_SCORE, ImageSettings
+from anomri.io.atomic import atomic_path, write_json
+from anomri.io.tables import write_table
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FUSED_PRIMARY", "fuse_method_maps"]
+
+#: The fused method's primary image score.
+FUSED_PRIMARY = PRIMARY_SCORE[FUSION_METHOD]
+
+
+def _component(out: ImageOutputs, method: str) -> tuple[dict, list[dict]]:
+    """A component method's thresholds record and score rows, or an input error naming the missing file."""
+    for path in (out.thresholds(method), out.scores(method)):
+        if not path.is_file():
+            raise InputError(path, f"missing: score method {method} (images-score) before fusing its maps")
+    return json.loads(out.thresholds(method).read_text()), read_scores(out.scores(method))
+
+
+def _keys(rows: list[dict], split: str, score: str) -> list[tuple[str, str]]:
+    return [(r["label"], r["stem"]) for r in rows if r["split"] == split and r["score"] == score]
+
+
+def fuse_method_maps(images_dir: str | Path, settings: ImageSettings) -> None:
+    """Write method :data:`~anomri.images.settings.FUSION_METHOD`'s maps, scores and thresholds under ``images_dir``.
+
+    Reads the maps (test and normal validation), score tables and thresholds
+    that ``images-score`` wrote for every method of
+    ``settings.map_fusion_methods``; writes them for the fused method in the
+    same layout (:class:`~anomri.images.outputs.ImageOutputs`), so evaluation
+    and the report treat it as one more method. Raises
+    :class:`~anomri.errors.InputError` when a component is missing or the
+    components scored different images.
+    """
+    out = ImageOutputs(images_dir)
+    methods = list(settings.map_fusion_methods)
+    rule = settings.map_fusion_rule
+    components = {m: _component(out, m) for m in methods}
+    first_rows = components[methods[0]][1]
+    primary0 = components[methods[0]][0]["primary_score"]
+    keys = {split: _keys(first_rows, split, primary0) for split in ("val", "test")}
+    for method, (record, rows) in components.items():
+        if any(sorted(_keys(rows, s, record["primary_score"])) != sorted(keys[s]) for s in keys):
+            raise InputError(out.scores(method), f"scores other images than {out.scores(methods[0])}: fuse methods "
+                                                 "scored on the same folder with the same validation split")
+    if len(keys["val"]) < 2:
+        raise InputError(out.scores(methods[0]), f"{len(keys['val'])} normal validation image(s): calibrating "
+                                                  "maps and scores needs at least 2")
+
+    def fused_maps(split: str) -> list[np.ndarray]:
+        where = {"val": out.validation_maps, "test": out.maps}[split]
+        maps = []
+        for label, stem in keys[split]:
+            calibrated = []
+            for method, (record, _) in components.items():
+                path = map_path(where(method), label, stem)
+                if not path.is_file():
+                    raise InputError(path, f"missing: re-run images-score for method {method}")
+                calibrated.append(np.load(path).astype(np.float64) / max(record["pixel_threshold"], 1e-12))
+            if len({m.shape for m in calibrated}) != 1:
+                raise InputError(map_path(where(methods[0]), label, stem),
+                                 f"maps of {', '.join(methods)} differ in size: {[m.shape for m in calibrated]}")
+            maps.append(fuse([m.ravel() for m in calibrated], rule).reshape(calibrated[0].shape).astype(np.float32))
+        return maps
+
+    def primary_z(split: str) -> list[np.ndarray]:
+        """Every component's primary score at the split's images, as z-scores against the normal validation ones."""
+        zs = []
+        for record, rows in components.values():
+            values = {(r["split"], r["label"], r["stem"]): r["value"] for r in rows
+                      if r["score"] == record["primary_score"]}
+            calibration = NormalCalibration.fit([values[("val", *k)] for k in keys["val"]])
+            zs.append(calibration.zscore([values[(split, *k)] for k in keys[split]]))
+        return zs
+
+    maps = {split: fused_maps(split) for split in keys}
+    rows = []
+    for split in keys:
+        scores = {FUSED_PRIMARY: fuse(primary_z(split), rule), "map-max": [m.max() for m in maps[split]]}
+        for score, values in scores.items():
+            rows += [{"method": FUSION_METHOD, "split": split, "label": label, "stem": stem, "score": score,
+                      "value": f"{v:.10g}"} for (label, stem), v in zip(keys[split], values, strict=True)]
+        where = {"val": out.validation_maps, "test": out.maps}[split](FUSION_METHOD)
+        for (label, stem), pixel_map in zip(keys[split], maps[split], strict=True):
+            with atomic_path(map_path(where, label, stem)) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, pixel_map)
+        where.mkdir(parents=True, exist_ok=True)
+    write_table(out.scores(FUSION_METHOD), rows, SCORE_COLUMNS)
+    pixel_threshold = normal_threshold(np.concatenate([m.ravel() for m in maps["val"]]),
+                                       settings.threshold_percentile)
+    write_json(out.thresholds(FUSION_METHOD), {
+        "method": FUSION_METHOD, "primary_score": FUSED_PRIMARY, "pixel_threshold": pixel_threshold,
+        "threshold_percentile": settings.threshold_percentile, "n_validation_images": len(keys["val"]),
+        "rule": rule,
+        "components": {m: {"pixel_threshold": r["pixel_threshold"], "primary_score": r["primary_score"],
+                           "model": r.get("model")} for m, (r, _) in components.items()},
+        "description": f"{rule} of the components' maps, each divided by its pixel threshold (the "
+                       f"{settings.threshold_percentile:g}th percentile of its normal validation maps); "
+                       f"{FUSED_PRIMARY}: the {rule} of the components' primary scores as z-scores against the "
+                       "normal validation images",
+    })
+    logger.info("%s: %s of %s on %d validation and %d test images", FUSION_METHOD, rule, " + ".join(methods),
+                len(keys["val"]), len(keys["test"]))
