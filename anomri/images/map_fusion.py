@@ -32,9 +32,9 @@ from anomri.errors import InputError
 from anomri.evaluate.image_metrics import normal_threshold
 from anomri.images.evaluation import read_scores
 from anomri.images.fusion import NormalCalibration, fuse
-from anomri.images.outputs import SCORE_COLUMNS, ImageOutputs, map_path
+from anomri.images.outputs import SCORE_COLUMNS, ImageOutputs, map_path, save_maps, score_rows
 from anomri.images.settings import FUSION_METHOD, PRIMARY_SCORE, ImageSettings
-from anomri.io.atomic import atomic_path, write_json
+from anomri.io.atomic import write_json
 from anomri.io.tables import write_table
 
 logger = logging.getLogger(__name__)
@@ -83,44 +83,35 @@ def fuse_method_maps(images_dir: str | Path, settings: ImageSettings) -> None:
         raise InputError(out.scores(methods[0]), f"{len(keys['val'])} normal validation image(s): calibrating "
                                                   "maps and scores needs at least 2")
 
+    folder_of = {"val": out.validation_maps, "test": out.maps}
+
     def fused_maps(split: str) -> list[np.ndarray]:
-        where = {"val": out.validation_maps, "test": out.maps}[split]
         maps = []
         for label, stem in keys[split]:
             calibrated = []
             for method, (record, _) in components.items():
-                path = map_path(where(method), label, stem)
+                path = map_path(folder_of[split](method), label, stem)
                 if not path.is_file():
                     raise InputError(path, f"missing: re-run images-score for method {method}")
                 calibrated.append(np.load(path).astype(np.float64) / max(record["pixel_threshold"], 1e-12))
             if len({m.shape for m in calibrated}) != 1:
-                raise InputError(map_path(where(methods[0]), label, stem),
+                raise InputError(map_path(folder_of[split](methods[0]), label, stem),
                                  f"maps of {', '.join(methods)} differ in size: {[m.shape for m in calibrated]}")
             maps.append(fuse([m.ravel() for m in calibrated], rule).reshape(calibrated[0].shape).astype(np.float32))
         return maps
 
-    def primary_z(split: str) -> list[np.ndarray]:
-        """Every component's primary score at the split's images, as z-scores against the normal validation ones."""
-        zs = []
-        for record, rows in components.values():
-            values = {(r["split"], r["label"], r["stem"]): r["value"] for r in rows
-                      if r["score"] == record["primary_score"]}
-            calibration = NormalCalibration.fit([values[("val", *k)] for k in keys["val"]])
-            zs.append(calibration.zscore([values[(split, *k)] for k in keys[split]]))
-        return zs
+    # Every component's primary score by (split, class, stem), and its calibration on the normal validation images.
+    primaries = [{(r["split"], r["label"], r["stem"]): r["value"] for r in rows
+                  if r["score"] == record["primary_score"]} for record, rows in components.values()]
+    calibrations = [NormalCalibration.fit([values[("val", *k)] for k in keys["val"]]) for values in primaries]
 
     maps = {split: fused_maps(split) for split in keys}
     rows = []
     for split in keys:
-        scores = {FUSED_PRIMARY: fuse(primary_z(split), rule), "map-max": [m.max() for m in maps[split]]}
-        for score, values in scores.items():
-            rows += [{"method": FUSION_METHOD, "split": split, "label": label, "stem": stem, "score": score,
-                      "value": f"{v:.10g}"} for (label, stem), v in zip(keys[split], values, strict=True)]
-        where = {"val": out.validation_maps, "test": out.maps}[split](FUSION_METHOD)
-        for (label, stem), pixel_map in zip(keys[split], maps[split], strict=True):
-            with atomic_path(map_path(where, label, stem)) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, pixel_map)
-        where.mkdir(parents=True, exist_ok=True)
+        primary_z = [c.zscore([values[(split, *k)] for k in keys[split]]) for values, c in zip(primaries, calibrations)]
+        rows += score_rows(FUSION_METHOD, split, keys[split], FUSED_PRIMARY, fuse(primary_z, rule))
+        rows += score_rows(FUSION_METHOD, split, keys[split], "map-max", [m.max() for m in maps[split]])
+        save_maps(folder_of[split](FUSION_METHOD), keys[split], maps[split])
     write_table(out.scores(FUSION_METHOD), rows, SCORE_COLUMNS)
     pixel_threshold = normal_threshold(np.concatenate([m.ravel() for m in maps["val"]]),
                                        settings.threshold_percentile)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+
+from anomri.io.atomic import atomic_path
 
 #: Columns of the per-method score tables and of ``image_scores.tsv``.
 SCORE_COLUMNS = ["method", "split", "label", "stem", "score", "value"]
@@ -12,6 +17,21 @@ SCORE_COLUMNS = ["method", "split", "label", "stem", "score", "value"]
 def map_path(maps_dir: str | Path, label: str, stem: str) -> Path:
     """``<maps_dir>/<test class>/<stem>.npy``."""
     return Path(maps_dir) / label / f"{stem}.npy"
+
+
+def score_rows(method: str, split: str, keys: Sequence[tuple[str, str]], score: str,
+               values: Iterable[float]) -> list[dict]:
+    """Rows of :data:`SCORE_COLUMNS`: one score of the images ``keys`` ((class, stem) pairs) of ``split``."""
+    return [{"method": method, "split": split, "label": label, "stem": stem, "score": score, "value": f"{v:.10g}"}
+            for (label, stem), v in zip(keys, values, strict=True)]
+
+
+def save_maps(maps_dir: str | Path, keys: Sequence[tuple[str, str]], maps: Iterable[np.ndarray]) -> None:
+    """Write each map as float32 to :func:`map_path` of its (class, stem), atomically; the folder exists even empty."""
+    for (label, stem), pixel_map in zip(keys, maps, strict=True):
+        with atomic_path(map_path(maps_dir, label, stem)) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.asarray(pixel_map, np.float32))
+    Path(maps_dir).mkdir(parents=True, exist_ok=True)
 
 
 @dataclass(frozen=True)

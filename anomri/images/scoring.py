@@ -65,10 +65,10 @@ from anomri.errors import InputError
 from anomri.evaluate.image_metrics import normal_threshold
 from anomri.images.geometry import ImageGeometry, ModelInputs, load_model_inputs, split_validation
 from anomri.images.normalization import NormalMapStatistics, top_fraction_mean
-from anomri.images.outputs import SCORE_COLUMNS, ImageOutputs, map_path
+from anomri.images.outputs import SCORE_COLUMNS, ImageOutputs, save_maps, score_rows
 from anomri.images.settings import MODEL_OF_METHOD, PRIMARY_SCORE, ImageSettings
 from anomri.images.training import load_image_model
-from anomri.io.atomic import atomic_path, write_json
+from anomri.io.atomic import write_json
 from anomri.io.images import ImageRecord, scan_mvtec
 from anomri.io.tables import write_table
 from anomri.models.anogan import DCGAN, latent_search
@@ -331,16 +331,14 @@ def score_folder(
             statistics = NormalMapStatistics.fit(val.input_maps, settings.normalization_floor)
     val_maps = _finish(val, statistics, settings, fitted=True)
     test_maps = _finish(test, statistics, settings, fitted=False)
+    keys = {split: [(r.label, r.stem) for r in records] for split, records in (("val", validation),
+                                                                                ("test", folder.test))}
     rows = []
-    for split, records, scores in (("val", validation, val.scores), ("test", folder.test, test.scores)):
+    for split, scores in (("val", val.scores), ("test", test.scores)):
         for score_id, values in scores.items():
-            rows += [{"method": method, "split": split, "label": r.label, "stem": r.stem, "score": score_id,
-                      "value": f"{v:.10g}"} for r, v in zip(records, values)]
-    for where, records, maps in ((maps_dir, folder.test, test_maps), (validation_maps_dir, validation, val_maps)):
-        for record, pixel_map in zip(records, maps, strict=True):
-            with atomic_path(map_path(where, record.label, record.stem)) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, pixel_map.astype(np.float32))
-        Path(where).mkdir(parents=True, exist_ok=True)
+            rows += score_rows(method, split, keys[split], score_id, values)
+    save_maps(maps_dir, keys["test"], test_maps)
+    save_maps(validation_maps_dir, keys["val"], val_maps)
     write_table(scores_path, rows, SCORE_COLUMNS)
     pixel_threshold = normal_threshold(np.concatenate([m.ravel() for m in val_maps]), settings.threshold_percentile)
     write_json(thresholds_path, {

@@ -196,9 +196,8 @@ class ImageSettings:
         faint = self.draem_faint_area
         if not (len(faint) == 2 and 0.0 < faint[0] <= faint[1] < 1.0):
             _invalid("draem_faint_area", "[min, max] with 0 < min <= max < 1", faint)
-        unknown = [m for m in self.map_fusion_methods if m not in METHODS]
-        if unknown or len(set(self.map_fusion_methods)) < 2 or len(set(self.map_fusion_methods)) != len(
-                self.map_fusion_methods):
+        fused = self.map_fusion_methods
+        if any(m not in METHODS for m in fused) or len(fused) < 2 or len(set(fused)) != len(fused):
             _invalid("map_fusion_methods", f"two or more different methods of {METHODS}", self.map_fusion_methods)
         for name, minimum in MINIMUM_INTEGERS.items():
             value = getattr(self, name)
