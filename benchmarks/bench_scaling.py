@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 CAPPED = {"pool_training_voxels", "train", "reference_set", "plot_training", "dataset_description"}
 #: One job of each stage on the longest dependency chain of a run.
 CRITICAL_PATH = ["preprocess", "augment", "pool_training_voxels", "train", "reference_set",
-                 "score_ensemble", "score_augmented", "calibrate", "probability", "evaluate"]
+                 "score_control", "calibrate", "probability", "evaluate"]
 
 
 def cohort_config(n_subjects: int, voxel_size: float, output_dir: Path, seed: int) -> dict:

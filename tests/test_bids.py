@@ -9,6 +9,7 @@ import itertools
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from anomri.errors import InputError
@@ -238,6 +239,19 @@ def test_every_fold_model_trains_on_the_other_folds_only(tmp_path: Path) -> None
         # ...and sees every other control.
         assert sorted(training + fold, key=scans.index) == scans[:-1]
         assert all(plan.fold_of(s) == k for s in fold)
+
+
+def test_patients_are_dealt_to_folds_evenly_and_deterministically(tmp_path: Path) -> None:
+    patients = [Scan(f"sub-P{i}", None, "patient", False, Path(f"p{i}.nii.gz"), Path("b"), Path("v")) for i in range(7)]
+    scans = controls(4, n_sessions=1) + patients
+    plan = plan_cohort(scans, tmp_path, n_folds=3, seed=1)
+    dealt = [plan.scoring_fold(p) for p in patients]
+    assert sorted(np.bincount(dealt, minlength=3)) == [2, 2, 3]  # round robin over the 3 folds
+    assert dealt == [plan_cohort(scans, tmp_path, n_folds=3, seed=1).scoring_fold(p) for p in patients]
+    # Shuffled by split.seed, not dealt in name order.
+    assert any(dealt != [plan_cohort(scans, tmp_path, n_folds=3, seed=s).scoring_fold(p) for p in patients]
+               for s in range(2, 7))
+    assert all(plan.scoring_fold(c) == plan.fold_of(c) for c in plan.controls)
 
 
 def test_cross_fitting_needs_two_control_participants_and_two_folds() -> None:

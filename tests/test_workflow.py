@@ -88,9 +88,8 @@ def test_every_map_written_and_viewable(run: Path) -> None:
         prob = np.asarray(nib.load(scan.probseg).dataobj)
         assert prob.min() >= 0 and prob.max() <= 1
         sidecar = json.loads(sidecar_path(scan.novelty("det-rec-lik")).read_text())
-        # A control's map comes from one fold model, a patient's from the ensemble of all of them.
-        models = sidecar["Model"] if isinstance(sidecar["Model"], list) else [sidecar["Model"]]
-        assert sidecar["Formula"] and models and all(len(m["SHA256"]) == 64 for m in models)
+        # Every map comes from one fold model: a control's own, a patient's the one it was dealt to.
+        assert sidecar["Formula"] and len(sidecar["Model"]["SHA256"]) == 64
 
 
 def _controls() -> list[str]:
@@ -107,7 +106,8 @@ def _sidecar(path: Path) -> dict:
 
 def test_every_control_is_scored_and_calibrated_out_of_fold(run: Path) -> None:
     """Fold k's model trains on the other folds' controls; a control's maps come from the one model that never saw
-    it and its p from the other controls' null; a patient's maps from every fold model."""
+    it (its noisier copies' too) and its p from the other controls' null; a patient's maps from the one fold model it
+    is dealt to, exactly as that model's own map of it, and its p from every fold model."""
     controls, folds = _controls(), sorted((run / "models").glob("fold-*"))
     assert len(folds) == N_CONTROLS  # three controls: three folds of one (leave one out)
     model_of = {}
@@ -120,12 +120,21 @@ def test_every_control_is_scored_and_calibrated_out_of_fold(run: Path) -> None:
     for pid in controls:
         scan = ScanDerivatives(run, pid)
         assert _sidecar(scan.novelty("neg-elbo"))["Model"]["Path"] == model_of[pid]
+        copies = sorted((run / "models" / "augmented").glob(f"noise-*/{pid}/dwi/{pid}_*_desc-negelbo_novelty.json"))
+        assert copies and {json.loads(c.read_text())["Model"]["Path"] for c in copies} == {model_of[pid]}
         calibration = _sidecar(scan.probseg)["Calibration"]
         assert calibration["LeftOut"] == [pid] and calibration["FoldMaps"] == []
         assert pid not in {c["scan"] for c in calibration["copies"]} and pid not in calibration["scans"]
     for pid in _patients():
         scan = ScanDerivatives(run, pid)
-        assert sorted(m["Path"] for m in _sidecar(scan.novelty("neg-elbo"))["Model"]) == sorted(model_of.values())
+        dealt = Path(_sidecar(scan.novelty("neg-elbo"))["Model"]["Path"]).parent
+        assert str(dealt / "vae.pt") in model_of.values()
+        for fold in folds:
+            own = ScanDerivatives(fold / "maps", pid)
+            assert _sidecar(own.novelty("neg-elbo"))["Model"]["Path"] == str(fold / "vae.pt")
+            assert not own.novelty("det-rec-lik").exists()  # the other models compute the probability scores only
+        np.testing.assert_array_equal(np.asarray(nib.load(scan.novelty("neg-elbo")).dataobj),
+                                      np.asarray(nib.load(ScanDerivatives(dealt / "maps", pid).novelty("neg-elbo")).dataobj))
         calibration = _sidecar(scan.probseg)["Calibration"]
         assert calibration["LeftOut"] == [] and len(calibration["FoldMaps"]) == N_CONTROLS
         assert sorted(calibration["scans"]) == controls

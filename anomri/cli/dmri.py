@@ -61,8 +61,9 @@ def run_score(args: argparse.Namespace) -> None:
     from anomri.maps.scoring import score_scan
 
     score_scan(args.model, args.derivatives_dir, args.prefix, args.scores, reference=args.reference,
-               fold_maps=args.fold_maps, fold_scores=args.fold_scores, n_samples=args.n_samples, seed=args.seed,
-               batch_size=args.batch_size, device=args.device)
+               fold_maps=args.fold_maps, fold_scores=args.fold_scores, copies=args.copies,
+               copy_scores=args.copy_scores, n_samples=args.n_samples, seed=args.seed, batch_size=args.batch_size,
+               device=args.device)
 
 
 def _postprocessing(args: argparse.Namespace):
@@ -228,11 +229,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("score", help="write the novelty maps of one scan")
     p.add_argument("--model", required=True, nargs="+",
-                   help="model checkpoint; several (the fold models that never trained on the scan): mean maps")
+                   help="model checkpoint that gives the scan its maps; then the other fold models that never trained "
+                        "on it, which write only their maps of --fold-scores (into --fold-maps)")
     p.add_argument("--reference", nargs="+", help="reference set (.pt) of each model, needed by reference-based scores")
     p.add_argument("--fold-maps", nargs="*", default=[], metavar="DIR",
                    help="one derivatives tree per model: each model's own maps of --fold-scores are written there")
     p.add_argument("--fold-scores", nargs="*", default=[], metavar="SCORE", help="scores written per model")
+    p.add_argument("--copies", nargs="*", default=[], metavar="DIR",
+                   help="derivatives trees of copies of the scan (same prefix), scored with the first model")
+    p.add_argument("--copy-scores", nargs="*", default=[], metavar="SCORE", help="scores written per copy")
     p.add_argument("--derivatives-dir", required=True)
     p.add_argument("--prefix", required=True)
     p.add_argument("--scores", nargs="+", default=["all"])

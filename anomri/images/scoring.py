@@ -69,10 +69,10 @@ from anomri.images.outputs import SCORE_COLUMNS, ImageOutputs, save_maps, score_
 from anomri.images.settings import MODEL_OF_METHOD, PRIMARY_SCORE, ImageSettings
 from anomri.images.training import load_image_model
 from anomri.io.atomic import write_json
+from anomri.io.checksum import file_sha256
 from anomri.io.images import ImageRecord, scan_mvtec
 from anomri.io.tables import write_table
 from anomri.models.anogan import DCGAN, latent_search
-from anomri.models.checkpoint import file_sha256
 from anomri.models.conv_vae import ConvVAE, FlatImageVAE
 from anomri.models.draem import DRAEM
 from anomri.models.mhp_vae import MultiHypothesisVAE

@@ -12,7 +12,9 @@ control is scored by a model that never saw it (its *out-of-fold* model).
 The healthy null pools every control's out-of-fold scores, so it holds as
 many healthy people as the cohort has, and no control is set aside: each
 one trains K - 1 models and calibrates all of them. Everyone else (patients)
-is scored by all K models (:mod:`anomri.maps.probability`).
+is dealt to a fold the same way: its maps come from that fold's model, so they
+are exchangeable with the controls' out-of-fold maps, and its lesion
+probability from all K models (cross-conformal, :mod:`anomri.maps.probability`).
 """
 
 from __future__ import annotations
@@ -48,12 +50,16 @@ class CohortPlan:
         exactly one fold.
     evaluable : list of Scan
         Patients with a lesion mask.
+    other_folds : dict of str to int
+        The fold each participant who is not a control is dealt to: the fold
+        model whose maps it gets, like a control of that fold.
     """
 
     bids_dir: Path
     scans: list[Scan]
     folds: list[list[Scan]]
     evaluable: list[Scan]
+    other_folds: dict[str, int]
 
     @property
     def controls(self) -> list[Scan]:
@@ -73,6 +79,18 @@ class CohortPlan:
     def fold_of(self, scan: Scan) -> int | None:
         """The fold whose model never saw ``scan``; None for a scan that is not a control's."""
         return next((k for k, fold in enumerate(self.folds) if scan in fold), None)
+
+    def scoring_fold(self, scan: Scan) -> int:
+        """The fold whose model gives ``scan`` its novelty maps: a control's own fold, else the one it was dealt."""
+        fold = self.fold_of(scan)
+        return self.other_folds[scan.participant_id] if fold is None else fold
+
+
+def deal_participants(participants: set[str], n_folds: int, seed: int) -> dict[str, int]:
+    """Each participant's fold: shuffled with ``seed``, then dealt round robin (fold sizes differ by at most one)."""
+    ordered = sorted(participants)
+    order = np.random.default_rng(seed).permutation(len(ordered))
+    return {ordered[i]: rank % n_folds for rank, i in enumerate(order)}
 
 
 def cross_fitting_folds(controls: list[Scan], n_folds: int, seed: int) -> list[list[Scan]]:
@@ -94,16 +112,17 @@ def cross_fitting_folds(controls: list[Scan], n_folds: int, seed: int) -> list[l
         raise ValueError(f"at least {MIN_CONTROLS} control participants are needed (each fold's model trains on "
                          f"the others); found {len(participants)}")
     k = min(n_folds, len(participants))
-    order = np.random.default_rng(seed).permutation(len(participants))
-    fold_of = {participants[i]: rank % k for rank, i in enumerate(order)}
+    fold_of = deal_participants(set(participants), k, seed)
     return [[s for s in controls if fold_of[s.participant_id] == fold] for fold in range(k)]
 
 
 def plan_cohort(scans: list[Scan], bids_dir: str | Path, n_folds: int, seed: int) -> CohortPlan:
-    """Deal the controls of ``scans`` into cross-fitting folds and list the evaluable patients."""
+    """Deal the controls of ``scans`` into cross-fitting folds, the other participants to a fold each, and
+    list the evaluable patients."""
     folds = cross_fitting_folds([s for s in scans if s.is_control], n_folds, seed)
     evaluable = [s for s in scans if not s.is_control and s.lesion_mask is not None]
-    return CohortPlan(Path(bids_dir), scans, folds, evaluable)
+    others = deal_participants({s.participant_id for s in scans if not s.is_control}, len(folds), seed)
+    return CohortPlan(Path(bids_dir), scans, folds, evaluable, others)
 
 
 def plan_from_config(config: dict, scans: list[Scan] | None = None) -> CohortPlan:

@@ -22,6 +22,7 @@ __all__ = ["score_scan"]
 def score_scan(model: str | Path | Sequence[str | Path], derivatives_dir: str | Path, prefix: str,
                scores: str | Sequence[str] = "all", *, reference: str | Path | Sequence[str | Path] | None = None,
                fold_maps: Sequence[str | Path] = (), fold_scores: Sequence[str] = (),
+               copies: Sequence[str | Path] = (), copy_scores: Sequence[str] = (),
                n_samples: int = default("scoring.n_samples"), seed: int = default("scoring.seed"),
                batch_size: int = default("scoring.batch_size"), device: str = default("scoring.device")) -> None:
     """Write the novelty map of every score of scan ``prefix``, with its sidecar.
@@ -29,21 +30,25 @@ def score_scan(model: str | Path | Sequence[str | Path], derivatives_dir: str | 
     Parameters
     ----------
     model : str, Path or sequence of them
-        The VAE checkpoint, or the checkpoints of the cross-fitting fold
-        models that never trained on the scan (each map is then their mean);
-        the scan's features must be comparable with their training features
-        (:func:`~anomri.dmri.features.check_compatible`).
+        The VAE checkpoint that gives the scan its maps, optionally followed by
+        the other cross-fitting fold models that never trained on it (they
+        compute only ``fold_scores``); the scan's features must be comparable
+        with their training features (:func:`~anomri.dmri.features.check_compatible`).
     derivatives_dir : str or Path
         Derivatives tree holding the scan's features and brain mask; the maps are written there.
     prefix : str
         ``sub-<label>[_ses-<label>]...`` of the scan.
     scores : "all" or sequence of str
-        Registered score ids.
+        Registered score ids, computed with the first model.
     reference : str, Path or sequence of them, optional
         The reference set (.pt) of each model, needed by reference-based scores.
     fold_maps, fold_scores : sequence
         One derivative tree per model, where that model's own maps of ``fold_scores`` are written
         (the cross-conformal lesion probability averages the models' p-values, not their scores).
+    copies, copy_scores : sequence
+        Derivative trees holding copies of the scan (its noisier copies, same prefix): each is scored with the
+        first model for ``copy_scores`` and its maps written there, in the same process, which spares a job's
+        start-up (loading torch, MONAI and the model) per copy.
     n_samples, seed, batch_size : int
         Monte Carlo samples, their seed, and voxels per batch (:class:`~anomri.maps.novelty.NoveltyModel`).
     device : str
@@ -59,16 +64,25 @@ def score_scan(model: str | Path | Sequence[str | Path], derivatives_dir: str | 
     references = [] if reference is None else [reference] if isinstance(reference, (str, Path)) else list(reference)
     if references and len(references) != len(paths):
         raise InputError("--reference", f"{len(references)} reference sets for {len(paths)} models")
-    if fold_maps and len(fold_maps) != len(paths):
-        raise InputError("--fold-maps", f"{len(fold_maps)} trees for {len(paths)} models")
+    if (fold_maps or len(paths) > 1) and len(fold_maps) != len(paths):
+        raise InputError("--fold-maps", f"{len(fold_maps)} trees for {len(paths)} models: each model after the "
+                                        "first writes only its maps of the fold scores, into its own tree")
     torch_device = resolve_device(device)
     scan = ScanDerivatives(derivatives_dir, prefix)
     description = read_feature_description(scan.features)
-    models = []
+    models, trained_on = [], []
     for k, path in enumerate(paths):
         vae, metadata = load_vae(path, torch_device)
         check_compatible(metadata["features"], description, scan.features)
+        trained_on.append(metadata["features"])
         reference_set = ReferenceSet.load(references[k], torch_device) if references else None
-        models.append(NoveltyModel(vae, scores, n_samples=n_samples, seed=seed, reference=reference_set,
-                                   batch_size=batch_size, device=torch_device))
+        models.append(NoveltyModel(vae, scores if k == 0 else fold_scores, n_samples=n_samples, seed=seed,
+                                   reference=reference_set, batch_size=batch_size, device=torch_device))
     write_novelty_maps(models, scan, paths, fold_maps, fold_scores)
+    if copies:
+        copy_model = NoveltyModel(models[0].vae, copy_scores, n_samples=n_samples, seed=seed,
+                                  reference=models[0].reference, batch_size=batch_size, device=torch_device)
+    for tree in copies:
+        copy = ScanDerivatives(tree, prefix)
+        check_compatible(trained_on[0], read_feature_description(copy.features), copy.features)
+        write_novelty_maps([copy_model], copy, paths[:1])

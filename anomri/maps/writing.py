@@ -5,21 +5,24 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import logsumexp
 
 from anomri import __version__
 from anomri.io.atomic import write_json
+from anomri.io.checksum import file_sha256
 from anomri.io.derivatives import ScanDerivatives, sidecar_path
 from anomri.io.nifti import load_mask, load_nifti, read_data, save_volume
 from anomri.io.voxels import read_snr
-from anomri.maps.novelty import NoveltyModel
 from anomri.maps.postprocess import MASK_CONNECTIVITY, PostProcessing, label_components
 from anomri.maps.probability import HealthyNull, participant
 from anomri.maps.quality import ShiftCheck, check_shift, subject_shift
-from anomri.models.checkpoint import file_sha256
 from anomri.settings import default
+
+if TYPE_CHECKING:  # the model layer imports torch and MONAI, which the probability jobs never need
+    from anomri.maps.novelty import NoveltyModel
 
 logger = logging.getLogger(__name__)
 
@@ -40,10 +43,11 @@ def write_novelty_maps(models: Sequence[NoveltyModel], scan: ScanDerivatives, mo
                        fold_maps: Sequence[str | Path] = (), fold_scores: Sequence[str] = ()) -> None:
     """Score every in-mask voxel of ``scan`` with each model; write one map + sidecar per score.
 
-    Several models are the cross-fitting folds' models, none of which trained
-    on the scan: each score's map is their mean. With ``fold_maps`` (one
-    derivative tree per model), each model's own maps of ``fold_scores`` are
-    also written there, for the cross-conformal lesion probability.
+    The first model gives the scan its maps, of every score of that model. With
+    ``fold_maps`` (one derivative tree per model: the cross-fitting folds'
+    models, none of which trained on the scan), each model's own maps of
+    ``fold_scores`` are also written there, for the cross-conformal lesion
+    probability; the other models need compute only those scores.
     """
     if fold_maps and len(fold_maps) != len(models):
         raise ValueError(f"{len(fold_maps)} fold-map trees for {len(models)} models")
@@ -55,29 +59,27 @@ def write_novelty_maps(models: Sequence[NoveltyModel], scan: ScanDerivatives, mo
     first = models[0]
     settings = {"n_samples": first.n_samples, "seed": first.seed, "batch_size": first.batch_size}
 
-    def write(target: ScanDerivatives, score, volume: np.ndarray, used: list[dict]) -> None:
+    def write(target: ScanDerivatives, score, volume: np.ndarray, checkpoint: dict) -> None:
         path = target.novelty(score.id)
         save_volume(path, volume, mask_img)
         write_json(sidecar_path(path), {
-            "Description": score.description
-            + (f" Mean over {len(used)} cross-fitting fold models, none of which trained on this scan."
-               if len(used) > 1 else ""),
+            "Description": score.description,
             "Formula": score.formula,
             "SignConvention": "higher = more novel; 0 outside the brain mask",
             "ScoreId": score.id,
-            "Model": used[0] if len(used) == 1 else used,
+            "Model": checkpoint,
             "Settings": settings,
             **_provenance(scan, [scan.features, scan.mask]),
             "GeneratedBy": _generated_by(),
         })
 
     for score in first.scores:
-        write(scan, score, np.mean([fit.maps[score.id] for fit in fits], axis=0).astype(np.float32), checkpoints)
-    for tree, fit, checkpoint in zip(fold_maps, fits, checkpoints):
-        for score in (s for s in first.scores if s.id in fold_scores):
-            write(ScanDerivatives(Path(tree), scan.prefix), score, fit.maps[score.id], [checkpoint])
-    logger.info("%s: wrote %d novelty maps from %d model%s", scan.prefix, len(first.scores), len(models),
-                "s" if len(models) > 1 else "")
+        write(scan, score, fits[0].maps[score.id], checkpoints[0])
+    for tree, model, fit, checkpoint in zip(fold_maps, models, fits, checkpoints):
+        for score in (s for s in model.scores if s.id in fold_scores):
+            write(ScanDerivatives(Path(tree), scan.prefix), score, fit.maps[score.id], checkpoint)
+    logger.info("%s: wrote %d novelty maps%s", scan.prefix, len(first.scores),
+                f" and {len(fold_scores)} per fold model for {len(models)} models" if fold_maps else "")
 
 
 def postprocessed_scores(scan: ScanDerivatives, score_id: str, postprocessing: PostProcessing,

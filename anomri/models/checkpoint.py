@@ -8,7 +8,6 @@ containers: opening a checkpoint can never run code.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,7 +21,7 @@ from anomri.io.atomic import atomic_path
 from anomri.models.vae import GaussianVAE
 
 __all__ = ["CHECKPOINT_FORMAT", "save_checkpoint", "load_checkpoint", "save_model", "load_model", "save_vae",
-           "load_vae", "file_sha256"]
+           "load_vae"]
 
 #: Version of the layout below. Format 1 (unnumbered) kept voxel models, image models and their resume files in
 #: four layouts of their own; it is not read, and every resume fingerprint includes this number, so no run ever
@@ -101,12 +100,3 @@ def save_vae(path: str | Path, model: GaussianVAE, metadata: dict) -> None:
 def load_vae(path: str | Path, device: str | torch.device = "cpu") -> tuple[GaussianVAE, dict]:
     """Rebuild a :class:`GaussianVAE` in eval mode from ``path``; return it and its metadata."""
     return load_model(path, {GaussianVAE.kind: GaussianVAE}, device)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, recorded in sidecars as the model's provenance."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

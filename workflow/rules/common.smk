@@ -79,9 +79,11 @@ if LEARNED and len(PLAN.evaluable) < 2:
 SCANS = {scan.prefix: scan for scan in PLAN.scans}
 
 # Cross-fitting (anomri.io.cohort): fold k's model (k = 1..K, the folder models/fold-<k>) trains on the controls
-# of every other fold. A control is scored by its own fold's model, everyone else by all K.
+# of every other fold. A control is scored by its own fold's model; everyone else gets its maps from the fold it
+# is dealt to and its probability scores from all K.
 FOLDS = [str(k + 1) for k in range(len(PLAN.folds))]
 CONTROL_FOLD = {scan.prefix: str(PLAN.fold_of(scan) + 1) for scan in PLAN.controls}
+SCORING_FOLD = {scan.prefix: str(PLAN.scoring_fold(scan) + 1) for scan in PLAN.scans}
 
 
 def fold_dir(fold):
@@ -107,8 +109,10 @@ def fold_reference(fold):
 
 
 def scoring_models(prefix):
-    """The fold models that never trained on scan ``prefix``: its own fold's for a control, all for anyone else."""
-    return [CONTROL_FOLD[prefix]] if prefix in CONTROL_FOLD else FOLDS
+    """The folds whose models never trained on scan ``prefix``: its own for a control; for anyone else, the one it
+    is dealt to (its maps), then the others."""
+    own = SCORING_FOLD[prefix]
+    return [own] if prefix in CONTROL_FOLD else [own] + [k for k in FOLDS if k != own]
 
 
 def scoring_inputs(wc):
@@ -184,7 +188,12 @@ def augmented(copy, prefix):
 
 def augmented_pattern(suffix):
     """Output pattern of a copy's derivative, e.g. augmented_pattern('desc-brain_mask.nii.gz')."""
-    return str(AUGMENTED / "{variant}" / "{subdir}" / "dwi" / f"{{prefix}}_space-dwi_{suffix}")
+    return copy_pattern("{variant}", suffix)
+
+
+def copy_pattern(copy, suffix):
+    """Pattern of a derivative of copy ``copy`` (its scan's {subdir} and {prefix} left as wildcards)."""
+    return str(AUGMENTED / copy / "{subdir}" / "dwi" / f"{{prefix}}_space-dwi_{suffix}")
 
 
 def copy_options(copy):

@@ -32,14 +32,19 @@ rule reference_set:
 
 
 rule score_control:
-    # A control's maps come from the one fold model that never trained on it: out of fold.
+    # A control's maps come from the one fold model that never trained on it: out of fold. Its noisier copies'
+    # probability scores, the null each scan is matched to, come from the same model in the same job.
     input:
         unpack(scoring_inputs),
         features=scan_pattern("desc-qspace_features.nii.gz"),
         mask=scan_pattern("desc-brain_mask.nii.gz"),
+        copy_features=lambda wc: [augmented(c, wc.prefix).features for c in CALIBRATION_COPIES],
+        copy_masks=lambda wc: [augmented(c, wc.prefix).mask for c in CALIBRATION_COPIES],
     output:
         maps=[scan_pattern(f"desc-{desc_label(s)}_novelty.nii.gz") for s in SCORES],
         sidecars=[scan_pattern(f"desc-{desc_label(s)}_novelty.json") for s in SCORES],
+        copy_maps=[copy_pattern(c, f"desc-{desc_label(k)}_novelty.nii.gz") for c in CALIBRATION_COPIES for k in PROBABILITY_SCORES],
+        copy_sidecars=[copy_pattern(c, f"desc-{desc_label(k)}_novelty.json") for c in CALIBRATION_COPIES for k in PROBABILITY_SCORES],
     log:
         LOGS / "score" / "{subdir}" / "{prefix}.log",
     benchmark:
@@ -58,16 +63,20 @@ rule score_control:
         sc=SCORING,
         scores=SCORES,
         reference=lambda wc, input: ["--reference", *map(str, input.references)] if NEEDS_REFERENCE else [],
+        copies=["--copies", *[AUGMENTED / c for c in CALIBRATION_COPIES], "--copy-scores", *PROBABILITY_SCORES]
+        if CALIBRATION_COPIES
+        else [],
     shell:
         '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} score --model {input.models:q}'
         " {params.reference:q} --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
-        " --scores {params.scores:q} --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
+        " --scores {params.scores:q} {params.copies:q} --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
         " --batch-size {params.sc[batch_size]:q} --device {params.sc[device]:q}"
 
 
 rule score_ensemble:
-    # Anyone else's maps: the mean over every fold model; each model's own probability-score maps go to its
-    # fold's tree, for the cross-conformal p.
+    # Anyone else's maps: from the fold model it is dealt to, like a control of that fold (exchangeable with the
+    # controls' out-of-fold maps); every fold model's own probability-score maps go to its fold's tree, for the
+    # cross-conformal p.
     input:
         unpack(scoring_inputs),
         features=scan_pattern("desc-qspace_features.nii.gz"),
@@ -97,7 +106,7 @@ rule score_ensemble:
         derivatives=OUT,
         sc=SCORING,
         scores=SCORES,
-        fold_maps=[fold_maps(k) for k in FOLDS],
+        fold_maps=lambda wc: [fold_maps(k) for k in scoring_models(wc.prefix)],
         fold_scores=PROBABILITY_SCORES,
         reference=lambda wc, input: ["--reference", *map(str, input.references)] if NEEDS_REFERENCE else [],
     shell:
@@ -105,40 +114,6 @@ rule score_ensemble:
         " {params.reference:q} --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
         " --scores {params.scores:q} --fold-maps {params.fold_maps:q} --fold-scores {params.fold_scores:q}"
         " --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
-        " --batch-size {params.sc[batch_size]:q} --device {params.sc[device]:q}"
-
-
-rule score_augmented:
-    # The probability scores of a control's noisier copy, by the fold model that never trained on the control:
-    # the null each scan is matched to.
-    input:
-        unpack(lambda wc: {"reference": fold_reference(CONTROL_FOLD[wc.prefix])} if PROBABILITY_NEEDS_REFERENCE else {}),
-        model=lambda wc: fold_model(CONTROL_FOLD[wc.prefix]),
-        features=augmented_pattern("desc-qspace_features.nii.gz"),
-        mask=augmented_pattern("desc-brain_mask.nii.gz"),
-    output:
-        maps=[augmented_pattern(f"desc-{desc_label(k)}_novelty.nii.gz") for k in PROBABILITY_SCORES],
-        sidecars=[augmented_pattern(f"desc-{desc_label(k)}_novelty.json") for k in PROBABILITY_SCORES],
-    log:
-        LOGS / "score_augmented" / "{variant}" / "{subdir}" / "{prefix}.log",
-    benchmark:
-        benchmark_file("score_augmented", "{variant}", "{subdir}", "{prefix}")
-    conda:
-        "../envs/anomri.yaml"
-    threads: config["scoring"]["threads"]
-    resources:
-        mem_mb=1500,  # 1.5x peak RSS 771 MB on the demo cohort, 4 jobs
-        runtime=30,
-        gpu=1 if config["scoring"]["device"] == "cuda" else 0,
-    params:
-        tree=lambda wc: AUGMENTED / wc.variant,
-        sc=SCORING,
-        scores=PROBABILITY_SCORES,
-        reference=lambda wc, input: optional_flag("--reference", input, "reference"),
-    shell:
-        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} score --model {input.model:q} {params.reference:q}'
-        " --derivatives-dir {params.tree:q} --prefix {wildcards.prefix:q}"
-        " --scores {params.scores:q} --n-samples {params.sc[n_samples]:q} --seed {params.sc[seed]:q}"
         " --batch-size {params.sc[batch_size]:q} --device {params.sc[device]:q}"
 
 
