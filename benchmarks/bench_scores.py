@@ -54,7 +54,8 @@ from scipy.optimize import minimize
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from anomri.maps.novelty import NoveltyModel  # noqa: E402
-from anomri.models.vae import GaussianVAE, gaussian_nll  # noqa: E402
+from anomri.models.gaussian import gaussian_nll  # noqa: E402
+from anomri.models.vae import GaussianVAE  # noqa: E402
 from anomri.scores import get_scores  # noqa: E402
 from anomri.scores.generative import NegativeLogLikelihood, SquaredError  # noqa: E402
 from anomri.scores.indexes import bhattacharyya_diagonal  # noqa: E402

@@ -102,9 +102,10 @@ def test_rules_that_gain_from_threads_declare_them_from_config() -> None:
     declared = {name: re.search(r"^\s*threads: (.*)$", body, re.M).group(1)
                 for name, body in found.items() if "shell:" in body}
     assert declared["train"] == 'config["training"]["threads"]'
-    assert {declared[r] for r in ("reference_set", "score_control", "score_ensemble")} == {'config["scoring"]["threads"]'}
+    scoring = ("reference_set", "score_control", "score_ensemble")
+    assert {declared[r] for r in scoring} == {'config["scoring"]["threads"]'}
     assert {declared[r] for r in ("images_train", "images_score")} == {"IMAGE_THREADS"}
     assert declared["demo_cohort"] == "2"
-    several = {"train", "reference_set", "score_control", "score_ensemble", "images_train", "images_score", "demo_cohort"}
+    several = {"train", *scoring, "images_train", "images_score", "demo_cohort"}
     assert {name: d for name, d in declared.items() if name not in several} == {
         name: "1" for name in declared if name not in several}

@@ -133,8 +133,9 @@ def test_every_control_is_scored_and_calibrated_out_of_fold(run: Path) -> None:
             own = ScanDerivatives(fold / "maps", pid)
             assert _sidecar(own.novelty("neg-elbo"))["Model"]["Path"] == str(fold / "vae.pt")
             assert not own.novelty("det-rec-lik").exists()  # the other models compute the probability scores only
+        own_map = ScanDerivatives(dealt / "maps", pid).novelty("neg-elbo")
         np.testing.assert_array_equal(np.asarray(nib.load(scan.novelty("neg-elbo")).dataobj),
-                                      np.asarray(nib.load(ScanDerivatives(dealt / "maps", pid).novelty("neg-elbo")).dataobj))
+                                      np.asarray(nib.load(own_map).dataobj))
         calibration = _sidecar(scan.probseg)["Calibration"]
         assert calibration["LeftOut"] == [] and len(calibration["FoldMaps"]) == N_CONTROLS
         assert sorted(calibration["scans"]) == controls

@@ -22,7 +22,7 @@ from monai.networks.nets import Generator, Regressor
 from torch import nn
 from torch.nn import functional as F
 
-from anomri.models.vae import gaussian_nll, kl_to_standard_normal
+from anomri.models.gaussian import gaussian_nll, kl_to_standard_normal
 
 __all__ = [
     "ChannelStandardizer", "ConvEncoderModel", "ConvVAE", "FlatImageVAE",

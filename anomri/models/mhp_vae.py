@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from anomri.models.conv_vae import ConvEncoderModel, conv_decoder, conv_encoder
-from anomri.models.vae import kl_to_standard_normal
+from anomri.models.gaussian import kl_to_standard_normal
 
 __all__ = ["MultiHypothesisVAE", "WTAResult", "winner_takes_all"]
 

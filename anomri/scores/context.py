@@ -5,11 +5,15 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
 
-from anomri.models.vae import GaussianVAE, gaussian_nll
+from anomri.models.gaussian import gaussian_nll
 from anomri.scores.reference import ReferenceSet
+
+if TYPE_CHECKING:  # the registry imports this module; MONAI would cost every command with --scores seconds
+    from anomri.models.vae import GaussianVAE
 
 
 class ScoreContext:

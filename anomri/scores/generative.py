@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.func import jacfwd, vmap
 
-from anomri.models.vae import gaussian_nll
+from anomri.models.gaussian import gaussian_nll
 from anomri.scores.context import ScoreContext
 from anomri.scores.registry import register_score
 

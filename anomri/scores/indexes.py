@@ -20,7 +20,7 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from anomri.models.vae import LOG_2PI
+from anomri.models.gaussian import LOG_2PI
 from anomri.scores.screen import BUILD_ROWS, InnerProductForm
 from anomri.scores.search import (
     LowerBoundTree,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from anomri.models.vae import gaussian_nll, kl_to_standard_normal
+from anomri.models.gaussian import gaussian_nll, kl_to_standard_normal
 from anomri.scores.context import ScoreContext
 from anomri.scores.registry import register_score
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from anomri.models.vae import gaussian_nll
+from anomri.models.gaussian import gaussian_nll
 from anomri.scores.context import ScoreContext
 
 __all__ = ["PIXELWISE_SCORES", "PixelwiseContext"]

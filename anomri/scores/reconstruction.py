@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from anomri.models.vae import gaussian_nll
+from anomri.models.gaussian import gaussian_nll
 from anomri.scores.context import ScoreContext
 from anomri.scores.registry import register_score
 

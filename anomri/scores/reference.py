@@ -19,7 +19,7 @@ import logging
 import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 from anomri.errors import InputError
 from anomri.io.atomic import atomic_path
 from anomri.io.derivatives import ScanDerivatives
-from anomri.models.checkpoint import load_vae
-from anomri.models.training import resolve_device
-from anomri.models.vae import GaussianVAE
 from anomri.settings import default
+
+if TYPE_CHECKING:
+    from anomri.models.vae import GaussianVAE
 
 logger = logging.getLogger(__name__)
 
@@ -205,8 +205,11 @@ def build_reference_set(model: str | Path, derivatives_dir: str | Path, scans: S
     device : str
         ``auto``, ``cpu`` or ``cuda``.
     """
-    # Imported here: the image engine uses this module and never needs dipy, which the features module loads.
+    # Imported here: the image engine uses this module and never needs dipy, which the features module loads; the
+    # score registry imports this module too, and every command with --scores would otherwise load MONAI.
     from anomri.dmri.features import pool_samples
+    from anomri.models.checkpoint import load_vae
+    from anomri.models.training import resolve_device
 
     torch_device = resolve_device(device)
     vae, _ = load_vae(model, torch_device)

@@ -43,8 +43,16 @@ rule score_control:
     output:
         maps=[scan_pattern(f"desc-{desc_label(s)}_novelty.nii.gz") for s in SCORES],
         sidecars=[scan_pattern(f"desc-{desc_label(s)}_novelty.json") for s in SCORES],
-        copy_maps=[copy_pattern(c, f"desc-{desc_label(k)}_novelty.nii.gz") for c in CALIBRATION_COPIES for k in PROBABILITY_SCORES],
-        copy_sidecars=[copy_pattern(c, f"desc-{desc_label(k)}_novelty.json") for c in CALIBRATION_COPIES for k in PROBABILITY_SCORES],
+        copy_maps=[
+            copy_pattern(c, f"desc-{desc_label(k)}_novelty.nii.gz")
+            for c in CALIBRATION_COPIES
+            for k in PROBABILITY_SCORES
+        ],
+        copy_sidecars=[
+            copy_pattern(c, f"desc-{desc_label(k)}_novelty.json")
+            for c in CALIBRATION_COPIES
+            for k in PROBABILITY_SCORES
+        ],
     log:
         LOGS / "score" / "{subdir}" / "{prefix}.log",
     benchmark:
@@ -63,9 +71,11 @@ rule score_control:
         sc=SCORING,
         scores=SCORES,
         reference=lambda wc, input: ["--reference", *map(str, input.references)] if NEEDS_REFERENCE else [],
-        copies=["--copies", *[AUGMENTED / c for c in CALIBRATION_COPIES], "--copy-scores", *PROBABILITY_SCORES]
-        if CALIBRATION_COPIES
-        else [],
+        copies=(
+            ["--copies", *[AUGMENTED / c for c in CALIBRATION_COPIES], "--copy-scores", *PROBABILITY_SCORES]
+            if CALIBRATION_COPIES
+            else []
+        ),
     shell:
         '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} score --model {input.models:q}'
         " {params.reference:q} --derivatives-dir {params.derivatives:q} --prefix {wildcards.prefix:q}"
