@@ -41,7 +41,7 @@ DESCRIPTIONS = {
                             "participant has several runs (ses-1_run-2), n/a when there are none"},
     "role": {"Description": "control: maps from the fold model that never trained on it, p from the null of the "
                             "other controls (out of fold, leave-subject-out); patient-without-lesions: a patient "
-                            "whose lesion mask is empty, scored by every fold model"},
+                            "whose lesion mask is empty, p from every fold model"},
     "level": {"Description": "Nominal healthy false-positive level a of the lesion mask (p <= a)"},
     "realised_fpr": {"Description": "n_flagged_voxels / n_scored_voxels: the fraction of the voxels that could be "
                                     "flagged that are in the lesion mask at this level (p <= level, components "

@@ -68,7 +68,7 @@ class CohortPlan:
 
     @property
     def others(self) -> list[Scan]:
-        """Every scan that is not a control's (patients, labelled or not), scored by all fold models."""
+        """Every scan that is not a control's (patients, labelled or not): maps from its dealt fold, p from all."""
         return [s for s in self.scans if not s.is_control]
 
     def training(self, fold: int) -> list[Scan]:
