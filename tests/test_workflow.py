@@ -364,6 +364,27 @@ def test_scoring_is_deterministic(run: Path, tmp_path: Path) -> None:
                                       np.asarray(nib.load(original.novelty(score)).dataobj))
 
 
+def test_a_copy_unlike_the_model_is_named_before_any_map_is_written(run: Path, tmp_path: Path, capsys) -> None:
+    pid = _controls()[0]
+    original = ScanDerivatives(run, pid)
+    scan, copy = ScanDerivatives(tmp_path / "scan", pid), ScanDerivatives(tmp_path / "copy", pid)
+    for target in (scan, copy):
+        target.dir.mkdir(parents=True)
+        for path in (original.features, sidecar_path(original.features), original.mask):
+            shutil.copy(path, target.dir)
+    sidecar = json.loads(sidecar_path(copy.features).read_text())
+    sidecar["FeatureNames"] = [f"other-{name}" for name in sidecar["FeatureNames"]]  # as if other shells
+    sidecar_path(copy.features).write_text(json.dumps(sidecar))
+    model = _sidecar(original.novelty("neg-elbo"))["Model"]["Path"]
+    args = ["score", "--model", model, "--derivatives-dir", str(tmp_path / "scan"), "--prefix", pid,
+            "--scores", "neg-elbo", "--copies", str(tmp_path / "copy"), "--copy-scores", "neg-elbo",
+            "--n-samples", "2", "--device", "cpu"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and str(copy.features) in error[0] and "feature names differ" in error[0]
+    assert not scan.novelty("neg-elbo").exists() and not copy.novelty("neg-elbo").exists()
+
+
 def test_config_typo_is_rejected(tmp_path: Path) -> None:
     result = snakemake("-n", "--cores", "1", "--config", f"output_dir={tmp_path}", "scorng=1")
     assert result.returncode != 0

@@ -69,20 +69,19 @@ def score_scan(model: str | Path | Sequence[str | Path], derivatives_dir: str | 
                                         "first writes only its maps of the fold scores, into its own tree")
     torch_device = resolve_device(device)
     scan = ScanDerivatives(derivatives_dir, prefix)
-    description = read_feature_description(scan.features)
-    models, trained_on = [], []
+    copy_scans = [ScanDerivatives(tree, prefix) for tree in copies]
+    models = []
     for k, path in enumerate(paths):
         vae, metadata = load_vae(path, torch_device)
-        check_compatible(metadata["features"], description, scan.features)
-        trained_on.append(metadata["features"])
+        # Every input is checked before any scoring, so a bad copy fails at once, not after the scan's maps.
+        for target in [scan] + (copy_scans if k == 0 else []):
+            check_compatible(metadata["features"], read_feature_description(target.features), target.features)
         reference_set = ReferenceSet.load(references[k], torch_device) if references else None
         models.append(NoveltyModel(vae, scores if k == 0 else fold_scores, n_samples=n_samples, seed=seed,
                                    reference=reference_set, batch_size=batch_size, device=torch_device))
     write_novelty_maps(models, scan, paths, fold_maps, fold_scores)
-    if copies:
+    if copy_scans:
         copy_model = NoveltyModel(models[0].vae, copy_scores, n_samples=n_samples, seed=seed,
                                   reference=models[0].reference, batch_size=batch_size, device=torch_device)
-    for tree in copies:
-        copy = ScanDerivatives(tree, prefix)
-        check_compatible(trained_on[0], read_feature_description(copy.features), copy.features)
+    for copy in copy_scans:
         write_novelty_maps([copy_model], copy, paths[:1])
