@@ -126,3 +126,26 @@ def test_train_command_trains_on_the_threads_it_is_given(samples: np.ndarray, tm
         handle.remove()
         torch.set_num_threads(before)
     assert seen and set(seen) == {wanted}
+
+
+def test_decoder_in_chunks_equals_the_layers_by_hand() -> None:
+    """Decoding more rows than one chunk gives, row by row, MONAI's layers written out in float64."""
+    from anomri.models.vae import DECODE_ROWS, GaussianVAE
+
+    torch.manual_seed(0)
+    model = GaussianVAE(5, latent_size=3, hidden_channels=(7, 4)).eval()
+    z = torch.randn(2, DECODE_ROWS + 17, 3)
+    with torch.no_grad():
+        mean, log_sigma = model.decode(z)
+    w = {k: v.double().numpy() for k, v in model.net.state_dict().items()}
+
+    def elu(a: np.ndarray) -> np.ndarray:
+        return np.where(a > 0, a, np.expm1(np.minimum(a, 0)))
+
+    h = np.maximum(z.double().numpy() @ w["decodeL.weight"].T + w["decodeL.bias"], 0)
+    h = elu(h @ w["decode.decode0.0.weight"].T + w["decode.decode0.0.bias"])
+    h = elu(h @ w["decode.decode1.0.weight"].T + w["decode.decode1.0.bias"])
+    out = h @ w["decode.final.weight"].T + w["decode.final.bias"]
+    softplus = np.logaddexp(0.0, out[..., 5:] + 5.0)  # min_log_sigma -5: log s = -5 + softplus(raw + 5)
+    np.testing.assert_allclose(mean.numpy(), out[..., :5], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(log_sigma.numpy(), -5.0 + softplus, rtol=1e-5, atol=1e-6)

@@ -20,6 +20,9 @@ from anomri.models.gaussian import gaussian_nll, kl_to_standard_normal
 
 __all__ = ["GaussianVAE"]
 
+#: Latent rows decoded at once: the hidden activations of a chunk stay in a CPU core's cache.
+DECODE_ROWS = 4096
+
 
 class GaussianVAE(nn.Module):
     """VAE with Gaussian encoder and Gaussian decoder for feature vectors.
@@ -88,7 +91,10 @@ class GaussianVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (m, log s) of p(x|z) for ``z`` of shape (..., L)."""
         lead = z.shape[:-1]
-        out = self.net.decode_forward(z.reshape(-1, self.latent_size), use_sigmoid=False)
+        rows = z.reshape(-1, self.latent_size)
+        # Chunks keep the hidden activations in cache: 45 Monte Carlo samples of 4096 voxels decoded at once took
+        # twice as long on a CPU core (memory-bound). Each row's output does not depend on the chunking.
+        out = torch.cat([self.net.decode_forward(chunk, use_sigmoid=False) for chunk in rows.split(DECODE_ROWS)])
         mean, raw = out.reshape(*lead, 2 * self.in_channels).chunk(2, dim=-1)
         log_sigma = self.min_log_sigma + F.softplus(raw - self.min_log_sigma)
         return mean, log_sigma
