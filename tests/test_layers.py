@@ -24,6 +24,7 @@ Run as a script (``python tests/test_layers.py``) to print the subpackage graph,
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from pathlib import Path
 
@@ -129,6 +130,17 @@ def test_no_module_over_600_lines():
     long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long
+
+
+def test_jobs_after_scoring_start_without_heavy_libraries():
+    """The probability, calibration, table and figure modules import no torch, MONAI or sklearn when loaded:
+    those take seconds each, and the workflow runs one such job per scan after scoring."""
+    modules = ["anomri.maps.probability", "anomri.maps.writing", "anomri.maps.calibration", "anomri.evaluate.cohort",
+               "anomri.report.figures", "anomri.report.cohort"]
+    code = (f"import sys, {', '.join(modules)}; "
+            "print(' '.join(m for m in ('torch', 'monai', 'sklearn') if m in sys.modules) or 'none')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["none"]
 
 
 if __name__ == "__main__":

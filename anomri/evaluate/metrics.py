@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from anomri.maps.postprocess import label_components
 
@@ -60,6 +59,10 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     if labels.all() or not labels.any():
         logger.warning("AUROC undefined: labels hold only one class; returning NaN")
         return float("nan")
+    # sklearn.metrics is imported where a metric is computed (here and below): it takes 2 s, and the figure jobs
+    # that read evaluation tables through this package compute none.
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels, scores))
 
 
@@ -80,6 +83,8 @@ def auprc(scores: np.ndarray, labels: np.ndarray) -> float:
     if not labels.any():
         logger.warning("AUPRC undefined: no lesion voxel; returning NaN")
         return float("nan")
+    from sklearn.metrics import average_precision_score
+
     return float(average_precision_score(labels, scores))
 
 
@@ -257,6 +262,8 @@ def roc_points(scores: np.ndarray, labels: np.ndarray, max_points: int = 400) ->
     scores, labels = _scores_and_labels(scores, labels)
     if labels.all() or not labels.any():
         return np.empty(0), np.empty(0)
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=True)
     grid = np.geomspace(max(fpr[fpr > 0].min(), 1e-6), 1.0, max(2, max_points // 2))
     keep = _thin(fpr.size, np.searchsorted(fpr, grid), max_points)
@@ -278,6 +285,8 @@ def pr_points(scores: np.ndarray, labels: np.ndarray, max_points: int = 400) -> 
     scores, labels = _scores_and_labels(scores, labels)
     if not labels.any():
         return np.empty(0), np.empty(0)
+    from sklearn.metrics import precision_recall_curve
+
     precision, recall, _ = precision_recall_curve(labels, scores)
     # sklearn orders by decreasing recall; reverse so that recall increases.
     precision, recall = precision[::-1], recall[::-1]
