@@ -86,3 +86,46 @@ def test_a_scale_beyond_a_subject_level_shift_is_one_error_line(tmp_path, option
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("anomri: error:")]
     assert len(errors) == 1 and "must lie in [0.5, 2.0]" in errors[0]
     assert not (tmp_path / "o").exists()
+
+
+def _preprocess_args(tmp_path, out, *extra: str) -> list[str]:
+    return ["preprocess", "--dwi", str(tmp_path / "dwi.nii.gz"), "--bval", str(tmp_path / "dwi.bval"),
+            "--bvec", str(tmp_path / "dwi.bvec"), "--output-dir", str(out), "--prefix", "sub-01", *RAW_FEATURES,
+            *extra]
+
+
+def test_copies_made_in_the_scans_job_equal_copies_made_one_by_one(tmp_path) -> None:
+    """``--copies`` preprocesses the scan, then each copy within the scan's own brain mask: every map and sidecar
+    equals that of the copy preprocessed on its own with the scan's mask (the workflow's former copy jobs)."""
+    head = _head()
+    diffusivity = 0.5e-3 + 2e-3 * np.random.default_rng(8).uniform(size=head.shape)
+    _scan(tmp_path, 1000.0 * np.exp(-BVALS * diffusivity[..., None]), head, _bvecs())
+    out, copies = tmp_path / "derivatives", tmp_path / "augmented"
+    assert main(_preprocess_args(tmp_path, out, "--copies", "diffusivity-90", "anisotropy-110",
+                                 "--copies-dir", str(copies))) == 0
+    scan_mask = out / "sub-01" / "dwi" / "sub-01_space-dwi_desc-brain_mask.nii.gz"
+    for copy, option, scale in (("diffusivity-90", "--diffusivity-scale", "0.9"),
+                                ("anisotropy-110", "--anisotropy-scale", "1.1")):
+        alone = tmp_path / f"alone-{copy}"
+        assert main(_preprocess_args(tmp_path, alone, "--mask", str(scan_mask), option, scale)) == 0
+        files = sorted(p.relative_to(alone) for p in alone.rglob("*_space-dwi_*"))
+        assert len(files) == 6  # brain mask, mean b0, features, each with its sidecar
+        for name in files:
+            made, expected = copies / copy / name, alone / name
+            if name.suffix == ".json":
+                assert json.loads(made.read_text()) == json.loads(expected.read_text()), name
+            else:
+                np.testing.assert_array_equal(*(np.asarray(nib.load(p).dataobj) for p in (made, expected)))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--copies", "noise-x", "--copies-dir", "c"], "named <kind>-<100 x factor>"),
+    (["--copies", "noise-150"], "needs --copies-dir"),
+    (["--copies", "noise-150", "--copies-dir", "c", "--diffusivity-scale", "0.9"], "leave out --diffusivity-scale"),
+])
+def test_bad_copies_are_one_error_line_before_anything_is_written(tmp_path, extra, message, capsys) -> None:
+    _scan(tmp_path, np.ones((*SHAPE, len(BVALS))), _head(), _bvecs())
+    assert main(_preprocess_args(tmp_path, tmp_path / "o", *extra)) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("anomri: error:")]
+    assert len(errors) == 1 and "--copies" in errors[0] and message in errors[0], errors
+    assert not (tmp_path / "o").exists()

@@ -340,7 +340,8 @@ def test_no_job_used_more_memory_than_it_requested(run: Path) -> None:
         assert max_rss <= int(mem.group(1)), (rule.group(1), bench.group(1), max_rss, mem.group(1))
         checked.append(rule.group(1))
     # Every rule that ran with a benchmark file, the input-scaled ones among them.
-    assert {"preprocess", "score_control", "score_ensemble", "probability", "calibrate", "evaluate", "train"} <= set(checked)
+    assert {"preprocess", "preprocess_control", "score_control", "score_ensemble", "probability", "calibrate", "evaluate",
+            "train"} <= set(checked)
 
 
 def test_rerun_has_nothing_to_do(run: Path) -> None:

@@ -17,18 +17,19 @@ logger = logging.getLogger("anomri")
 
 @command("preprocess")
 def run_preprocess(args: argparse.Namespace) -> None:
-    from anomri.dmri.scan import preprocess_scan
+    from anomri.dmri.scan import preprocess_with_copies
     from anomri.io.derivatives import ScanDerivatives
 
     if args.context_radius < 1:
         raise InputError("--context-radius", f"must be positive; got {args.context_radius}")
-    preprocess_scan(args.dwi, args.bval, args.bvec, ScanDerivatives(args.output_dir, args.prefix),
-                    mask=args.mask, lesion_mask=args.lesion_mask, b0_threshold=args.b0_threshold,
-                    denoising=args.denoise, representation=args.features, context=args.context,
-                    context_radius=args.context_radius, harmonisation=args.harmonisation, gibbs=args.gibbs_removal,
-                    motion_correction=args.motion_correction, noise_factor=args.noise_factor,
-                    noise_seed=args.noise_seed, diffusivity_scale=args.diffusivity_scale,
-                    anisotropy_scale=args.anisotropy_scale, source_dir=args.source_dir)
+    preprocess_with_copies(args.dwi, args.bval, args.bvec, ScanDerivatives(args.output_dir, args.prefix),
+                           args.copies, args.copies_dir, mask=args.mask, lesion_mask=args.lesion_mask,
+                           b0_threshold=args.b0_threshold, denoising=args.denoise, representation=args.features,
+                           context=args.context, context_radius=args.context_radius,
+                           harmonisation=args.harmonisation, gibbs=args.gibbs_removal,
+                           motion_correction=args.motion_correction, noise_factor=args.noise_factor,
+                           noise_seed=args.noise_seed, diffusivity_scale=args.diffusivity_scale,
+                           anisotropy_scale=args.anisotropy_scale, source_dir=args.source_dir)
 
 
 @command("pool")
@@ -196,6 +197,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="scale every diffusivity of the scan, S/S0 -> (S/S0)^s (training augmentation)")
     p.add_argument("--anisotropy-scale", type=float, default=1.0,
                    help="scale the directional contrast of log S/S0 on every shell around its mean (augmentation)")
+    p.add_argument("--copies", nargs="*", default=[], metavar="COPY",
+                   help="then preprocess these copies of the scan, within its brain mask: noise-150 (noise std x 1.5), "
+                        "diffusivity-92 (every diffusivity x 0.92), anisotropy-105 (training augmentation)")
+    p.add_argument("--copies-dir", help="folder of the copies' derivatives trees (<copies-dir>/<copy>)")
     p.add_argument("--source-dir", help="the input BIDS dataset: sidecars name its files bids:raw:<path>")
 
     p = sub.add_parser("pool", help="pool healthy training voxels")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from anomri import __version__
 from anomri.dmri.augmentation import scale_anisotropy, scale_diffusivity
 from anomri.dmri.context import add_context
+from anomri.dmri.copies import COPY_KINDS, copy_arguments
 from anomri.dmri.features import FeatureSet, compute_features
 from anomri.dmri.harmonisation import harmonise
 from anomri.dmri.gradients import load_gradient_table
@@ -170,6 +172,39 @@ def preprocess_scan(
     logger.info("%s: %d brain voxels, %d features (%s)", dwi.name, int(norm.mask.sum()), len(features.names),
                 representation)
     return features
+
+
+def preprocess_with_copies(dwi: str | Path, bval: str | Path, bvec: str | Path, outputs: ScanDerivatives,
+                           copies: Sequence[str] = (), copies_dir: str | Path | None = None, **settings) -> None:
+    """Preprocess a scan (:func:`preprocess_scan` with ``settings``), then each of its ``copies``.
+
+    ``copies`` are copy names (:mod:`anomri.dmri.copies`, e.g. ``noise-150``);
+    copy ``c`` is preprocessed like the scan, within the scan's brain mask,
+    into the derivatives tree ``copies_dir/c``. One job makes a control and its
+    copies: the copies' own jobs spent more time starting than preprocessing.
+
+    Raises
+    ------
+    InputError
+        A bad copy name, copies without ``copies_dir`` or of a scan that is
+        itself a copy, or any problem :func:`preprocess_scan` finds.
+    """
+    arguments = {}
+    for label in copies:
+        try:
+            arguments[label] = copy_arguments(label)
+        except ValueError as exc:
+            raise InputError("--copies", str(exc)) from exc
+    if copies and copies_dir is None:
+        raise InputError("--copies", "needs --copies-dir, the folder of the copies' derivatives trees")
+    made = [k for k in COPY_KINDS.values() if settings.get(k, 1.0) != 1.0]
+    if copies and made:
+        raise InputError("--copies", f"copies are made of the scan as measured, not of a copy; leave out "
+                                     f"--{made[0].replace('_', '-')}")
+    preprocess_scan(dwi, bval, bvec, outputs, **settings)
+    for label, argument in arguments.items():
+        preprocess_scan(dwi, bval, bvec, ScanDerivatives(Path(copies_dir) / label, outputs.prefix),
+                        **(settings | {"mask": outputs.mask} | argument))
 
 
 def _noise_level(data: np.ndarray, gtab, brain: np.ndarray, dwi: Path) -> dict:

@@ -9,6 +9,7 @@ from pathlib import Path
 from snakemake.settings.types import DeploymentMethod
 
 from anomri.demo.plan import planned_scans
+from anomri.dmri.copies import copy_label
 from anomri.errors import InputError
 from anomri.evaluate.table import PROBABILITY
 from anomri.io.bids import PREFIX_PATTERN
@@ -137,7 +138,7 @@ def prefix_regex(prefixes):
 
 
 def preprocess_inputs(wildcards):
-    """A scan's input files, for rules preprocess and augment: its brain and lesion masks where it has them."""
+    """A scan's input files, for the preprocess rules: its brain and lesion masks where it has them."""
     scan = SCANS[wildcards.prefix]
     inputs = {"dwi": scan.dwi, "bval": scan.bval, "bvec": scan.bvec}
     if scan.brain_mask:
@@ -154,7 +155,6 @@ wildcard_constraints:
     prefix=PREFIX_PATTERN,
     score=r"[a-z0-9-]+",
     fold=r"[0-9]+",
-    variant=r"(noise|diffusivity|anisotropy)-[0-9]+",
 
 
 def benchmark_file(rule, *parts):
@@ -167,39 +167,33 @@ def derivatives(prefix):
     return ScanDerivatives(OUT, prefix)
 
 
-# Copies of every control, each a derivatives tree models/augmented/<copy>: noisier (noise-<100 x factor>) and, with
-# training.diffusivity_augmentation / anisotropy_augmentation, with every diffusivity or the directional contrast
-# scaled (diffusivity-<100 x factor>, anisotropy-<100 x factor>). Every copy of a
-# fold's training controls joins its training pool; with probability.noise_matching, the noisier copies of every
-# control also join the healthy null.
+# Copies of every control, each a derivatives tree models/augmented/<copy> (anomri.dmri.copies names them): noisier
+# (noise-<100 x factor>) and, with training.diffusivity_augmentation / anisotropy_augmentation, with every
+# diffusivity or the directional contrast scaled (diffusivity-<100 x factor>, anisotropy-<100 x factor>). The
+# control's preprocess job makes them. Every copy of a fold's training controls joins its training pool; with
+# probability.noise_matching, the noisier copies of every control also join the healthy null.
 AUGMENTED = OUT / "models" / "augmented"
-NOISE_COPIES = [f"noise-{round(100 * f)}" for f in config["training"]["noise_augmentation"]]
+NOISE_COPIES = [copy_label("noise", f) for f in config["training"]["noise_augmentation"]]
 TRAINING_COPIES = NOISE_COPIES + [
-    f"{kind}-{round(100 * f)}"
-    for kind in ("diffusivity", "anisotropy")
-    for f in config["training"][f"{kind}_augmentation"]
+    copy_label(kind, f) for kind in ("diffusivity", "anisotropy") for f in config["training"][f"{kind}_augmentation"]
 ]
 CALIBRATION_COPIES = NOISE_COPIES if config["probability"]["noise_matching"] else []
+
+
+def copy_flags(prefix):
+    """``anomri preprocess`` options that make a control's copies in the same job (none for anyone else)."""
+    if prefix not in CONTROL_FOLD or not TRAINING_COPIES:
+        return []
+    return ["--copies", *TRAINING_COPIES, "--copies-dir", AUGMENTED, "--noise-seed", config["training"]["seed"]]
 
 
 def augmented(copy, prefix):
     return ScanDerivatives(AUGMENTED / copy, prefix)
 
 
-def augmented_pattern(suffix):
-    """Output pattern of a copy's derivative, e.g. augmented_pattern('desc-brain_mask.nii.gz')."""
-    return copy_pattern("{variant}", suffix)
-
-
 def copy_pattern(copy, suffix):
     """Pattern of a derivative of copy ``copy`` (its scan's {subdir} and {prefix} left as wildcards)."""
     return str(AUGMENTED / copy / "{subdir}" / "dwi" / f"{{prefix}}_space-dwi_{suffix}")
-
-
-def copy_options(copy):
-    """``anomri preprocess`` options that make a copy: ``noise-150`` -> --noise-factor 1.5."""
-    kind, percent = copy.split("-")
-    return ["--noise-factor" if kind == "noise" else f"--{kind}-scale", str(int(percent) / 100)]
 
 
 def novelty_maps(prefix):
@@ -209,6 +203,17 @@ def novelty_maps(prefix):
 def scan_pattern(suffix):
     """Output pattern of a per-scan derivative, e.g. scan_pattern('desc-brain_mask.nii.gz')."""
     return str(OUT / "{subdir}" / "dwi" / f"{{prefix}}_space-dwi_{suffix}")
+
+
+# What preprocessing writes for every scan (a control's job also writes its copies).
+PREPROCESS_OUTPUTS = dict(
+    mask=scan_pattern("desc-brain_mask.nii.gz"),
+    mask_sidecar=scan_pattern("desc-brain_mask.json"),
+    b0=scan_pattern("desc-meanb0_S0map.nii.gz"),
+    b0_sidecar=scan_pattern("desc-meanb0_S0map.json"),
+    features=scan_pattern("desc-qspace_features.nii.gz"),
+    sidecar=scan_pattern("desc-qspace_features.json"),
+)
 
 
 # The helpers below return lists of arguments: a rule's shell command quotes each with `{params.x:q}`.

@@ -1,49 +1,6 @@
 # Pool healthy training voxels and train one VAE per cross-fitting fold on them.
 
 
-rule augment:
-    # A copy of a control, preprocessed like the original in its brain mask: noisier (noise std x factor) or with
-    # every diffusivity scaled. The fold models then learn healthy tissue across the SNR and diffusivities of a
-    # cohort, and the null is noise-matched.
-    input:
-        unpack(preprocess_inputs),
-        brain=lambda wc: derivatives(wc.prefix).mask,
-    output:
-        features=augmented_pattern("desc-qspace_features.nii.gz"),
-        sidecar=augmented_pattern("desc-qspace_features.json"),
-        mask=augmented_pattern("desc-brain_mask.nii.gz"),
-        mask_sidecar=augmented_pattern("desc-brain_mask.json"),
-        b0=augmented_pattern("desc-meanb0_S0map.nii.gz"),
-        b0_sidecar=augmented_pattern("desc-meanb0_S0map.json"),
-    log:
-        LOGS / "augment" / "{variant}" / "{subdir}" / "{prefix}.log",
-    benchmark:
-        benchmark_file("augment", "{variant}", "{subdir}", "{prefix}")
-    conda:
-        "../envs/anomri.yaml"
-    threads: 1
-    resources:
-        mem_mb=measured_mem_mb(146, 12.2),  # max RSS 146 + 12.2 MB per input MB, x1.5 (was 1500)
-        runtime=30,
-    params:
-        pre=config["preprocessing"],
-        source=PLAN.bids_dir,
-        tree=lambda wc: AUGMENTED / wc.variant,
-        options=lambda wc: copy_options(wc.variant),
-        seed=config["training"]["seed"],
-        gibbs="--gibbs-removal" if config["preprocessing"]["gibbs_removal"] else "--no-gibbs-removal",
-        motion="--motion-correction" if config["preprocessing"]["motion_correction"] else "--no-motion-correction",
-    shell:
-        '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} preprocess'
-        " --dwi {input.dwi:q} --bval {input.bval:q} --bvec {input.bvec:q}"
-        " --output-dir {params.tree:q} --prefix {wildcards.prefix:q} --mask {input.brain:q}"
-        " --source-dir {params.source:q}"
-        " --b0-threshold {params.pre[b0_threshold]:q} --denoise {params.pre[denoise]:q}"
-        " {params.gibbs:q} {params.motion:q} {params.options:q} --noise-seed {params.seed:q}"
-        " --features {params.pre[features]:q} --context {params.pre[context]:q}"
-        " --context-radius {params.pre[context_radius]:q} --harmonisation {params.pre[harmonisation]:q}"
-
-
 rule pool_training_voxels:
     input:
         lambda wc: [derivatives(s.prefix).features for s in fold_training(wc.fold)],

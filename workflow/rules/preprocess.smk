@@ -5,16 +5,13 @@ rule preprocess:
     input:
         unpack(preprocess_inputs),
     output:
-        mask=scan_pattern("desc-brain_mask.nii.gz"),
-        mask_sidecar=scan_pattern("desc-brain_mask.json"),
-        b0=scan_pattern("desc-meanb0_S0map.nii.gz"),
-        b0_sidecar=scan_pattern("desc-meanb0_S0map.json"),
-        features=scan_pattern("desc-qspace_features.nii.gz"),
-        sidecar=scan_pattern("desc-qspace_features.json"),
+        **PREPROCESS_OUTPUTS,
     log:
         LOGS / "preprocess" / "{subdir}" / "{prefix}.log",
     benchmark:
         benchmark_file("preprocess", "{subdir}", "{prefix}")
+    wildcard_constraints:
+        prefix=prefix_regex([p for p in SCANS if not (p in CONTROL_FOLD and TRAINING_COPIES)]),
     conda:
         "../envs/anomri.yaml"
     threads: 1
@@ -29,6 +26,7 @@ rule preprocess:
         lesion=lambda wc, input: optional_flag("--lesion-mask", input, "lesion"),
         gibbs="--gibbs-removal" if config["preprocessing"]["gibbs_removal"] else "--no-gibbs-removal",
         motion="--motion-correction" if config["preprocessing"]["motion_correction"] else "--no-motion-correction",
+        copies=lambda wc: copy_flags(wc.prefix),
     shell:
         '"$ANOMRI_PYTHON" -m anomri --log {log:q} --threads {threads:q} preprocess'
         " --dwi {input.dwi:q} --bval {input.bval:q} --bvec {input.bvec:q}"
@@ -38,3 +36,22 @@ rule preprocess:
         " {params.gibbs:q} {params.motion:q}"
         " --features {params.pre[features]:q} --context {params.pre[context]:q}"
         " --context-radius {params.pre[context_radius]:q} --harmonisation {params.pre[harmonisation]:q}"
+        " {params.copies:q}"
+
+
+use rule preprocess as preprocess_control with:
+    # A control and its copies (training.*_augmentation), each preprocessed like it within its brain mask: the fold
+    # models learn healthy tissue across the SNR and diffusivities of a cohort, and the null is noise-matched.
+    output:
+        **PREPROCESS_OUTPUTS,
+        copies=[
+            copy_pattern(c, f"desc-{entities}.{ext}")
+            for c in TRAINING_COPIES
+            for entities in ("brain_mask", "meanb0_S0map", "qspace_features")
+            for ext in ("nii.gz", "json")
+        ],
+    wildcard_constraints:
+        prefix=prefix_regex(CONTROL_FOLD if TRAINING_COPIES else []),
+    resources:
+        mem_mb=measured_mem_mb(158, 12.2),  # the larger slope of the scan and its copies (a copy adds noise first)
+        runtime=30 * (1 + len(TRAINING_COPIES)),
