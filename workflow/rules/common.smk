@@ -180,9 +180,14 @@ TRAINING_COPIES = NOISE_COPIES + [
 CALIBRATION_COPIES = NOISE_COPIES if config["probability"]["noise_matching"] else []
 
 
+# The scans whose preprocess job (preprocess_control) also makes their copies: every control, when there are
+# copies to make.
+COPIED = list(CONTROL_FOLD) if TRAINING_COPIES else []
+
+
 def copy_flags(prefix):
     """``anomri preprocess`` options that make a control's copies in the same job (none for anyone else)."""
-    if prefix not in CONTROL_FOLD or not TRAINING_COPIES:
+    if prefix not in COPIED:
         return []
     return ["--copies", *TRAINING_COPIES, "--copies-dir", AUGMENTED, "--noise-seed", config["training"]["seed"]]
 
@@ -205,15 +210,16 @@ def scan_pattern(suffix):
     return str(OUT / "{subdir}" / "dwi" / f"{{prefix}}_space-dwi_{suffix}")
 
 
-# What preprocessing writes for every scan (a control's job also writes its copies).
-PREPROCESS_OUTPUTS = dict(
-    mask=scan_pattern("desc-brain_mask.nii.gz"),
-    mask_sidecar=scan_pattern("desc-brain_mask.json"),
-    b0=scan_pattern("desc-meanb0_S0map.nii.gz"),
-    b0_sidecar=scan_pattern("desc-meanb0_S0map.json"),
-    features=scan_pattern("desc-qspace_features.nii.gz"),
-    sidecar=scan_pattern("desc-qspace_features.json"),
+# What preprocessing writes for every scan, and for each copy of a control, by output name.
+PREPROCESS_SUFFIXES = dict(
+    mask="desc-brain_mask.nii.gz",
+    mask_sidecar="desc-brain_mask.json",
+    b0="desc-meanb0_S0map.nii.gz",
+    b0_sidecar="desc-meanb0_S0map.json",
+    features="desc-qspace_features.nii.gz",
+    sidecar="desc-qspace_features.json",
 )
+PREPROCESS_OUTPUTS = {name: scan_pattern(suffix) for name, suffix in PREPROCESS_SUFFIXES.items()}
 
 
 # The helpers below return lists of arguments: a rule's shell command quotes each with `{params.x:q}`.

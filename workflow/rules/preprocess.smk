@@ -11,7 +11,7 @@ rule preprocess:
     benchmark:
         benchmark_file("preprocess", "{subdir}", "{prefix}")
     wildcard_constraints:
-        prefix=prefix_regex([p for p in SCANS if not (p in CONTROL_FOLD and TRAINING_COPIES)]),
+        prefix=prefix_regex([p for p in SCANS if p not in COPIED]),
     conda:
         "../envs/anomri.yaml"
     threads: 1
@@ -44,14 +44,9 @@ use rule preprocess as preprocess_control with:
     # models learn healthy tissue across the SNR and diffusivities of a cohort, and the null is noise-matched.
     output:
         **PREPROCESS_OUTPUTS,
-        copies=[
-            copy_pattern(c, f"desc-{entities}.{ext}")
-            for c in TRAINING_COPIES
-            for entities in ("brain_mask", "meanb0_S0map", "qspace_features")
-            for ext in ("nii.gz", "json")
-        ],
+        copies=[copy_pattern(c, suffix) for c in TRAINING_COPIES for suffix in PREPROCESS_SUFFIXES.values()],
     wildcard_constraints:
-        prefix=prefix_regex(CONTROL_FOLD if TRAINING_COPIES else []),
+        prefix=prefix_regex(COPIED),
     resources:
         mem_mb=measured_mem_mb(158, 12.2),  # the larger slope of the scan and its copies (a copy adds noise first)
         runtime=30 * (1 + len(TRAINING_COPIES)),
