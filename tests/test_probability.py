@@ -13,7 +13,8 @@ from anomri.io.derivatives import ScanDerivatives, sidecar_path
 from anomri.io.nifti import save_volume
 from anomri.maps.postprocess import FWHM_TO_SIGMA, PostProcessing
 from anomri.maps.postprocess import masked_median
-from anomri.maps.probability import HealthyNull, TailModel, fisher_statistic
+from anomri.maps.probability import HealthyNull, fisher_statistic
+from anomri.maps.tails import TailModel
 from anomri.maps.writing import remove_small_components, write_probability_map
 
 

@@ -130,7 +130,8 @@ def test_calibrate_and_probability_commands_with_tissue_classes(tmp_path, run_cl
     null_path = tmp_path / "null.npz"
     common = ["--derivatives-dir", str(tmp_path), "--scans", "sub-C01", "sub-C02", "sub-C03", "--scores", "vae-reg",
               "--out", str(null_path), *PLAIN_CALIBRATION]
-    assert run_cli(["calibrate", *common, "--tissue-classes", "3", "--seed", "0"]).code == 0
+    # Voxels pooled, as the null built by hand below (the per-subject unit: tests/test_subject_calibration.py).
+    assert run_cli(["calibrate", *common, "--tissue-classes", "3", "--seed", "0", "--calibration-unit", "voxel"]).code == 0
     assert run_cli(["probability", "--derivatives-dir", str(tmp_path), "--prefix", "sub-P01",
                     "--null", str(null_path), "--levels", "0.01"]).code == 0
 

@@ -81,7 +81,7 @@ def run_calibrate(args: argparse.Namespace) -> None:
 
     calibrate(args.derivatives_dir, args.scans, args.scores, _postprocessing(args), tail_fraction=args.tail_fraction,
               combination=args.combination, tissue_classes=args.tissue_classes, seed=args.seed,
-              augmented=args.augmented).save(args.out)
+              unit=args.calibration_unit, augmented=args.augmented).save(args.out)
 
 
 @command("learn-combination")
@@ -256,6 +256,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help=".npz file")
     p.add_argument("--augmented", nargs="*", default=[], metavar="DIR",
                    help="derivative trees of the scans' noisier copies: each scan's null is then noise-matched")
+    p.add_argument("--calibration-unit", choices=["voxel", "subject"], default=default("probability.calibration_unit"),
+                   help="what p counts: the controls' voxels pooled, or the worst control's own voxels")
     _add_calibration_options(p)
 
     p = sub.add_parser("learn-combination",

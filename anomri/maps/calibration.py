@@ -95,11 +95,13 @@ def calibrate(derivatives_dir: str | Path, prefixes: Sequence[str], scores: Sequ
               postprocessing: PostProcessing, *, tail_fraction: float = default("probability.tail_fraction"),
               combination: str = default("probability.combination"),
               tissue_classes: int = default("probability.tissue_classes"), seed: int = default("probability.seed"),
-              augmented: Sequence[str | Path] = ()) -> HealthyNull:
+              unit: str = default("probability.calibration_unit"), augmented: Sequence[str | Path] = ()) -> HealthyNull:
     """The healthy null of the controls' out-of-fold maps (and their noisier copies, for :meth:`HealthyNull.matched`).
 
     Tissue classes are fitted to the voxels of the scans as measured, so
-    adding copies leaves the classes unchanged. Every control's own subject
+    adding copies leaves the classes unchanged. ``unit`` is what p counts,
+    pooled healthy voxels or healthy people (:data:`anomri.maps.probability.UNITS`).
+    Every control's own subject
     shift is measured as a new person's would be, against the null of the
     *other* controls matched to its SNR (:func:`control_shifts`): the range the
     out-of-distribution check compares scans with. Raises
@@ -115,7 +117,7 @@ def calibrate(derivatives_dir: str | Path, prefixes: Sequence[str], scores: Sequ
             tissue = TissueModel.fit(voxels.features[measured], tissue_classes, seed)
             log_posterior = tissue.log_posterior(voxels.features)
         null = HealthyNull(voxels.values, postprocessing, tail_fraction, combination, list(prefixes), tissue,
-                           log_posterior, voxels.copies, voxels.copy_index, uncentred=voxels.uncentred)
+                           log_posterior, voxels.copies, voxels.copy_index, uncentred=voxels.uncentred, unit=unit)
         if len({participant(p) for p in prefixes}) > 1:
             null.control_shifts = control_shifts(null, voxels.features)
     except ValueError as exc:

@@ -29,6 +29,15 @@ calibration voxels exactly like a single score's.
 Optionally each tissue class has its own null (:mod:`anomri.maps.tissue`):
 rare healthy tissue is then compared with healthy tissue of its own kind,
 which removes most false positives left by a brain-wide null.
+
+What p counts is the *calibration unit*. ``voxel``: the healthy voxels of
+every calibration participant pooled, so p <= a flags a fraction a of them
+on average over people. ``subject``: p(s) = max_j p_j(s), each participant's
+own tail model (:class:`WorstSubjectTail`), so p <= a flags at most a of
+*each* calibration participant's voxels, and a new healthy person exchangeable
+with the n in the null is flagged beyond a with probability at most
+1 / (n + 1): a conformal guarantee whose unit is the person, untouched by the
+spatial correlation of voxels within one.
 """
 
 from __future__ import annotations
@@ -39,111 +48,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 from scipy.special import logsumexp
 
 from anomri.errors import InputError
 from anomri.io.atomic import atomic_path
 from anomri.maps.postprocess import PostProcessing
+from anomri.maps.tails import TailModel, WorstSubjectTail
 from anomri.maps.tissue import TissueModel
 
 #: Key of the combined statistic's tail model in a :class:`HealthyNull`.
 COMBINED = "combined"
 
-
-@dataclass(frozen=True)
-class TailModel:
-    """Calibrated tail probability of one statistic over healthy voxels.
-
-    Attributes
-    ----------
-    null : ndarray
-        Sorted healthy values (float64).
-    threshold : float
-        u, the value above which the generalised Pareto tail takes over.
-    shape, scale : float
-        Generalised Pareto shape xi >= 0 and scale beta > 0 of s - u given s > u.
-    tail_mass : float
-        p(u+), the conformal tail probability just above u.
-    """
-
-    null: np.ndarray
-    threshold: float
-    shape: float
-    scale: float
-    tail_mass: float
-
-    @classmethod
-    def fit(cls, values: np.ndarray, tail_fraction: float = 0.01, min_tail: int = 50) -> TailModel:
-        """Fit the tail of ``values`` (the healthy null of one statistic)."""
-        null = np.sort(np.asarray(values, np.float64).ravel())
-        null = null[np.isfinite(null)]
-        n = len(null)
-        if n < 2 * min_tail:
-            raise ValueError(f"a healthy null needs at least {2 * min_tail} voxels; got {n}")
-        k = max(min_tail, int(round(tail_fraction * n)))
-        threshold = float(null[n - k - 1])
-        excess = null[n - k :] - threshold
-        excess = excess[excess > 0]
-        scale = float(excess.mean()) if len(excess) else _body_scale(null, k)
-        shape = 0.0
-        if len(excess) >= min_tail and np.ptp(excess) > 0:
-            xi, _, beta = stats.genpareto.fit(excess, floc=0.0)
-            if xi > 0:
-                shape, scale = float(xi), float(beta)
-        tail_mass = (np.count_nonzero(null > threshold) + 1.0) / (n + 1.0)
-        return cls(null, threshold, shape, max(scale, 1e-12 * max(1.0, abs(threshold))), tail_mass)
-
-    def log_survival(self, scores: np.ndarray) -> np.ndarray:
-        """log p(s) of every score (float64); finite however far into the tail."""
-        s = np.asarray(scores, np.float64)
-        n = len(self.null)
-        body = np.log((n - np.searchsorted(self.null, s, side="left") + 1.0) / (n + 1.0))
-        excess = np.maximum(s - self.threshold, 0.0)
-        if self.shape > 0:
-            tail = -np.log1p(self.shape * excess / self.scale) / self.shape
-        else:
-            tail = -excess / self.scale
-        return np.where(s > self.threshold, np.log(self.tail_mass) + tail, body)
-
-    def survival(self, scores: np.ndarray) -> np.ndarray:
-        """Tail probability p(s) in [0, 1] of every score (float64; may underflow to 0 far out)."""
-        return np.exp(self.log_survival(scores))
-
-    def quantile(self, level: float) -> float:
-        """The score at which p = ``level``: healthy voxels exceed it with probability ``level``."""
-        if not 0.0 < level < 1.0:
-            raise ValueError(f"level must lie in (0, 1); got {level}")
-        if level >= self.tail_mass:
-            n = len(self.null)
-            # Smallest null value v with (#{null >= v} + 1) / (n + 1) <= level.
-            count = int(np.floor(level * (n + 1.0) - 1.0))
-            return float(self.null[n - max(count, 1)])
-        q = level / self.tail_mass
-        if self.shape > 0:
-            return self.threshold + self.scale / self.shape * (q ** (-self.shape) - 1.0)
-        return self.threshold - self.scale * np.log(q)
-
-    def record(self) -> dict:
-        """Fitted parameters, for JSON sidecars."""
-        return {"n_null_voxels": int(len(self.null)), "tail_threshold": self.threshold,
-                "tail_shape": self.shape, "tail_scale": self.scale, "tail_mass": self.tail_mass}
-
-
-def _body_scale(null: np.ndarray, k: int) -> float:
-    """Scale of an exponential tail from the body of a sorted null whose top ``k`` values all tie.
-
-    With no value above the threshold the exceedances say nothing, so the
-    tail continues the decay of the body: an exponential tail of scale beta
-    puts the median and the (1 - k/n) quantile beta log(n / 2k) apart. It is
-    in the null's own units, so the fallback means the same for any score;
-    a null that is constant above its median falls back to its whole range.
-    """
-    n = len(null)
-    top, median = null[n - k - 1], null[n // 2]
-    if top > median:
-        return float(top - median) / max(np.log(n / (2.0 * k)), 1.0)
-    return float(null[-1] - null[0]) / np.log(n)
+#: What a tail probability counts (module docstring): pooled healthy voxels, or healthy people.
+UNITS = ("voxel", "subject")
 
 
 def fisher_statistic(log_tail_probabilities: list[np.ndarray]) -> np.ndarray:
@@ -255,6 +172,10 @@ class HealthyNull:
         Each calibration scan's out-of-fold subject shift
         (:func:`anomri.maps.quality.subject_shift`), judged against the other
         controls: the range a new subject's shift is checked against.
+    unit : {"voxel", "subject"}
+        What p counts (module docstring): the final tail pooled over voxels, or
+        the worst participant's own tail (:class:`WorstSubjectTail`; needs
+        ``copies`` to tell participants apart).
 
     Notes
     -----
@@ -269,9 +190,13 @@ class HealthyNull:
                  tissue: TissueModel | None = None, log_posterior: np.ndarray | None = None,
                  copies: list[CalibrationCopy] | None = None, copy_index: np.ndarray | None = None,
                  control_shifts: dict[str, float] | None = None,
-                 uncentred: dict[str, np.ndarray] | None = None) -> None:
+                 uncentred: dict[str, np.ndarray] | None = None, unit: str = "voxel") -> None:
         if combination not in COMBINATIONS:
             raise ValueError(f"unknown combination {combination!r}; choose from {sorted(COMBINATIONS)}")
+        if unit not in UNITS:
+            raise ValueError(f"unknown calibration unit {unit!r}; choose from {list(UNITS)}")
+        if unit == "subject" and copies is None:
+            raise ValueError("the subject calibration unit needs to know which scan each voxel came from")
         if not values:
             raise ValueError("a healthy null needs at least one score")
         lengths = {len(np.ravel(v)) for v in values.values()}
@@ -289,6 +214,8 @@ class HealthyNull:
             raise ValueError("the uncentred values must list the same scores and voxels as the null")
         self.copies = copies
         self.copy_index = None if copy_index is None else np.asarray(copy_index, np.int32)
+        self.unit = unit
+        self._subject_tail: WorstSubjectTail | None = None
         self.postprocessing = postprocessing
         self.tail_fraction = tail_fraction
         self.combination = combination
@@ -368,18 +295,20 @@ class HealthyNull:
                            None if self.log_posterior is None else self.log_posterior[voxels],
                            [self.copies[i] for i in keep], np.searchsorted(keep, self.copy_index[voxels]),
                            self.control_shifts,
-                           None if self.uncentred is None else {k: v[voxels] for k, v in self.uncentred.items()})
+                           None if self.uncentred is None else {k: v[voxels] for k, v in self.uncentred.items()},
+                           self.unit)
 
     def shift_null(self) -> HealthyNull:
-        """The null that subject shifts are measured against: this one, or, when the post-processing centres each
-        scan, the same voxels before centring (centring removes the very shift the check looks for)."""
-        if self.postprocessing.centring == "none":
+        """The null that subject shifts are measured against: the same voxels before any centring (centring
+        removes the very shift the check looks for), their voxels pooled (a median voxel's p is a pooled notion)."""
+        centred = self.postprocessing.centring != "none"
+        if not centred and self.unit == "voxel":
             return self
-        if self.uncentred is None:
+        if centred and self.uncentred is None:
             raise ValueError("this null centres every scan but does not hold the values before centring")
-        return HealthyNull(self.uncentred, self.postprocessing.uncentred(), self.tail_fraction, self.combination,
-                           self.scans, self.tissue, self.log_posterior, self.copies, self.copy_index,
-                           self.control_shifts)
+        return HealthyNull(self.uncentred if centred else self.values, self.postprocessing.uncentred(),
+                           self.tail_fraction, self.combination, self.scans, self.tissue, self.log_posterior,
+                           self.copies, self.copy_index, self.control_shifts)
 
     def scan_voxels(self, scan: str) -> np.ndarray:
         """Boolean index of the null's voxels that come from ``scan`` as measured (factor 1)."""
@@ -415,16 +344,28 @@ class HealthyNull:
         missing = set(self.values) - set(scores)
         if missing:
             raise ValueError(f"scores {sorted(missing)} are calibrated but were not given")
-        if self.tissue is None:
-            return self.classes[0].log_tail_probability(scores)
-        if features is None:
+        if self.tissue is not None and features is None:
             raise ValueError("this null has tissue classes; pass the voxels' q-space features")
-        log_mixture = self._log_mixture(scores, self.tissue.log_posterior(features))
-        return self.mixture.log_survival(-log_mixture)
+        log_posterior = None if self.tissue is None else self.tissue.log_posterior(features)
+        return self.final.log_survival(self._final_statistic(scores, log_posterior))
+
+    def _final_statistic(self, scores: dict[str, np.ndarray], log_posterior: np.ndarray | None) -> np.ndarray:
+        """The values :attr:`final` calibrates: the one score, the combination, or -log of the class mixture."""
+        if self.tissue is not None:
+            return -self._log_mixture(scores, log_posterior)
+        only = self.classes[0]
+        return only._statistic(scores) if len(self.values) > 1 else np.asarray(scores[self.scores[0]], np.float64)
 
     @property
-    def final(self) -> TailModel:
+    def final(self) -> TailModel | WorstSubjectTail:
         """The tail model whose p is the lesion probability's; its statistic is :attr:`statistic`."""
+        if self.unit == "subject":
+            if self._subject_tail is None:
+                # Fitted on first use: a null matched to one scan needs it, the full null seldom does.
+                people = np.array([participant(c.scan) for c in self.copies])
+                self._subject_tail = WorstSubjectTail.fit(self._final_statistic(self.values, self.log_posterior),
+                                                          people[self.copy_index], self.tail_fraction)
+            return self._subject_tail
         if self.mixture is not None:
             return self.mixture
         only = self.classes[0]
@@ -439,10 +380,12 @@ class HealthyNull:
 
     def record(self) -> dict:
         """Settings and fits, for JSON sidecars."""
-        out = {"scans": self.scans, "scores": self.scores, "control_shifts": self.control_shifts,
+        out = {"scans": self.scans, "scores": self.scores, "control_shifts": self.control_shifts, "unit": self.unit,
                "copies": None if self.copies is None else [c.record() for c in self.copies],
                "combination": self.combination if len(self.values) > 1 else "none",
                "tail_fraction": self.tail_fraction, "postprocessing": self.postprocessing.record()}
+        if self.unit == "subject":
+            out |= {"subject_tails": self.final.record()}
         if self.tissue is None:
             return out | {"tissue_classes": None, "tails": self.classes[0].record()}
         return out | {"tissue_classes": self.tissue.record(),
@@ -459,7 +402,7 @@ class HealthyNull:
             arrays |= {"copy_index": self.copy_index}
         settings = {"postprocessing": self.postprocessing.record(), "tail_fraction": self.tail_fraction,
                     "combination": self.combination, "scans": self.scans, "control_shifts": self.control_shifts,
-                    "copies": None if self.copies is None else [c.record() for c in self.copies]}
+                    "unit": self.unit, "copies": None if self.copies is None else [c.record() for c in self.copies]}
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             # Uncompressed: float scores compress by a fifth only, and compressing took 3 s of the one
             # calibration job that every probability map waits for.
@@ -482,4 +425,4 @@ class HealthyNull:
         return cls(values, PostProcessing(**settings["postprocessing"]), settings["tail_fraction"],
                    settings["combination"], settings["scans"], tissue, log_posterior,
                    None if copies is None else [CalibrationCopy(**c) for c in copies], copy_index,
-                   settings.get("control_shifts"), uncentred or None)
+                   settings.get("control_shifts"), uncentred or None, settings.get("unit", "voxel"))

@@ -165,7 +165,7 @@ rule calibrate:
         " --smoothing-fwhm-mm {params.pp[smoothing_fwhm_mm]:q} --centring {params.pp[centring]:q}"
         " --tail-fraction {params.pp[tail_fraction]:q}"
         " --combination {params.pp[combination]:q} --tissue-classes {params.pp[tissue_classes]:q}"
-        " --seed {params.pp[seed]:q}"
+        " --calibration-unit {params.pp[calibration_unit]:q} --seed {params.pp[seed]:q}"
 
 
 rule probability:
