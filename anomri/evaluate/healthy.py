@@ -15,7 +15,9 @@ per level. The denominator is the voxels that could have been flagged: the
 brain mask eroded by ``probability.erosion_voxels``, the lesion probability's
 domain. Flagged voxels are spatially correlated (the maps are smoothed) and
 come in people, so the spread around the nominal level is much wider than a
-binomial of the voxel count: the guarantee is on the mean over people.
+binomial of the voxel count. With the pooled calibration unit (``voxel``) the
+guarantee is on the mean over people; with ``subject`` (the default) on each
+person, up to a chance of 1 / (n + 1) (docs/method.md).
 """
 
 from __future__ import annotations

@@ -102,6 +102,15 @@ def masked_features(scan: ScanDerivatives, mask: np.ndarray) -> np.ndarray:
     return read_data(img, scan.features)[mask]
 
 
+#: What thresholding the map at 1 - a means, per calibration unit (:data:`anomri.maps.probability.UNITS`).
+UNIT_MEANING = {
+    "voxel": "Thresholding at 1 - a flags a fraction a of healthy voxels, on average over healthy people.",
+    "subject": "p is the largest of the healthy controls' own tail probabilities (calibration unit 'subject'): "
+               "thresholding at 1 - a flags at most a fraction a of any control's voxels, and a new healthy "
+               "person beyond a with probability at most 1 / (n + 1) for n controls in the null.",
+}
+
+
 def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: str | Path,
                           levels: tuple[float, ...] = (0.01, 0.001), min_component_voxels: int = 1,
                           fold_maps: Sequence[str | Path] = (),
@@ -157,8 +166,7 @@ def write_probability_map(scan: ScanDerivatives, null: HealthyNull, null_path: s
                        "(cross-fitting; a control's own scans left out; several fold models' p averaged; several "
                        "scores combined and recalibrated; with tissue classes, per-class nulls mixed by the "
                        "voxel's class posteriors and recalibrated; generalised Pareto tail beyond the top of the "
-                       "healthy null; 0 outside the post-processed brain mask). Thresholding at 1 - a flags a "
-                       "fraction a of healthy voxels.",
+                       "healthy null; 0 outside the post-processed brain mask). " + UNIT_MEANING[null.unit],
         "Calibration": calibration,
         "QualityCheck": quality,
         **_provenance(scan, sources),
