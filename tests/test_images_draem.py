@@ -255,3 +255,25 @@ def test_bfloat16_training_is_deterministic_and_keeps_its_losses_in_float32(one_
     for name, value in reduced.items():
         assert value.dtype == torch.float32
         assert abs(float(value) - float(exact[name])) < 0.02 + 0.02 * abs(float(exact[name])), name
+
+
+def test_flip_averaging_is_the_mean_of_the_maps_of_the_flipped_images_flipped_back() -> None:
+    from anomri.images.scoring import flip_averaged
+
+    weights = torch.arange(1.0, 1.0 + 5 * 7).reshape(5, 7)  # not symmetric: every flip changes the map
+
+    def anomaly_map(images: torch.Tensor) -> torch.Tensor:
+        return images[:, 0] ** 2 * weights + images[:, 1]
+
+    images = torch.rand(3, 2, 5, 7, generator=torch.Generator().manual_seed(0))
+    x = images.numpy()
+    w = weights.numpy()
+    by_hand = [x[:, 0] ** 2 * w + x[:, 1],
+               (x[:, 0, :, ::-1] ** 2 * w + x[:, 1, :, ::-1])[:, :, ::-1],
+               (x[:, 0, ::-1] ** 2 * w + x[:, 1, ::-1])[:, ::-1],
+               (x[:, 0, ::-1, ::-1] ** 2 * w + x[:, 1, ::-1, ::-1])[:, ::-1, ::-1]]
+    np.testing.assert_allclose(flip_averaged(anomaly_map, (-1,))(images).numpy(), np.mean(by_hand[:2], axis=0),
+                               rtol=1e-6)
+    np.testing.assert_allclose(flip_averaged(anomaly_map, (-1, -2))(images).numpy(), np.mean(by_hand, axis=0),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(flip_averaged(anomaly_map, ())(images).numpy(), anomaly_map(images).numpy())

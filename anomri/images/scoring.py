@@ -187,6 +187,27 @@ def _mhp_outputs(model: MultiHypothesisVAE, raw: torch.Tensor, s: ImageSettings,
     return {"wta": torch.cat(scores).cpu().numpy()}, torch.cat(maps).cpu().numpy()
 
 
+def flip_averaged(anomaly_map: Callable[[torch.Tensor], torch.Tensor],
+                  axes: tuple[int, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``anomaly_map`` averaged over the image flipped along every subset of ``axes``, each map flipped back.
+
+    Images are (N, C, S, S) and maps (N, S, S), so axis -1 (left-right) and -2
+    (top-bottom) mean the same on both. A model trained on randomly flipped
+    images should see a flipped defect the same; averaging its maps of the
+    flipped copies cancels part of what it sees by chance, at one more pass
+    per flip.
+    """
+    flips = [()] + [(axis,) for axis in axes] + ([tuple(axes)] if len(axes) > 1 else [])
+
+    def averaged(images: torch.Tensor) -> torch.Tensor:
+        total = anomaly_map(images)
+        for dims in flips[1:]:
+            total = total + anomaly_map(images.flip(dims)).flip(dims)
+        return total / len(flips)
+
+    return averaged
+
+
 @torch.no_grad()
 def _maps_only(anomaly_map: Callable[[torch.Tensor], torch.Tensor], kind: str, raw: torch.Tensor, s: ImageSettings,
                progress: bool) -> Outputs:
@@ -198,7 +219,11 @@ def _maps_only(anomaly_map: Callable[[torch.Tensor], torch.Tensor], kind: str, r
 
 def _draem_outputs(model: DRAEM, raw: torch.Tensor, s: ImageSettings, progress: bool,
                    reference_images: np.ndarray | None = None) -> Outputs:
-    return _maps_only(model.anomaly_map, model.kind, raw, s, progress)
+    anomaly_map = model.anomaly_map
+    if s.draem_flip_averaging:
+        axes = tuple(axis for enabled, axis in ((s.horizontal_flip, -1), (s.vertical_flip, -2)) if enabled)
+        anomaly_map = flip_averaged(anomaly_map, axes)
+    return _maps_only(anomaly_map, model.kind, raw, s, progress)
 
 
 def _patch_memory_outputs(model: PatchMemory, raw: torch.Tensor, s: ImageSettings, progress: bool,

@@ -148,6 +148,7 @@ class ImageSettings:
     draem_texture: str = "both"
     draem_ridge_probability: float = 0.5
     draem_faint_probability: float = 0.0
+    draem_flip_averaging: bool = True  # maps averaged over the image flipped as in training, flipped back
     draem_faint_area: list[float] = field(default_factory=lambda: [0.1, 0.5])
     draem_geometry: str = "resize"
     draem_tile_scale: float = 1.0
