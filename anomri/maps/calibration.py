@@ -101,10 +101,10 @@ def calibrate(derivatives_dir: str | Path, prefixes: Sequence[str], scores: Sequ
     Tissue classes are fitted to the voxels of the scans as measured, so
     adding copies leaves the classes unchanged. ``unit`` is what p counts,
     pooled healthy voxels or healthy people (:data:`anomri.maps.probability.UNITS`).
-    Every control's own subject
-    shift is measured as a new person's would be, against the null of the
-    *other* controls matched to its SNR (:func:`control_shifts`): the range the
-    out-of-distribution check compares scans with. Raises
+    Every control's own subject shift is measured as a new person's would be,
+    against the null of the *other* controls matched to its SNR
+    (:func:`control_shifts`): the range the out-of-distribution check compares
+    scans with. Raises
     :class:`~anomri.errors.InputError` when the voxels cannot be calibrated.
     """
     if tissue_classes < 1:
