@@ -221,8 +221,7 @@ def _draem_outputs(model: DRAEM, raw: torch.Tensor, s: ImageSettings, progress: 
                    reference_images: np.ndarray | None = None) -> Outputs:
     anomaly_map = model.anomaly_map
     if s.draem_flip_averaging:
-        axes = tuple(axis for enabled, axis in ((s.horizontal_flip, -1), (s.vertical_flip, -2)) if enabled)
-        anomaly_map = flip_averaged(anomaly_map, axes)
+        anomaly_map = flip_averaged(anomaly_map, s.flip_axes)
     return _maps_only(anomaly_map, model.kind, raw, s, progress)
 
 

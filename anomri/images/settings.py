@@ -222,6 +222,12 @@ class ImageSettings:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
+    @property
+    def flip_axes(self) -> tuple[int, ...]:
+        """The image axes training flips at random: -1 (left-right) with ``horizontal_flip``, -2 (top-bottom) with
+        ``vertical_flip``; the same axes flip averaging undoes at scoring."""
+        return tuple(axis for enabled, axis in ((self.horizontal_flip, -1), (self.vertical_flip, -2)) if enabled)
+
     @staticmethod
     def geometry_fields(kind: str | None) -> tuple[str, ...]:
         """Names of the settings that make the geometry of a model of ``kind`` (None: the shared ones), in

@@ -248,10 +248,9 @@ def learning_rate_factor(kind: str, settings: ImageSettings, epoch: int, n_epoch
 
 def _flipped(batch: torch.Tensor, generator: torch.Generator, settings: ImageSettings) -> torch.Tensor:
     """``batch`` with each image flipped at random (probability 1/2 per enabled axis)."""
-    for enabled, axis in ((settings.horizontal_flip, -1), (settings.vertical_flip, -2)):
-        if enabled:
-            flip = torch.rand(len(batch), generator=generator, device=batch.device) < 0.5
-            batch = torch.where(flip[:, None, None, None], batch.flip(axis), batch)
+    for axis in settings.flip_axes:
+        flip = torch.rand(len(batch), generator=generator, device=batch.device) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(axis), batch)
     return batch
 
 

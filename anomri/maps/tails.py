@@ -110,7 +110,6 @@ def _body_scale(null: np.ndarray, k: int) -> float:
     return float(null[-1] - null[0]) / np.log(n)
 
 
-
 class WorstSubjectTail:
     """Tail probability of a statistic as the largest of the healthy participants' own tail probabilities.
 
