@@ -28,7 +28,7 @@ from bench_anogan import append_to_readme
 from anomri.cli import main as anomri
 from anomri.images.evaluation import evaluate_methods
 from anomri.images.outputs import ImageOutputs
-from anomri.images.settings import METHODS, MODEL_OF_METHOD, ImageSettings
+from anomri.images.settings import ALL_METHODS, FUSION_METHOD, MODEL_OF_METHOD, ImageSettings
 from anomri.io.images import scan_mvtec
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "magnetic_tile"
@@ -38,11 +38,14 @@ MAP_SCORES = ("map-max", "map-top")
 POOLED = {"dev": "dev (pooled)", "held-out": "held out (pooled)"}
 
 
-def _run(args: list[str]) -> float:
+def _run(args: list[str], step: str, timings: dict[str, float], record: Path) -> None:
+    """Run one anomri subcommand and record its wall time in ``timings`` and, at once, in ``record`` (JSON), so a
+    resumed run still reports the steps an earlier one finished."""
     start = time.perf_counter()
     if anomri(args) != 0:
         sys.exit(f"anomri {args[0]} failed")
-    return time.perf_counter() - start
+    timings[step] = time.perf_counter() - start
+    record.write_text(json.dumps(timings, indent=1))
 
 
 def _fmt(value: object) -> str:
@@ -81,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=SHARED)
     parser.add_argument("--out", type=Path, default=Path("/tmp/anomri-bench-images"))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(ALL_METHODS), choices=ALL_METHODS,
+                        help=f"methods to run; {FUSION_METHOD} also runs the methods it fuses")
     parser.add_argument("--settings", default="{}", help="JSON overrides of the config.yaml image settings")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--held-out", nargs="*", default=[], metavar="TYPE",
@@ -98,18 +102,24 @@ def main(argv: list[str] | None = None) -> None:
     out = ImageOutputs(args.out / "images")
     settings = json.dumps({"image_size": 128} | json.loads(args.settings))
     common = ["--root", str(args.root), "--settings", settings]
-    timings = {}
-    for kind in sorted({MODEL_OF_METHOD[m] for m in args.methods}):
-        if not out.model(kind).exists():
-            timings[f"train {kind}"] = _run(["images-train", *common, "--model", kind, "--out", str(out.model(kind)),
-                                             "--history", str(out.history(kind)), "--device", args.device])
-    for method in args.methods:
-        if not out.thresholds(method).exists():
-            timings[f"score {method}"] = _run(["images-score", *common, "--method", method, "--model",
-                                               str(out.model(MODEL_OF_METHOD[method])), "--images-dir",
-                                               str(out.root), "--device", args.device])
-    start = time.perf_counter()
     image_settings = ImageSettings.from_json(settings)
+    fused = image_settings.map_fusion_methods if FUSION_METHOD in args.methods else ()
+    scored = [m for m in dict.fromkeys([*args.methods, *fused]) if m != FUSION_METHOD]
+    record = args.out / "timings.json"
+    timings = json.loads(record.read_text()) if record.is_file() else {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    for method in scored:  # in the order asked for, each scored as soon as its model is trained
+        kind = MODEL_OF_METHOD[method]
+        if not out.model(kind).exists():
+            _run(["images-train", *common, "--model", kind, "--out", str(out.model(kind)), "--history",
+                  str(out.history(kind)), "--device", args.device], f"train {kind}", timings, record)
+        if not out.thresholds(method).exists():
+            _run(["images-score", *common, "--method", method, "--model", str(out.model(MODEL_OF_METHOD[method])),
+                  "--images-dir", str(out.root), "--device", args.device], f"score {method}", timings, record)
+    if fused and not out.thresholds(FUSION_METHOD).exists():
+        _run(["images-fuse", "--settings", settings, "--images-dir", str(out.root)], f"fuse {' + '.join(fused)}",
+             timings, record)
+    start = time.perf_counter()
     rows = evaluate_methods(args.root, {m: out.scores(m) for m in args.methods},
                             {m: out.thresholds(m) for m in args.methods}, {m: out.maps(m) for m in args.methods},
                             out.image_scores, out.evaluation, out.curves, image_settings.threshold_percentile,
