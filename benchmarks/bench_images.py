@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = json.dumps({"image_size": 128} | json.loads(args.settings))
     common = ["--root", str(args.root), "--settings", settings]
     image_settings = ImageSettings.from_json(settings)
-    fused = image_settings.map_fusion_methods if FUSION_METHOD in args.methods else ()
+    fused = image_settings.fused_methods if FUSION_METHOD in args.methods else ()
     scored = [m for m in dict.fromkeys([*args.methods, *fused]) if m != FUSION_METHOD]
     record = args.out / "timings.json"
     timings = json.loads(record.read_text()) if record.is_file() else {}

@@ -1,4 +1,5 @@
-"""Method fusion: components' maps calibrated on their normal validation maps, fused per pixel; scores; errors."""
+"""Method fusion: components' maps calibrated on their normal validation maps, fused per pixel; the score
+components' primary scores as z-scores, fused per image; errors."""
 
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def test_fused_maps_scores_and_threshold_against_brute_force(tmp_path, rule: str
     out = ImageOutputs(tmp_path)
     a = _method(out, "draem", 0.01, 0)
     b = _method(out, "patch-memory", 30.0, 1, primary="map-top")
-    settings = ImageSettings(map_fusion_rule=rule)
+    # A score-only component: its maps, on yet another scale, must not reach the fused map.
+    _method(out, "vae-projection", 1e4, 2, primary="map-top")
+    settings = ImageSettings(map_fusion_rule=rule, score_fusion_methods=["draem", "patch-memory", "vae-projection"])
     fuse_method_maps(tmp_path, settings)
     combine = np.mean if rule == "mean" else np.max
     fused = {}
@@ -63,12 +66,12 @@ def test_fused_maps_scores_and_threshold_against_brute_force(tmp_path, rule: str
         normal = np.array([values[("val", *k)] for k in VAL])
         return {k: (v - normal.mean()) / normal.std(ddof=1) for k, v in values.items()}
 
-    za, zb = z("draem"), z("patch-memory")
+    za, zb, zc = z("draem"), z("patch-memory"), z("vae-projection")
     rows = read_scores(out.scores(FUSION_METHOD))
     assert {r["score"] for r in rows} == {FUSED_PRIMARY, "map-max"} and len(rows) == 2 * (len(VAL) + len(TEST))
     for r in rows:
         key = (r["split"], r["label"], r["stem"])
-        expected = combine([za[key], zb[key]]) if r["score"] == FUSED_PRIMARY else fused[key].max()
+        expected = combine([za[key], zb[key], zc[key]]) if r["score"] == FUSED_PRIMARY else fused[key].max()
         assert r["value"] == pytest.approx(expected, rel=1e-6)
     record = json.loads(out.thresholds(FUSION_METHOD).read_text())
     normal_pixels = np.sort(np.concatenate([fused[("val", *k)].ravel() for k in VAL]))
@@ -77,6 +80,8 @@ def test_fused_maps_scores_and_threshold_against_brute_force(tmp_path, rule: str
     assert np.mean(normal_pixels >= np.nextafter(record["pixel_threshold"], -np.inf)) > 0.0
     assert record["primary_score"] == FUSED_PRIMARY and record["rule"] == rule
     assert record["components"]["draem"]["pixel_threshold"] == pytest.approx(a["threshold"])
+    assert record["map_components"] == ["draem", "patch-memory"]
+    assert record["score_components"] == ["draem", "patch-memory", "vae-projection"]
     # The defect shows in the fused map though the two components' raw maps differ by 3000x in scale.
     crack = np.mean([fused[("test", *k)][2:4, 2:5].mean() for k in TEST if k[0] == "crack"])
     assert crack > 2 * np.mean([fused[("test", *k)].mean() for k in TEST if k[0] == "good"])
@@ -89,10 +94,12 @@ def test_a_missing_component_or_other_images_is_one_clear_error(tmp_path) -> Non
         fuse_method_maps(tmp_path, ImageSettings())
     assert "images-score" in str(error.value)
     _method(out, "patch-memory", 1.0, 1)
+    with pytest.raises(InputError, match="vae-projection"):  # a score component is needed as much
+        fuse_method_maps(tmp_path, ImageSettings(score_fusion_methods=["draem", "vae-projection"]))
     rows = [r for r in read_scores(out.scores("patch-memory")) if r["stem"] != "t3"]
     write_table(out.scores("patch-memory"), rows, SCORE_COLUMNS)
     with pytest.raises(InputError, match="other images"):
-        fuse_method_maps(tmp_path, ImageSettings())
+        fuse_method_maps(tmp_path, ImageSettings(score_fusion_methods=["draem", "patch-memory"]))
     assert not out.scores(FUSION_METHOD).exists()
 
 
@@ -100,3 +107,11 @@ def test_a_missing_component_or_other_images_is_one_clear_error(tmp_path) -> Non
 def test_map_fusion_methods_are_checked(methods: list[str]) -> None:
     with pytest.raises(InputError, match="map_fusion_methods"):
         ImageSettings(map_fusion_methods=methods)
+
+
+@pytest.mark.parametrize("methods", [[], ["draem", "draem"], ["fusion"], ["unknown"]])
+def test_score_fusion_methods_are_checked(methods: list[str]) -> None:
+    with pytest.raises(InputError, match="score_fusion_methods"):
+        ImageSettings(score_fusion_methods=methods)
+    assert ImageSettings(score_fusion_methods=["vae-projection"]).fused_methods == (
+        "draem", "patch-memory", "vae-projection")

@@ -165,8 +165,10 @@ class ImageSettings:
     descriptor_size: int = 128
     descriptor_scales: list[float] = field(default_factory=lambda: [2.0, 4.0, 8.0])
     descriptor_fusion: str = "max"
-    # method fusion: these methods' maps, each divided by its normal pixel threshold, fused per pixel
+    # method fusion: these methods' maps, each divided by its normal pixel threshold, fused per pixel; and these
+    # methods' primary image scores, each a z-score on the normal validation images, fused per image
     map_fusion_methods: list[str] = field(default_factory=lambda: ["draem", "patch-memory"])
+    score_fusion_methods: list[str] = field(default_factory=lambda: ["draem", "patch-memory", "vae-projection"])
     map_fusion_rule: str = "mean"
     # maps and evaluation
     map_sigma: float = 1.0
@@ -197,9 +199,10 @@ class ImageSettings:
         faint = self.draem_faint_area
         if not (len(faint) == 2 and 0.0 < faint[0] <= faint[1] < 1.0):
             _invalid("draem_faint_area", "[min, max] with 0 < min <= max < 1", faint)
-        fused = self.map_fusion_methods
-        if any(m not in METHODS for m in fused) or len(fused) < 2 or len(set(fused)) != len(fused):
-            _invalid("map_fusion_methods", f"two or more different methods of {METHODS}", self.map_fusion_methods)
+        for name, fewest in (("map_fusion_methods", 2), ("score_fusion_methods", 1)):
+            fused = getattr(self, name)
+            if any(m not in METHODS for m in fused) or len(fused) < fewest or len(set(fused)) != len(fused):
+                _invalid(name, f"{'two' if fewest == 2 else 'one'} or more different methods of {METHODS}", fused)
         for name, minimum in MINIMUM_INTEGERS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -227,6 +230,11 @@ class ImageSettings:
         """The image axes training flips at random: -1 (left-right) with ``horizontal_flip``, -2 (top-bottom) with
         ``vertical_flip``; the same axes flip averaging undoes at scoring."""
         return tuple(axis for enabled, axis in ((self.horizontal_flip, -1), (self.vertical_flip, -2)) if enabled)
+
+    @property
+    def fused_methods(self) -> tuple[str, ...]:
+        """Every method method ``fusion`` reads: those whose maps it fuses, then those whose scores it fuses."""
+        return tuple(dict.fromkeys([*self.map_fusion_methods, *self.score_fusion_methods]))
 
     @staticmethod
     def geometry_fields(kind: str | None) -> tuple[str, ...]:

@@ -23,8 +23,11 @@ if not config.get("images_root") and "oct_band" in IMAGE_CONFIG.get("demo", {}):
     # The demo images are OCT B-scans: they get the demo's band handling, a user's folder images.oct_band.
     _image_settings["oct_band"] = IMAGE_CONFIG["demo"]["oct_band"]
 IMAGE_SETTINGS = json.dumps(_image_settings)
-# The methods whose maps method `fusion` fuses (scored whether or not image_methods lists them).
-FUSED_METHODS = IMAGE_CONFIG.get("map_fusion_methods", ImageSettings().map_fusion_methods)
+# The methods whose maps and those whose image scores method `fusion` fuses (scored whether or not image_methods
+# lists them).
+MAP_FUSED_METHODS = IMAGE_CONFIG.get("map_fusion_methods", ImageSettings().map_fusion_methods)
+SCORE_FUSED_METHODS = IMAGE_CONFIG.get("score_fusion_methods", ImageSettings().score_fusion_methods)
+FUSED_METHODS = list(dict.fromkeys([*MAP_FUSED_METHODS, *SCORE_FUSED_METHODS]))
 IMAGE_DEVICE = IMAGE_CONFIG.get("device", "auto")
 # A fixed count, not workflow.cores: a cluster run has no total core count. The rules pass it to
 # `anomri --threads` (torch, BLAS/OpenMP).
@@ -127,8 +130,8 @@ rule images_score:
 
 rule images_fuse:
     input:
-        maps=[IMAGES.maps(m) for m in FUSED_METHODS],
-        validation_maps=[IMAGES.validation_maps(m) for m in FUSED_METHODS],
+        maps=[IMAGES.maps(m) for m in MAP_FUSED_METHODS],
+        validation_maps=[IMAGES.validation_maps(m) for m in MAP_FUSED_METHODS],
         scores=[IMAGES.scores(m) for m in FUSED_METHODS],
         thresholds=[IMAGES.thresholds(m) for m in FUSED_METHODS],
     output:
