@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 __all__ = ["ALL_METHODS", "CHOICES", "DESCRIPTOR_ESTIMATORS", "DRAEM_TEXTURES", "FUSION_METHOD", "FUSION_RULES",
            "GEOMETRIES", "GEOMETRY_SETTINGS", "ImageSettings", "LR_SCHEDULES", "MAP_NORMALIZATIONS", "METHODS",
            "MINIMUM_INTEGERS", "MODEL_OF_METHOD", "POSITIVE_NUMBERS", "PRIMARY_SCORE", "PROJECTION_MAPS",
-           "SLOW_IMAGE_SCORES"]
+           "SLOW_IMAGE_SCORES", "fused_methods"]
 
 #: Method id (output folder) -> the trained model it needs.
 MODEL_OF_METHOD = {"vae": "conv-vae", "vae-projection": "conv-vae", "anogan": "anogan", "mhp-vae": "mhp-vae",
@@ -77,6 +78,11 @@ CHOICES = {"geometry": GEOMETRIES, "draem_geometry": GEOMETRIES, "map_normalizat
            "draem_precision": PRECISIONS,
            "descriptor_estimator": DESCRIPTOR_ESTIMATORS, "descriptor_fusion": FUSION_RULES,
            "map_fusion_rule": FUSION_RULES}
+
+
+def fused_methods(map_methods: Sequence[str], score_methods: Sequence[str]) -> tuple[str, ...]:
+    """Every method method ``fusion`` reads: those whose maps it fuses, then those whose scores it fuses, once each."""
+    return tuple(dict.fromkeys([*map_methods, *score_methods]))
 
 
 def _invalid(name: str, expected: str, value: object) -> None:
@@ -233,8 +239,8 @@ class ImageSettings:
 
     @property
     def fused_methods(self) -> tuple[str, ...]:
-        """Every method method ``fusion`` reads: those whose maps it fuses, then those whose scores it fuses."""
-        return tuple(dict.fromkeys([*self.map_fusion_methods, *self.score_fusion_methods]))
+        """Every method method ``fusion`` reads (:func:`fused_methods`)."""
+        return fused_methods(self.map_fusion_methods, self.score_fusion_methods)
 
     @staticmethod
     def geometry_fields(kind: str | None) -> tuple[str, ...]:

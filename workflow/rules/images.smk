@@ -3,7 +3,14 @@
 # (`images_root`), or on the synthetic OCT-like demo set when none is given.
 # Thin rules only: each calls one `anomri` command.
 from anomri.images.outputs import ImageOutputs
-from anomri.images.settings import ALL_METHODS, FUSION_METHOD, METHODS, MODEL_OF_METHOD, ImageSettings
+from anomri.images.settings import (
+    ALL_METHODS,
+    FUSION_METHOD,
+    METHODS,
+    MODEL_OF_METHOD,
+    ImageSettings,
+    fused_methods,
+)
 
 IMAGES = ImageOutputs(OUT / "images")
 IMAGES_ROOT = Path(config["images_root"]) if config.get("images_root") else IMAGES.demo
@@ -27,7 +34,7 @@ IMAGE_SETTINGS = json.dumps(_image_settings)
 # lists them).
 MAP_FUSED_METHODS = IMAGE_CONFIG.get("map_fusion_methods", ImageSettings().map_fusion_methods)
 SCORE_FUSED_METHODS = IMAGE_CONFIG.get("score_fusion_methods", ImageSettings().score_fusion_methods)
-FUSED_METHODS = list(dict.fromkeys([*MAP_FUSED_METHODS, *SCORE_FUSED_METHODS]))
+FUSED_METHODS = fused_methods(MAP_FUSED_METHODS, SCORE_FUSED_METHODS)
 IMAGE_DEVICE = IMAGE_CONFIG.get("device", "auto")
 # A fixed count, not workflow.cores: a cluster run has no total core count. The rules pass it to
 # `anomri --threads` (torch, BLAS/OpenMP).
