@@ -32,7 +32,7 @@ from anomri.models.draem import SSIM_WINDOW
 from anomri.models.fitting import descend
 from anomri.models.ssim import GaussianSSIMLoss
 
-#: Arms: the networks' weight layout (DRAEM's own is channels-last) and ``draem_precision``.
+#: Arms: the networks' weight layout (``build_model`` gives channels-last) and ``draem_precision``.
 ARMS = {"float32": (torch.contiguous_format, "float32"), "channels-last": (torch.channels_last, "float32"),
         "bfloat16": (torch.contiguous_format, "bfloat16"), "both": (torch.channels_last, "bfloat16")}
 

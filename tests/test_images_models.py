@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -228,6 +230,39 @@ def test_training_resumes_to_the_same_weights_and_checkpoints_round_trip(kind: s
     assert metadata["note"] == "test" and not loaded.training
     for a, b in zip(resumed.state_dict().values(), loaded.state_dict().values()):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kind", ["conv-vae", "anogan", "mhp-vae", "draem", "patch-memory"])
+def test_channels_last_models_compute_the_default_layouts_gradients(kind: str, tmp_path) -> None:
+    """build_model and load_image_model give channels-last weights; a training step in that layout computes the
+    gradients the same step computes in PyTorch's default layout (the layout changes speed, not arithmetic)."""
+    s = _settings()
+    images = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(3))
+    model = image_training.build_model(kind, (1, 16, 16), s)
+    if hasattr(model, "standardizer"):
+        model.standardizer.fit(images)
+
+    def conv_weights(net: nn.Module) -> list[torch.Tensor]:
+        return [m.weight for m in net.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+
+    assert conv_weights(model) and all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(model))
+    default = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
+    assert not all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(default))
+    step = image_training.STEPS[kind][0]
+    for net in (model, default):
+        optimizers = image_training.build_optimizers(kind, net, s)
+        for group in (g for optimizer in optimizers for g in optimizer.param_groups):
+            group["lr"] = 0.0  # the step leaves its gradients and moves nothing
+        step(net.train(), optimizers, images, torch.Generator().manual_seed(4), s)
+    gradients = [(name, a.grad, b.grad) for (name, a), b in zip(model.named_parameters(), default.parameters())]
+    assert all(a is not None for _, a, _ in gradients)
+    # Biases ahead of batch norm have gradient 0 up to rounding, so the absolute tolerance follows the largest gradient.
+    scale = max(float(b.abs().max()) for _, _, b in gradients)
+    for name, a, b in gradients:
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5 * scale, msg=lambda m: f"{name}: {m}")
+    save_image_model(tmp_path / "m.pt", default, {})
+    loaded = load_image_model(tmp_path / "m.pt")[0]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(loaded))
 
 
 def test_cosine_learning_rate_anneals_over_the_run_and_only_for_the_models_set_to_it() -> None:

@@ -76,9 +76,6 @@ class DRAEM(nn.Module):
                               [1] + [2] * (len(self.segmentation_channels) - 2), act="LEAKYRELU", norm="BATCH")
         self.focal = FocalLoss(gamma=FOCAL_GAMMA)
         self.ssim = GaussianSSIMLoss(SSIM_WINDOW)
-        # Channels-last weights make oneDNN run every convolution channels-last, about a fifth faster on a CPU
-        # (benchmarks/time_draem.py); .to(device) keeps the layout.
-        self.to(memory_format=torch.channels_last)
 
     def standardize(self, images: torch.Tensor) -> torch.Tensor:
         """Raw images (N, C, S, S) in [0, 1] to the networks' standardised inputs."""
