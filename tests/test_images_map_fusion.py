@@ -48,7 +48,8 @@ def test_fused_maps_scores_and_threshold_against_brute_force(tmp_path, rule: str
     b = _method(out, "patch-memory", 30.0, 1, primary="map-top")
     # A score-only component: its maps, on yet another scale, must not reach the fused map.
     _method(out, "vae-projection", 1e4, 2, primary="map-top")
-    settings = ImageSettings(map_fusion_rule=rule, score_fusion_methods=["draem", "patch-memory", "vae-projection"])
+    settings = ImageSettings(map_fusion_rule=rule, map_fusion_methods=["draem", "patch-memory"],
+                             score_fusion_methods=["draem", "patch-memory", "vae-projection"])
     fuse_method_maps(tmp_path, settings)
     combine = np.mean if rule == "mean" else np.max
     fused = {}
@@ -91,15 +92,17 @@ def test_a_missing_component_or_other_images_is_one_clear_error(tmp_path) -> Non
     out = ImageOutputs(tmp_path)
     _method(out, "draem", 1.0, 0)
     with pytest.raises(InputError, match="patch-memory") as error:
-        fuse_method_maps(tmp_path, ImageSettings())
+        fuse_method_maps(tmp_path, ImageSettings(map_fusion_methods=["draem", "patch-memory"]))
     assert "images-score" in str(error.value)
     _method(out, "patch-memory", 1.0, 1)
     with pytest.raises(InputError, match="vae-projection"):  # a score component is needed as much
-        fuse_method_maps(tmp_path, ImageSettings(score_fusion_methods=["draem", "vae-projection"]))
+        fuse_method_maps(tmp_path, ImageSettings(map_fusion_methods=["draem", "patch-memory"],
+                                                 score_fusion_methods=["draem", "vae-projection"]))
     rows = [r for r in read_scores(out.scores("patch-memory")) if r["stem"] != "t3"]
     write_table(out.scores("patch-memory"), rows, SCORE_COLUMNS)
     with pytest.raises(InputError, match="other images"):
-        fuse_method_maps(tmp_path, ImageSettings(score_fusion_methods=["draem", "patch-memory"]))
+        fuse_method_maps(tmp_path, ImageSettings(map_fusion_methods=["draem", "patch-memory"],
+                                                 score_fusion_methods=["draem", "patch-memory"]))
     assert not out.scores(FUSION_METHOD).exists()
 
 

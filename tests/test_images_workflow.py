@@ -77,8 +77,10 @@ def test_every_output_exists(run: tuple[Path, Path]) -> None:
         assert np.isfinite(thresholds["pixel_threshold"])
         assert len(list(out.validation_maps(method).rglob("*.npy"))) == 3  # the normal validation images
         if method == FUSION_METHOD:
-            assert thresholds["map_components"] == ["draem", "patch-memory"]
-            assert set(thresholds["components"]) == {"draem", "patch-memory", "vae-projection"}
+            defaults = ImageSettings()
+            assert thresholds["map_components"] == defaults.map_fusion_methods
+            assert set(thresholds["components"]) == set(defaults.fused_methods) == {"draem", "patch-memory",
+                                                                                     "vae-projection"}
         else:
             assert thresholds["score_normalization"] == "zscore" and thresholds["map_normalization"] == "none"
     for path in (out.roc_figure, out.curves, out.model("conv-vae"), out.history("mhp-vae"), out.model("draem")):

@@ -173,7 +173,7 @@ class ImageSettings:
     descriptor_fusion: str = "max"
     # method fusion: these methods' maps, each divided by its normal pixel threshold, fused per pixel; and these
     # methods' primary image scores, each a z-score on the normal validation images, fused per image
-    map_fusion_methods: list[str] = field(default_factory=lambda: ["draem", "patch-memory"])
+    map_fusion_methods: list[str] = field(default_factory=lambda: ["draem", "patch-memory", "vae-projection"])
     score_fusion_methods: list[str] = field(default_factory=lambda: ["draem", "patch-memory", "vae-projection"])
     map_fusion_rule: str = "mean"
     # maps and evaluation
