@@ -116,5 +116,7 @@ def test_map_fusion_methods_are_checked(methods: list[str]) -> None:
 def test_score_fusion_methods_are_checked(methods: list[str]) -> None:
     with pytest.raises(InputError, match="score_fusion_methods"):
         ImageSettings(score_fusion_methods=methods)
-    assert ImageSettings(score_fusion_methods=["vae-projection"]).fused_methods == (
-        "draem", "patch-memory", "vae-projection")
+    # The map methods, then the score methods not among them.
+    assert ImageSettings(map_fusion_methods=["vae-projection", "patch-memory"],
+                         score_fusion_methods=["draem", "patch-memory"]).fused_methods == (
+        "vae-projection", "patch-memory", "draem")

@@ -79,8 +79,7 @@ def test_every_output_exists(run: tuple[Path, Path]) -> None:
         if method == FUSION_METHOD:
             defaults = ImageSettings()
             assert thresholds["map_components"] == defaults.map_fusion_methods
-            assert set(thresholds["components"]) == set(defaults.fused_methods) == {"draem", "patch-memory",
-                                                                                     "vae-projection"}
+            assert set(thresholds["components"]) == set(defaults.fused_methods) == {"patch-memory", "vae-projection"}
         else:
             assert thresholds["score_normalization"] == "zscore" and thresholds["map_normalization"] == "none"
     for path in (out.roc_figure, out.curves, out.model("conv-vae"), out.history("mhp-vae"), out.model("draem")):

@@ -107,7 +107,7 @@ class ImageSettings:
     # conv VAE (methods vae and vae-projection)
     vae_latent_size: int = 128
     vae_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    vae_epochs: int = 60
+    vae_epochs: int = 50
     vae_learning_rate: float = 5e-4
     vae_kl_weight: float = 1.0
     vae_lr_schedule: str = "constant"  # or cosine: anneal the learning rate to ~0 over vae_epochs
@@ -160,10 +160,10 @@ class ImageSettings:
     draem_tile_scale: float = 1.0
     # patch memory: CutPaste-trained CNN features in a PatchCore memory bank
     patch_memory_width: int = 16
-    patch_memory_epochs: int = 50
+    patch_memory_epochs: int = 16
     patch_memory_batch_size: int = 32
     patch_memory_learning_rate: float = 1e-3
-    patch_memory_positions: int = 256
+    patch_memory_positions: int = 128
     patch_memory_coreset_size: int = 8192
     # image-level global descriptors (anomri.images.descriptors): their own score, and fused with each primary
     descriptor_score: bool = True
@@ -173,8 +173,8 @@ class ImageSettings:
     descriptor_fusion: str = "max"
     # method fusion: these methods' maps, each divided by its normal pixel threshold, fused per pixel; and these
     # methods' primary image scores, each a z-score on the normal validation images, fused per image
-    map_fusion_methods: list[str] = field(default_factory=lambda: ["draem", "patch-memory", "vae-projection"])
-    score_fusion_methods: list[str] = field(default_factory=lambda: ["draem", "patch-memory", "vae-projection"])
+    map_fusion_methods: list[str] = field(default_factory=lambda: ["patch-memory", "vae-projection"])
+    score_fusion_methods: list[str] = field(default_factory=lambda: ["patch-memory", "vae-projection"])
     map_fusion_rule: str = "mean"
     # maps and evaluation
     map_sigma: float = 1.0
