@@ -107,7 +107,7 @@ class ImageSettings:
     # conv VAE (methods vae and vae-projection)
     vae_latent_size: int = 128
     vae_channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])
-    vae_epochs: int = 50
+    vae_epochs: int = 40
     vae_learning_rate: float = 5e-4
     vae_kl_weight: float = 1.0
     vae_lr_schedule: str = "constant"  # or cosine: anneal the learning rate to ~0 over vae_epochs
