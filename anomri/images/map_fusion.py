@@ -23,8 +23,9 @@ DRAEM's and patch memory's calibrated maps raised pooled pixel AUROC by
 adding the VAE projection's score and map raised image AUROC to 0.855 / 0.846
 and AU-PRO to 0.875 / 0.881 (two seeds), for 29 min of training on 2 cores.
 The default fuses patch memory and the VAE projection only, at fewer epochs,
-so that training fits in 10 minutes with a margin: image AUROC 0.832 / 0.831,
-pixel AUROC 0.847 / 0.831 (0.896 / 0.887 with DRAEM), AU-PRO 0.848 / 0.845.
+so that training fits in 10 minutes with a margin: image AUROC 0.832 / 0.831 /
+0.812, pixel AUROC 0.847 / 0.831 / 0.835 (0.896 / 0.887 with DRAEM, seeds 0 / 1),
+AU-PRO 0.848 / 0.845 / 0.819 (seeds 0 / 1 / 2).
 DRAEM, the costliest per epoch, lost the most when its epochs were cut.
 """
 
