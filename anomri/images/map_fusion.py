@@ -17,16 +17,14 @@ whose maps localise poorly can still rank images well (the VAE projection's
 map-top). The method's pixel threshold is the same percentile of the fused
 validation maps.
 
-On the magnetic tiles' development types (benchmarks/README.md) the mean of
-DRAEM's and patch memory's calibrated maps raised pooled pixel AUROC by
-0.003-0.007 and AU-PRO by 0.02-0.045 over DRAEM alone across four seed pairs;
-adding the VAE projection's score and map raised image AUROC to 0.855 / 0.846
-and AU-PRO to 0.875 / 0.881 (two seeds), for 29 min of training on 2 cores.
-The default fuses patch memory and the VAE projection only, at fewer epochs,
-so that training fits in 10 minutes with a margin: image AUROC 0.832 / 0.831 /
-0.812, pixel AUROC 0.847 / 0.831 / 0.835 (0.896 / 0.887 with DRAEM, seeds 0 / 1),
-AU-PRO 0.848 / 0.845 / 0.819 (seeds 0 / 1 / 2).
-DRAEM, the costliest per epoch, lost the most when its epochs were cut.
+Why these components (measured on the magnetic tiles' development types;
+every number, per seed, in benchmarks/README.md and docs/results.md):
+fusing DRAEM's and patch memory's calibrated maps beat DRAEM alone in pixel
+AUROC and AU-PRO, and the VAE projection's score and map added image AUROC
+and AU-PRO, for 29 min of training on 2 cores. The default fuses patch
+memory and the VAE projection only, at fewer epochs, so that training fits in
+10 minutes with a margin: DRAEM, the costliest per epoch, lost the most when
+its epochs were cut, and leaving it out costs pixel AUROC, mostly on breaks.
 """
 
 from __future__ import annotations
